@@ -1,0 +1,1 @@
+"""kernels: fused ops with exact pure-PyTorch fallbacks (filled in by the kernels work)."""
