@@ -1,0 +1,253 @@
+"""Hugging Face config.json <-> ModelConfig, and the HF <-> native weight-name tables, as data.
+
+Everything a family changes is a row in a table below (see shared/FAMILIES.md); model.py never asks
+which family it is running.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from engine.config import ConfigError, ModelConfig, RopeScaling
+
+# `architectures[0]` in config.json -> model_type. Anything else is rejected by name.
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "GemmaForCausalLM": "gemma",
+    "GPT2LMHeadModel": "gpt2",
+}
+
+# What each family fixes whatever its config.json says (the rest is read from the file).
+FAMILY_TRAITS = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {"qkv_bias": True},
+    "qwen3": {"qk_norm": True},
+    "gemma": {"norm_weight_offset": 1.0, "scale_embeddings": True},
+    "gpt2": {"norm": "layernorm", "gated_mlp": False, "mlp_bias": True, "qkv_bias": True, "o_bias": True,
+             "position": "learned"},
+}
+
+# ModelConfig field -> config.json key. GPT-2 predates the common naming.
+LLAMA_KEYS = {
+    "vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+    "intermediate_size": "intermediate_size", "max_position_embeddings": "max_position_embeddings",
+    "norm_eps": "rms_norm_eps", "activation": "hidden_act",
+}
+GPT2_KEYS = {
+    "vocab_size": "vocab_size", "hidden_size": "n_embd", "num_layers": "n_layer", "num_heads": "n_head",
+    "intermediate_size": "n_inner", "max_position_embeddings": "n_positions", "norm_eps": "layer_norm_epsilon",
+    "activation": "activation_function",
+}
+CONFIG_KEYS = {"gpt2": GPT2_KEYS}  # every other family uses LLAMA_KEYS
+
+# HF activation name -> ours. Gemma's legacy "gelu" means the tanh approximation (transformers does the same).
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+               "gelu": "gelu", "relu": "relu"}
+FAMILY_ACTIVATIONS = {"gemma": {"gelu": "gelu_tanh"}}
+ACTIVATION_NAMES = {"llama": {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "relu": "relu"},
+                    "gpt2": {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}}
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Where one native tensor lives in an HF file. `{}` in `name` is the layer index."""
+
+    name: str
+    transposed: bool = False  # GPT-2's Conv1D keeps weights as [in, out]
+    part: int = 0  # this tensor is slice `part` of `parts` equal slices along the output dim
+    parts: int = 1  # (GPT-2's c_attn holds [q | k | v])
+
+
+def _with_biases(table: dict) -> dict:
+    """Add the `.bias` row beside every projection `.weight` row; a model without biases skips them."""
+    out = dict(table)
+    for native, hf in table.items():
+        if native.endswith("_proj.weight"):
+            out[native[: -len("weight")] + "bias"] = hf[: -len("weight")] + "bias"
+    return out
+
+
+LLAMA_WEIGHTS = _with_biases({
+    "embed.weight": "model.embed_tokens.weight",
+    "layers.{}.attn_norm.weight": "model.layers.{}.input_layernorm.weight",
+    "layers.{}.attn.q_proj.weight": "model.layers.{}.self_attn.q_proj.weight",
+    "layers.{}.attn.k_proj.weight": "model.layers.{}.self_attn.k_proj.weight",
+    "layers.{}.attn.v_proj.weight": "model.layers.{}.self_attn.v_proj.weight",
+    "layers.{}.attn.o_proj.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "layers.{}.attn.q_norm.weight": "model.layers.{}.self_attn.q_norm.weight",
+    "layers.{}.attn.k_norm.weight": "model.layers.{}.self_attn.k_norm.weight",
+    "layers.{}.mlp_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "layers.{}.mlp.gate_proj.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "layers.{}.mlp.up_proj.weight": "model.layers.{}.mlp.up_proj.weight",
+    "layers.{}.mlp.down_proj.weight": "model.layers.{}.mlp.down_proj.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+})
+
+GPT2_WEIGHTS = {
+    "embed.weight": "transformer.wte.weight",
+    "pos_embed.weight": "transformer.wpe.weight",
+    "layers.{}.attn_norm.weight": "transformer.h.{}.ln_1.weight",
+    "layers.{}.attn_norm.bias": "transformer.h.{}.ln_1.bias",
+    "layers.{}.attn.q_proj.weight": Stored("transformer.h.{}.attn.c_attn.weight", True, 0, 3),
+    "layers.{}.attn.k_proj.weight": Stored("transformer.h.{}.attn.c_attn.weight", True, 1, 3),
+    "layers.{}.attn.v_proj.weight": Stored("transformer.h.{}.attn.c_attn.weight", True, 2, 3),
+    "layers.{}.attn.q_proj.bias": Stored("transformer.h.{}.attn.c_attn.bias", False, 0, 3),
+    "layers.{}.attn.k_proj.bias": Stored("transformer.h.{}.attn.c_attn.bias", False, 1, 3),
+    "layers.{}.attn.v_proj.bias": Stored("transformer.h.{}.attn.c_attn.bias", False, 2, 3),
+    "layers.{}.attn.o_proj.weight": Stored("transformer.h.{}.attn.c_proj.weight", True),
+    "layers.{}.attn.o_proj.bias": "transformer.h.{}.attn.c_proj.bias",
+    "layers.{}.mlp_norm.weight": "transformer.h.{}.ln_2.weight",
+    "layers.{}.mlp_norm.bias": "transformer.h.{}.ln_2.bias",
+    "layers.{}.mlp.up_proj.weight": Stored("transformer.h.{}.mlp.c_fc.weight", True),
+    "layers.{}.mlp.up_proj.bias": "transformer.h.{}.mlp.c_fc.bias",
+    "layers.{}.mlp.down_proj.weight": Stored("transformer.h.{}.mlp.c_proj.weight", True),
+    "layers.{}.mlp.down_proj.bias": "transformer.h.{}.mlp.c_proj.bias",
+    "norm.weight": "transformer.ln_f.weight",
+    "norm.bias": "transformer.ln_f.bias",
+    "lm_head.weight": "lm_head.weight",
+}
+
+
+@dataclass(frozen=True)
+class WeightLayout:
+    """A family's weight-name table plus the quirks of its files."""
+
+    table: dict
+    optional_prefix: str = ""  # old GPT-2 files omit "transformer."
+    ignored_suffixes: tuple = ()  # buffers some files carry that are not weights
+
+
+LAYOUTS = {
+    "gpt2": WeightLayout(GPT2_WEIGHTS, optional_prefix="transformer.",
+                         ignored_suffixes=(".attn.bias", ".attn.masked_bias")),
+}
+DEFAULT_LAYOUT = WeightLayout(LLAMA_WEIGHTS, ignored_suffixes=(".rotary_emb.inv_freq",))
+
+
+def weight_layout(cfg: ModelConfig) -> WeightLayout:
+    return LAYOUTS.get(cfg.hf_model_type, DEFAULT_LAYOUT)
+
+
+def stored_as(layout: WeightLayout, native_name: str) -> Stored:
+    """Map a native parameter name (`layers.3.attn.q_proj.weight`) to where HF stores it."""
+    parts = native_name.split(".")
+    layer = None
+    if parts[0] == "layers":
+        layer, parts[1] = parts[1], "{}"
+    spec = layout.table.get(".".join(parts))
+    if spec is None:
+        raise KeyError(f"no Hugging Face name for parameter '{native_name}'")
+    spec = spec if isinstance(spec, Stored) else Stored(spec)
+    return Stored(spec.name.format(layer), spec.transposed, spec.part, spec.parts) if layer else spec
+
+
+# ---------------------------------------------------------------------------- config.json
+
+
+def _model_type(hf: dict, source: str) -> str:
+    archs = hf.get("architectures") or []
+    if archs:
+        if archs[0] not in ARCHITECTURES:
+            raise ConfigError(f"{source}: architecture '{archs[0]}' is not supported; "
+                              f"supported: {', '.join(ARCHITECTURES)}")
+        return ARCHITECTURES[archs[0]]
+    model_type = hf.get("model_type")
+    if model_type not in FAMILY_TRAITS:
+        raise ConfigError(f"{source}: no 'architectures' and model_type {model_type!r} is not one of "
+                          f"{', '.join(FAMILY_TRAITS)}")
+    return model_type
+
+
+def _rope(hf: dict, source: str) -> tuple[float, Optional[RopeScaling]]:
+    """Read RoPE settings from either `rope_theta` + `rope_scaling` (transformers 4) or `rope_parameters` (5)."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind == "linear":
+        return theta, RopeScaling("linear", float(params["factor"]))
+    if kind == "llama3":
+        return theta, RopeScaling("llama3", float(params["factor"]), float(params["low_freq_factor"]),
+                                  float(params["high_freq_factor"]), int(params["original_max_position_embeddings"]))
+    raise ConfigError(f"{source}: rope scaling type '{kind}' is not implemented (supported: default, linear, llama3)")
+
+
+def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
+    """Translate a Hugging Face config.json dict into a ModelConfig; `source` names the file in errors."""
+    model_type = _model_type(hf, source)
+    keys = CONFIG_KEYS.get(model_type, LLAMA_KEYS)
+    values = {field: hf[key] for field, key in keys.items() if hf.get(key) is not None}
+    for required in ("vocab_size", "hidden_size", "num_layers", "num_heads"):
+        if required not in values:
+            raise ConfigError(f"{source}: missing '{keys[required]}'")
+    values.setdefault("num_kv_heads", values["num_heads"])
+    values.setdefault("head_dim", values["hidden_size"] // values["num_heads"])
+    values.setdefault("intermediate_size", 4 * values["hidden_size"])  # GPT-2's n_inner: null
+    values.setdefault("max_position_embeddings", 2048)
+    act = values.get("activation", "silu")
+    act = FAMILY_ACTIVATIONS.get(model_type, {}).get(act) or ACTIVATIONS.get(act)
+    if act is None:
+        raise ConfigError(f"{source}: activation '{values['activation']}' is not supported "
+                          f"(supported: {', '.join(ACTIVATIONS)})")
+    values["activation"] = act
+    values.update(FAMILY_TRAITS[model_type])
+    if model_type == "gpt2":
+        for key, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                        ("reorder_and_upcast_attn", False)):
+            if hf.get(key, ok) != ok:
+                raise ConfigError(f"{source}: {key}={hf[key]} is not implemented (only {ok})")
+    else:
+        values["rope_theta"], values["rope_scaling"] = _rope(hf, source)
+        if hf.get("attention_bias"):  # Llama-style attention_bias puts biases on q, k, v and o
+            values["qkv_bias"] = values["o_bias"] = True
+        values["mlp_bias"] = bool(hf.get("mlp_bias", False))
+    if hf.get("use_sliding_window"):
+        raise ConfigError(f"{source}: use_sliding_window=true (per-layer sliding windows) is not implemented")
+    if model_type == "mistral" and hf.get("sliding_window") is not None:
+        values["sliding_window"] = int(hf["sliding_window"])
+    values["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings", model_type in ("gemma", "gpt2")))
+    for tok in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        values[tok] = hf.get(tok)
+    return ModelConfig(hf_model_type=model_type, extra_hf=dict(hf), **values)
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """The config.json for `cfg`: the original file's keys kept, ours written over them."""
+    hf = dict(cfg.extra_hf)
+    for key in ("rope_parameters", "rope_scaling", "rope_theta", "torch_dtype", "dtype", "transformers_version"):
+        hf.pop(key, None)
+    arch = {v: k for k, v in ARCHITECTURES.items()}[cfg.hf_model_type]
+    hf.update(architectures=[arch], model_type=cfg.hf_model_type)
+    keys = CONFIG_KEYS.get(cfg.hf_model_type, LLAMA_KEYS)
+    names = ACTIVATION_NAMES["gpt2" if cfg.hf_model_type == "gpt2" else "llama"]
+    for field, key in keys.items():
+        hf[key] = names[cfg.activation] if field == "activation" else getattr(cfg, field)
+    if cfg.hf_model_type == "gpt2":
+        hf["n_inner"] = cfg.intermediate_size
+    else:
+        rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+        if cfg.rope_scaling is not None:
+            s = cfg.rope_scaling
+            rope = {"rope_type": s.kind, "rope_theta": cfg.rope_theta, "factor": s.factor}
+            if s.kind == "llama3":
+                rope.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
+                            original_max_position_embeddings=s.original_max_position_embeddings)
+        # Both spellings, so transformers 4.x (rope_theta + rope_scaling) and 5.x (rope_parameters) read it.
+        hf.update(rope_theta=cfg.rope_theta, rope_parameters=rope)
+        if cfg.rope_scaling is not None:
+            hf["rope_scaling"] = rope
+        if cfg.hf_model_type in ("llama", "mistral"):
+            hf["attention_bias"] = cfg.qkv_bias
+            hf["mlp_bias"] = cfg.mlp_bias
+        if cfg.hf_model_type == "mistral":
+            hf["sliding_window"] = cfg.sliding_window
+    hf["tie_word_embeddings"] = cfg.tie_word_embeddings
+    hf.update(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
+    return hf

@@ -1,0 +1,65 @@
+"""Tiny random Hugging Face models, written by `transformers` itself: the reference for parity tests.
+
+Also runnable: `python -m tests.hf_models DIR [family]` writes one model (plus a tokenizer) to DIR.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+# Small enough to run in milliseconds, shaped to exercise every family difference:
+# GQA (kv heads < heads), an explicit head_dim that differs from hidden/heads, tied and untied heads.
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
+        hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=211, max_position_embeddings=128, tie_word_embeddings=False)),
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(
+        hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, vocab_size=211, max_position_embeddings=256, tie_word_embeddings=True,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16, "rope_theta": 500000.0})),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(
+        hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=211, max_position_embeddings=128, sliding_window=None)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=211, max_position_embeddings=128, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(
+        hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=24, vocab_size=211, max_position_embeddings=128,
+        tie_word_embeddings=False)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(
+        hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=32, vocab_size=211, max_position_embeddings=128)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(
+        n_embd=64, n_layer=2, n_head=4, vocab_size=211, n_positions=128, bos_token_id=0, eos_token_id=0)),
+}
+
+
+def make_hf_model(family: str, seed: int = 0, **overrides):
+    """A random transformers model of `family`, in eval mode, with non-trivial norm weights and biases."""
+    import transformers
+
+    config_cls, model_cls, kwargs = FAMILIES[family]
+    config = getattr(transformers, config_cls)(**{**kwargs, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():  # HF initializes norms to 1 and biases to 0, which would hide mapping mistakes
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def save_hf_model(family: str, directory, sharded: bool = False, seed: int = 0, **overrides):
+    """Write a tiny random model of `family` to `directory` with transformers; return the HF model."""
+    model = make_hf_model(family, seed=seed, **overrides)
+    model.save_pretrained(directory, max_shard_size="40KB" if sharded else "2GB")
+    return model
+
+
+if __name__ == "__main__":
+    out, family = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "llama")
+    save_hf_model(family, out)
+    print(f"wrote a tiny random {family} model to {out}")
