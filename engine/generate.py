@@ -26,11 +26,17 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _check_args(model, input_ids, max_new_tokens, temperature, top_k, top_p):
+def _check_args(model, input_ids, max_new_tokens, temperature, top_k, top_p, pad_token_id):
     if input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ValueError(f"input_ids: expected a LongTensor [B, T], got {input_ids.dtype} {list(input_ids.shape)}")
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids: the prompt is empty; give at least one token (e.g. BOS)")
+    V = model.config.vocab_size
+    if int(input_ids.min()) < 0 or int(input_ids.max()) >= V:
+        raise ValueError(f"input_ids: token ids must lie in [0, {V}), got [{int(input_ids.min())}, "
+                         f"{int(input_ids.max())}]")
+    if pad_token_id is not None and not 0 <= pad_token_id < V:
+        raise ValueError(f"pad_token_id: expected an id in [0, {V}), got {pad_token_id}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens: expected a non-negative integer, got {max_new_tokens!r}")
     if temperature < 0:
@@ -58,7 +64,7 @@ def generate_stream(model, input_ids: torch.Tensor, max_new_tokens: int, tempera
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
-    _check_args(model, input_ids, max_new_tokens, temperature, top_k, top_p)
+    _check_args(model, input_ids, max_new_tokens, temperature, top_k, top_p, pad_token_id)
     eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
     eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=input_ids.device)
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)

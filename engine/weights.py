@@ -30,10 +30,13 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> Path:
         return path
     if path.exists() or str(path_or_hub_id).startswith((".", "/", "~")) or str(path_or_hub_id).count("/") > 1:
         raise WeightsError(f"{path}: not a model directory")
-    from huggingface_hub import snapshot_download  # honours HF_HUB_OFFLINE and the local cache
+    from huggingface_hub import snapshot_download
 
+    # huggingface_hub reads these once at import; read them per call so a script can set them late.
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
     try:
-        return Path(snapshot_download(str(path_or_hub_id), allow_patterns=["*.json", "*.safetensors", "*.jinja"]))
+        return Path(snapshot_download(str(path_or_hub_id), allow_patterns=["*.json", "*.safetensors", "*.jinja"],
+                                      cache_dir=os.environ.get("HF_HUB_CACHE"), local_files_only=offline))
     except Exception as e:  # network, auth, not-found and offline-cache misses all end here
         raise WeightsError(f"'{path_or_hub_id}' is not a local directory and could not be fetched from the "
                            f"Hugging Face hub ({type(e).__name__}: {e})") from None
@@ -120,19 +123,21 @@ def load_weights(model, files: dict[str, Path]) -> None:
     """Copy every parameter of `model` from `files` (tensor name -> safetensors path), strictly."""
     layout = weight_layout(model.config)
     present = set(files)
-    if layout.optional_prefix and not any(n.startswith(layout.optional_prefix) for n in present):
-        files = {layout.optional_prefix + n: p for n, p in files.items()}  # old files without the prefix
-        present = set(files)
-    plan = {}  # stored name -> [(native name, spec, param)]
+    prefix = layout.optional_prefix
+    if prefix and not any(n.startswith(prefix) for n in present):  # old GPT-2 files without "transformer."
+        def in_file(name): return name.removeprefix(prefix)
+    else:
+        def in_file(name): return name
+    plan = {}  # name in the file -> [(spec, param)]; several params when a fused tensor is split
     params = dict(model.named_parameters())  # tied weights appear once, under the embedding name
     for native, param in params.items():
         spec = stored_as(layout, native)
-        plan.setdefault(spec.name, []).append((spec, param))
+        plan.setdefault(in_file(spec.name), []).append((spec, param))
     missing = sorted(set(plan) - present)
     if missing:
         raise WeightsError(f"{_where(files)}: missing tensor(s) {', '.join(missing[:8])}"
                            + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
-    head = stored_as(layout, "lm_head.weight").name
+    head = in_file(stored_as(layout, "lm_head.weight").name)
     unexpected = sorted(n for n in present - set(plan) if not n.endswith(layout.ignored_suffixes) and n != head)
     if unexpected:
         raise WeightsError(f"{_where(files)}: unexpected tensor(s) {', '.join(unexpected[:8])}"

@@ -1,0 +1,168 @@
+"""Every bad checkpoint gets an error that names the file or tensor and what was expected."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine import ConfigError, Transformer, WeightsError
+
+
+@pytest.fixture
+def llama_dir(hf_checkpoint, tmp_path):
+    src, _ = hf_checkpoint("llama")
+    dst = tmp_path / "model"
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.fixture
+def sharded_dir(hf_checkpoint, tmp_path):
+    src, _ = hf_checkpoint("llama", sharded=True)
+    dst = tmp_path / "sharded"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_config(directory, **changes):
+    cfg = json.loads((directory / "config.json").read_text())
+    cfg.update(changes)
+    (directory / "config.json").write_text(json.dumps(cfg))
+
+
+def _edit_tensors(directory, fn):
+    path = directory / "model.safetensors"
+    tensors = fn(load_file(path))
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_missing_config_json_is_named(llama_dir):
+    (llama_dir / "config.json").unlink()
+    with pytest.raises(WeightsError, match=r"config\.json: missing"):
+        Transformer.from_pretrained(llama_dir)
+
+
+def test_invalid_config_json_is_named(llama_dir):
+    (llama_dir / "config.json").write_text("{not json")
+    with pytest.raises(WeightsError, match=r"config\.json: not valid JSON"):
+        Transformer.from_pretrained(llama_dir)
+
+
+def test_unknown_architecture_is_named(llama_dir):
+    _edit_config(llama_dir, architectures=["MambaForCausalLM"])
+    with pytest.raises(ConfigError, match="architecture 'MambaForCausalLM' is not supported"):
+        Transformer.from_pretrained(llama_dir)
+
+
+def test_unknown_rope_scaling_is_rejected(llama_dir):
+    _edit_config(llama_dir, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4})
+    with pytest.raises(ConfigError, match="rope scaling type 'yarn' is not implemented"):
+        Transformer.from_pretrained(llama_dir)
+
+
+def test_per_layer_sliding_window_is_rejected(llama_dir):
+    _edit_config(llama_dir, use_sliding_window=True, sliding_window=16)
+    with pytest.raises(ConfigError, match="use_sliding_window"):
+        Transformer.from_pretrained(llama_dir)
+
+
+def test_missing_tensor_is_named(llama_dir):
+    _edit_tensors(llama_dir, lambda t: {k: v for k, v in t.items() if k != "model.layers.1.mlp.up_proj.weight"})
+    with pytest.raises(WeightsError, match=r"model\.safetensors: missing tensor\(s\) model\.layers\.1\.mlp\.up_proj"):
+        Transformer.from_pretrained(llama_dir)
+
+
+def test_unexpected_tensor_is_named(llama_dir):
+    _edit_tensors(llama_dir, lambda t: {**t, "model.layers.0.extra.weight": torch.zeros(3)})
+    with pytest.raises(WeightsError, match=r"unexpected tensor\(s\) model\.layers\.0\.extra\.weight"):
+        Transformer.from_pretrained(llama_dir)
+
+
+def test_shape_mismatch_names_tensor_and_shapes(llama_dir):
+    _edit_tensors(llama_dir, lambda t: {**t, "model.norm.weight": torch.ones(65)})
+    with pytest.raises(WeightsError, match=r"'model\.norm\.weight' has shape \[65\], expected \[64\]"):
+        Transformer.from_pretrained(llama_dir)
+
+
+def test_truncated_safetensors_is_reported(llama_dir):
+    path = llama_dir / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match=r"model\.safetensors: .*(truncated or corrupt)"):
+        Transformer.from_pretrained(llama_dir)
+
+
+def test_corrupt_safetensors_header_is_reported(llama_dir):
+    (llama_dir / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage!!!!!!!}")
+    with pytest.raises(WeightsError, match=r"model\.safetensors: not a valid safetensors file"):
+        Transformer.from_pretrained(llama_dir)
+
+
+def test_missing_weights_file_is_reported(llama_dir):
+    (llama_dir / "model.safetensors").unlink()
+    with pytest.raises(WeightsError, match="no model.safetensors or model.safetensors.index.json"):
+        Transformer.from_pretrained(llama_dir)
+
+
+def test_missing_shard_is_named(sharded_dir):
+    index = json.loads((sharded_dir / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[1]
+    (sharded_dir / shard).unlink()
+    with pytest.raises(WeightsError, match=f"{shard}: shard listed in model.safetensors.index.json is missing"):
+        Transformer.from_pretrained(sharded_dir)
+
+
+def test_tied_config_with_a_different_stored_head_is_rejected(llama_dir):
+    _edit_config(llama_dir, tie_word_embeddings=True)
+    with pytest.raises(WeightsError, match="'lm_head.weight' differs from the embedding"):
+        Transformer.from_pretrained(llama_dir)
+
+
+def test_tied_config_with_an_equal_stored_head_loads(llama_dir):
+    _edit_config(llama_dir, tie_word_embeddings=True)
+    _edit_tensors(llama_dir, lambda t: {**t, "lm_head.weight": t["model.embed_tokens.weight"].clone()})
+    model = Transformer.from_pretrained(llama_dir)
+    assert model.lm_head.weight is model.embed.weight
+
+
+def test_gpt2_files_without_prefix_and_with_attention_buffers_load(hf_checkpoint, tmp_path):
+    src, hf = hf_checkpoint("gpt2")
+    shutil.copytree(src, tmp_path / "m")
+    tensors = load_file(tmp_path / "m" / "model.safetensors")
+    tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    tensors["h.0.attn.bias"] = torch.ones(1, 1, 128, 128)
+    save_file(tensors, tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
+    model = Transformer.from_pretrained(tmp_path / "m")
+    ids = torch.randint(0, 211, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_hub_id_offline_without_cache_fails_clearly(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    with pytest.raises(WeightsError, match="'nobody/no-such-model' is not a local directory and could not be fetched"):
+        Transformer.from_pretrained("nobody/no-such-model")
+
+
+def test_hub_id_resolves_from_the_offline_cache(monkeypatch, tmp_path, hf_checkpoint):
+    """A hub id found in the local HF cache loads with HF_HUB_OFFLINE=1 (cache laid out as the hub writes it)."""
+    src, hf = hf_checkpoint("qwen2")
+    cache = tmp_path / "hub"
+    repo = cache / "models--acme--tiny"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(src, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    model = Transformer.from_pretrained("acme/tiny")
+    ids = torch.randint(0, 211, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_a_path_that_is_not_a_directory_is_named(tmp_path):
+    with pytest.raises(WeightsError, match="not a model directory"):
+        Transformer.from_pretrained(tmp_path / "nope" / "x")
