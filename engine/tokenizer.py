@@ -1,12 +1,9 @@
 """Tokenizer: a `tokenizers` fast tokenizer plus Hugging Face special tokens and chat templates.
 
-Loads a HF tokenizer dir (tokenizer.json, tokenizer_config.json, optional special_tokens_map.json and
-chat_template.jinja) and gives the same ids and text as transformers.AutoTokenizer (5.x) on it, without
-importing transformers. Rules taken from transformers, each in one place below:
-  - tokenizer.json's post-processor alone decides whether BOS/EOS are added: transformers drops
-    `add_bos_token`/`add_eos_token` from the config whenever tokenizer.json exists.
-  - named special tokens in the config that tokenizer.json lacks are added to the vocab as special tokens.
-  - chat templates render in a sandboxed jinja env set up like transformers' (see `_compile_template`).
+Gives the same ids and text as transformers.AutoTokenizer (5.x) on a HF tokenizer dir, without importing it.
+Rules taken from transformers: tokenizer.json's post-processor alone decides whether BOS/EOS are added (it drops
+`add_bos_token`/`add_eos_token` from the config when tokenizer.json exists); special tokens named in the config
+that tokenizer.json lacks are added as special tokens; chat templates render as in `_compile_template`.
 """
 import json
 from datetime import datetime
@@ -44,12 +41,27 @@ def _read_json(path: Path) -> dict:
 
 
 def _token_text(value, where: str) -> str | None:
-    """A special token's text from a config value: a string, an AddedToken-style dict, or None."""
+    """A special token's text from a config value: a string, an AddedToken-style dict, or None; `where` names it."""
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"]
     raise TokenizerError(f'{where}: expected a string or {{"content": ...}}, got {value!r}')
+
+
+def _special_token_values(config: dict, where: str) -> tuple[dict, list]:
+    """Named special tokens ({name: str or dict}) and the list of extra ones, validated, as transformers reads them."""
+    # Model-specific string tokens (e.g. "image_token") and a dict of extra tokens are named tokens too.
+    named = {k: v for k, v in config.items()
+             if k in SPECIAL_TOKEN_NAMES or (k.endswith("_token") and isinstance(v, str))}  # fmt: skip
+    extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
+    if isinstance(extra, dict):
+        named, extra = {**named, **extra}, []
+    if not isinstance(extra, list):
+        raise TokenizerError(f"{where}: extra_special_tokens: expected a list or dict, got {type(extra).__name__}")
+    for name, value in [*named.items(), *(("extra_special_tokens", v) for v in extra)]:
+        _token_text(value, f"{where}: {name}")  # raises on a malformed value
+    return {k: v for k, v in named.items() if v is not None}, [v for v in extra if v is not None]
 
 
 def _added_token(value) -> AddedToken:
@@ -127,34 +139,27 @@ def _template_message(message, i: int) -> dict:
 
 
 class Tokenizer:
-    """Fast tokenizer with HF special tokens and chat templates; ids are python ints."""
+    """Fast tokenizer with HF special tokens and chat templates; ids are python ints.
+
+    Build it with from_pretrained(dir); the constructor configures the given `tokenizers.Tokenizer` in place.
+    """
 
     def __init__(self, backend: Backend, config: dict | None = None, chat_templates: dict | None = None,
                  source: str = "<in memory>"):  # fmt: skip
         config, self.chat_templates, self.source = dict(config or {}), dict(chat_templates or {}), source
-        where = f"{source}/tokenizer_config.json"
         if "pad_token" not in config and backend.padding:  # transformers takes it from tokenizer.json's padding
             config["pad_token"] = backend.padding["pad_token"]
         # transformers switches off padding/truncation baked into tokenizer.json on every call; we do it once.
         backend.no_padding()
         backend.no_truncation()
         backend.encode_special_tokens = bool(config.get("split_special_tokens", False))
-        # Model-specific string tokens (e.g. "image_token") are named special tokens too, as in transformers.
-        names = [*SPECIAL_TOKEN_NAMES, *(k for k, v in config.items() if k.endswith("_token") and isinstance(v, str)
-                                         and k not in SPECIAL_TOKEN_NAMES)]  # fmt: skip
-        extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
-        if isinstance(extra, dict):
-            names, config, extra = names + list(extra), {**config, **extra}, []
-        if not isinstance(extra, list):
-            raise TokenizerError(f"{where}: extra_special_tokens: expected a list, got {type(extra).__name__}")
-        self.special_tokens = {n: t for n in names if (t := _token_text(config.get(n), f"{where}: {n}")) is not None}
-        self.extra_special_tokens = [_token_text(v, f"{where}: extra_special_tokens") for v in extra]
+        named, extra = _special_token_values(config, f"{source}/tokenizer_config.json")
+        self.special_tokens = {name: _token_text(value, name) for name, value in named.items()}
+        self.extra_special_tokens = [_token_text(value, "extra_special_tokens") for value in extra]
+        # Tokens already in tokenizer.json keep its flags; the rest are added, as transformers' _post_init does.
         existing = {t.content for t in backend.get_added_tokens_decoder().values()}
-        new = {}  # by text: keep the first config value for each token
-        for value in [*(config[n] for n in self.special_tokens), *extra]:
-            if _token_text(value, where) not in existing:
-                new.setdefault(_token_text(value, where), _added_token(value))
-        backend.add_special_tokens(list(new.values()))
+        new = {_token_text(v, ""): _added_token(v) for v in [*named.values(), *extra]}
+        backend.add_special_tokens([token for text, token in new.items() if text not in existing])
         self._tok, self._config = backend, config
         # encode_batch_fast (tokenizers >= 0.20) skips offset bookkeeping that we never read.
         self._encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
@@ -199,17 +204,9 @@ class Tokenizer:
     def _special_id(self, name: str) -> int | None:
         return None if name not in self.special_tokens else self._tok.token_to_id(self.special_tokens[name])
 
-    @property
-    def bos_token_id(self) -> int | None:
-        return self._special_id("bos_token")
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return self._special_id("eos_token")
-
-    @property
-    def pad_token_id(self) -> int | None:
-        return self._special_id("pad_token")
+    bos_token_id = property(lambda self: self._special_id("bos_token"), doc="BOS id, or None when there is none.")
+    eos_token_id = property(lambda self: self._special_id("eos_token"), doc="EOS id, or None when there is none.")
+    pad_token_id = property(lambda self: self._special_id("pad_token"), doc="Pad id, or None when there is none.")
 
     @property
     def add_bos_token(self) -> bool:
