@@ -128,3 +128,31 @@ class ModelConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the corpus is and how it is cut into training windows (`data.*` in a run config)."""
+
+    train: tuple[str, ...]  # files, globs or directories: .txt / any text file, or .jsonl with a text field
+    val: tuple[str, ...] = ()  # held-out files; when empty, the last `val_fraction` of the tokens is held out
+    val_fraction: float = 0.05
+    seq_len: int = 512  # tokens per training window (targets are the window shifted by one)
+    text_field: str = "text"  # the key read from each .jsonl line
+    processed_dir: str = "data/processed"  # tokenized corpora are cached under <processed_dir>/<hash>/
+
+    def __post_init__(self):
+        for name in ("train", "val"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, (value,))
+            elif isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+            if not all(isinstance(v, str) and v for v in getattr(self, name)):
+                raise ConfigError(f"data.{name}: expected a path/glob or a list of them, got {value!r}")
+        if not self.train:
+            raise ConfigError("data.train: expected at least one path or glob")
+        if not isinstance(self.seq_len, int) or isinstance(self.seq_len, bool) or self.seq_len <= 0:
+            raise ConfigError(f"data.seq_len: expected a positive integer, got {self.seq_len!r}")
+        if not isinstance(self.val_fraction, (int, float)) or not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction: expected a number in [0, 1), got {self.val_fraction!r}")
