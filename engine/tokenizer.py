@@ -287,3 +287,34 @@ class Tokenizer:
         (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
                                                     encoding="utf-8")  # fmt: skip
         return path
+
+
+class IncrementalDecoder:
+    """Turn a stream of token ids into text pieces that are safe to print as they come.
+
+    Decoding one token at a time breaks multi-byte characters and SentencePiece's leading spaces, so
+    each step decodes a short window (from the last emitted boundary) and emits only the new suffix,
+    holding it back while it ends in an incomplete character (U+FFFD).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer, self.skip = tokenizer, skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix_offset = self.read_offset = 0
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the text it completes (possibly empty)."""
+        self.ids.append(int(token_id))
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
+        text = self.tokenizer.decode(self.ids[self.prefix_offset:], self.skip)
+        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return text[len(prefix):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (e.g. a trailing incomplete character) at the end of a stream."""
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
+        text = self.tokenizer.decode(self.ids[self.prefix_offset:], self.skip)
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return text[len(prefix):]

@@ -59,7 +59,18 @@ def save_hf_model(family: str, directory, sharded: bool = False, seed: int = 0, 
     return model
 
 
+def save_demo_model(directory, family: str = "llama") -> None:
+    """A tiny random model plus a matching tokenizer: enough for `cli.generate` to run end to end."""
+    from engine import Tokenizer
+    from tests.tokenizer_fixtures import write_tokenizer_dir
+
+    style = {"gpt2": "gpt2", "qwen2": "qwen", "qwen3": "qwen"}.get(family, "llama")
+    tokenizer = Tokenizer.from_pretrained(write_tokenizer_dir(directory, style=style))
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    save_hf_model(family, directory, vocab_size=len(tokenizer), **{k: v for k, v in ids.items() if v is not None})
+
+
 if __name__ == "__main__":
     out, family = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "llama")
-    save_hf_model(family, out)
-    print(f"wrote a tiny random {family} model to {out}")
+    save_demo_model(out, family)
+    print(f"wrote a tiny random {family} model and its tokenizer to {out}")

@@ -252,3 +252,16 @@ def test_bad_conversations_raise_clear_errors(tmp_path):
         tok.apply_chat_template([], chat_template="a")
     with pytest.raises(TokenizerError, match=r"messages\[1\]: expected a dict"):
         tok.apply_chat_template([{"role": "user", "content": "x"}, "hi"], chat_template="a")
+
+
+@pytest.mark.parametrize("style", ["llama", "gpt2", "qwen"])
+def test_incremental_decoder_streams_exactly_the_decoded_text(tmp_path, style):
+    from engine.tokenizer import IncrementalDecoder
+
+    tok = Tokenizer.from_pretrained(write_tokenizer_dir(tmp_path, style=style))
+    text = "Café naïve 東京 — emoji 👩‍💻 and  spaces\nnew line"
+    ids = tok.encode(text, add_special_tokens=False)
+    decoder = IncrementalDecoder(tok)
+    pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
+    assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True)
+    assert all("\ufffd" not in p for p in pieces)

@@ -1,0 +1,28 @@
+"""What every CLI shares: turning our own errors into one clear line and exit code 2."""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+
+import torch
+
+from engine.config import ConfigError
+from engine.tokenizer import TokenizerError
+from engine.weights import WeightsError
+
+USER_ERRORS = (ConfigError, WeightsError, TokenizerError, FileNotFoundError)
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+@contextmanager
+def exit_on_user_error(prog: str):
+    """Bad configs, files or arguments print `prog: error: ...` and exit 2, without a traceback."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
