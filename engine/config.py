@@ -5,8 +5,13 @@ name inside model.py. `engine.hf` translates a Hugging Face config.json into thi
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
+import types
+import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Literal, Optional
 
 
@@ -116,8 +121,6 @@ class ModelConfig:
         known = {f.name for f in fields(cls)} - {"extra_hf"}
         unknown = sorted(set(d) - known)
         if unknown:
-            import difflib
-
             hint = difflib.get_close_matches(unknown[0], known, n=1)
             raise ConfigError(f"{where}.{unknown[0]}: unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
         missing = [f.name for f in fields(cls) if f.name not in d and f.default is MISSING
@@ -156,3 +159,187 @@ class DataConfig:
             raise ConfigError(f"data.seq_len: expected a positive integer, got {self.seq_len!r}")
         if not isinstance(self.val_fraction, (int, float)) or not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction: expected a number in [0, 1), got {self.val_fraction!r}")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the model comes from (`model.*`): an HF dir / hub id to fine-tune, or an architecture to train."""
+
+    from_pretrained: Optional[str] = None  # HF directory or hub id
+    architecture: Optional[dict] = None  # ModelConfig fields, for training from scratch (vocab_size may be omitted)
+    tokenizer: Optional[str] = None  # tokenizer dir; default: the from_pretrained dir
+    bpe_vocab_size: Optional[int] = None  # no tokenizer given: train a byte-level BPE of this size on data.train
+
+    def __post_init__(self):
+        if (self.from_pretrained is None) == (self.architecture is None):
+            raise ConfigError("model: set exactly one of model.from_pretrained (fine-tune) or "
+                              "model.architecture (train from scratch)")
+        if self.architecture is not None and self.tokenizer is None and self.bpe_vocab_size is None:
+            raise ConfigError("model.tokenizer: a from-scratch model needs model.tokenizer (a tokenizer dir) "
+                              "or model.bpe_vocab_size (train one on data.train)")
+        if self.bpe_vocab_size is not None and self.bpe_vocab_size < 258:
+            raise ConfigError(f"model.bpe_vocab_size: expected at least 258 (256 bytes + specials), "
+                              f"got {self.bpe_vocab_size}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimization and bookkeeping (`train.*`). Steps count optimizer steps, not micro-batches."""
+
+    batch_size: int = 8  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: Optional[int] = 1000
+    max_tokens: Optional[int] = None  # stop once this many training tokens were seen (whichever comes first)
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.1  # applied to >= 2-D parameters only (not norms, biases)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast over fp32 master weights
+    seed: int = 1337
+    eval_every: int = 100  # 0 disables evaluation
+    eval_batches: int = 20
+    save_every: int = 500  # 0: save only at the end
+    keep_last: int = 2  # checkpoints kept besides the best by val loss
+    log_every: int = 1
+    compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    sample_prompt: str = ""  # printed continuation at the end ("" = skip)
+    sample_tokens: int = 64
+
+    def __post_init__(self):
+        positive = ("batch_size", "grad_accum", "eval_batches", "log_every", "keep_last")
+        for name in positive:
+            _check_int(f"train.{name}", getattr(self, name), minimum=1)
+        for name in ("warmup_steps", "eval_every", "save_every", "sample_tokens", "seed"):
+            _check_int(f"train.{name}", getattr(self, name), minimum=0)
+        for name in ("max_steps", "max_tokens"):
+            if getattr(self, name) is not None:
+                _check_int(f"train.{name}", getattr(self, name), minimum=1)
+        if self.max_steps is None and self.max_tokens is None:
+            raise ConfigError("train.max_steps: set train.max_steps or train.max_tokens (or both)")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr: expected a positive number, got {self.lr}")
+        checks = {"min_lr_ratio": (0.0, 1.0), "beta1": (0.0, 1.0), "beta2": (0.0, 1.0)}
+        for name, (lo, hi) in checks.items():
+            if not lo <= getattr(self, name) <= hi:
+                raise ConfigError(f"train.{name}: expected a number in [{lo}, {hi}], got {getattr(self, name)}")
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}: expected a number >= 0, got {getattr(self, name)}")
+        if not self.eps > 0:
+            raise ConfigError(f"train.eps: expected a positive number, got {self.eps}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole training run, as read from one JSON file."""
+
+    model: ModelSource
+    data: DataConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out_dir: str = "runs/default"
+    resume: Optional[str] = None  # null: start fresh; "auto": latest checkpoint in out_dir; or a checkpoint dir
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_int(where: str, value, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{where}: expected an integer >= {minimum}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------- JSON -> dataclasses
+
+
+def from_dict(cls, data, where: str):
+    """Build dataclass `cls` from parsed JSON, checking every key and type; errors name the key path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in fields(cls) if f.init and f.name != "extra_hf"]
+    def path(key): return f"{where}.{key}" if where else key
+    for key in data:
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1)
+            raise ConfigError(f"{path(key)}: unknown key" + (f" (did you mean '{path(hint[0])}'?)" if hint else
+                                                             f"; valid keys: {', '.join(known)}"))
+    for f in fields(cls):
+        if f.name in known and f.name not in data and f.default is MISSING and f.default_factory is MISSING:
+            raise ConfigError(f"{path(f.name)}: required key is missing")
+    return cls(**{k: _coerce(hints[k], v, path(k)) for k, v in data.items()})
+
+
+def _coerce(tp, value, where: str):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError as e:
+                errors.append(str(e).split(": ", 1)[1])
+        raise ConfigError(f"{where}: " + " or ".join(dict.fromkeys(errors)))
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is tuple:
+        if isinstance(value, str):  # a single path where a list is allowed
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    expected = {float: (int, float), int: (int,), bool: (bool,), str: (str,), dict: (dict,)}.get(origin or tp)
+    if expected is None:
+        return value
+    if not isinstance(value, expected) or (tp is not bool and isinstance(value, bool)):
+        names = {float: "a number", int: "an integer", bool: "true or false", str: "a string", dict: "an object"}
+        raise ConfigError(f"{where}: expected {names[origin or tp]}, got {json.dumps(value)}")
+    return float(value) if tp is float else value
+
+
+def _parse_override(text: str) -> tuple[list[str], object]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected key.path=value, e.g. train.lr=1e-4")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw  # bare strings need no quotes: --set out_dir=runs/x
+    return key.strip().split("."), value
+
+
+def load_run_config(path, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Read a run config JSON file, apply `--set key.path=value` overrides, validate, and build it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
+    for override in overrides:
+        keys, value = _parse_override(override)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {override}: '{k}' is not a section")
+        node[keys[-1]] = value
+    try:
+        return from_dict(RunConfig, raw, where="")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
