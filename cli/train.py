@@ -1,0 +1,64 @@
+"""python -m cli.train config.json [--set train.lr=1e-4 ...] : train (or resume) a model from a run config."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+
+from cli.common import exit_on_user_error
+from engine.build import check_run_config
+from engine.config import load_run_config
+from engine.generate import generate
+from engine.report import plot_losses
+from engine.tokenizer import Tokenizer
+from engine.train import train
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="cli.train", description=__doc__)
+    p.add_argument("config", help="run config JSON (see configs/quickstart.json)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in CI logs)")
+    return p.parse_args(argv)
+
+
+def print_sample(model_dir, prompt: str, max_new_tokens: int) -> None:
+    from engine.model import Transformer
+
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    model = Transformer.from_pretrained(model_dir)
+    ids = tokenizer.encode(prompt) or [tokenizer.eos_token_id]
+    out = generate(model, torch.tensor([ids]), max_new_tokens, temperature=0.8, top_k=50, seed=0,
+                   eos_token_id=tokenizer.eos_token_id)
+    print(f"\n--- sample (temperature 0.8) ---\n{tokenizer.decode(out[0].tolist(), skip_special_tokens=True)}\n---")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with exit_on_user_error("cli.train"):
+        cfg = load_run_config(args.config, args.overrides)  # every config error surfaces before any write
+        check_run_config(cfg)
+        result = train(cfg, progress=not args.no_progress)
+        first, last = result.losses[:1], result.losses[-1:]
+        if first and last:
+            print(f"train loss {first[0][1]:.3f} (step {first[0][0]}) -> {last[0][1]:.3f} (step {last[0][0]})")
+        if result.val_loss is not None:
+            print(f"val loss {result.val_loss:.3f}")
+        png = plot_losses([result.out_dir], result.out_dir / "loss.png")
+        if png is not None:
+            print(f"loss curve: {png}")
+        if result.interrupted:
+            print(f"interrupted: checkpoint saved in {result.out_dir / 'checkpoints'}; resume with "
+                  f"--set resume=auto", file=sys.stderr)
+            sys.exit(130)
+        print(f"model: {result.final_dir}  (python -m cli.generate --model {result.final_dir} --prompt ...)")
+        if cfg.train.sample_prompt:
+            print_sample(result.final_dir, cfg.train.sample_prompt, cfg.train.sample_tokens)
+
+
+if __name__ == "__main__":
+    main()
