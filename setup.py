@@ -1,5 +1,99 @@
-"""Install the engine. Runtime deps are kept to the few libraries the engine really needs."""
-from setuptools import find_packages, setup
+"""Install the engine. Runtime deps are kept to the few libraries the engine really needs.
+
+The build part compiles kernels/_C with CMake (kernels/CMakeLists.txt). It is optional: with no
+C++ compiler, no CMake or a failing build, installation still succeeds and `kernels` runs its
+pure-PyTorch fallback (it logs why once). Environment knobs:
+  ENGINE_CUDA=1               also build the CUDA kernels (needs nvcc)
+  ENGINE_CUDA_ARCH=90         CUDA architectures (default 80;90)
+  ENGINE_KERNELS_MARCH=...    -march for the CPU kernels (default: native)
+  ENGINE_KERNELS_BUILD=0      skip the native build entirely
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeBuild(build_ext):
+    """Builds each extension by running CMake; never fails the install. An extension that did
+    not build is dropped from the outputs setuptools copies or packages."""
+
+    def run(self):
+        self._failed = set()
+        super().run()
+
+    def build_extension(self, ext):
+        try:
+            self._cmake(ext)
+        except Exception as exc:  # any failure: keep going on the fallback
+            self._failed.add(ext.name)
+            self.warn(f"kernels: native build skipped ({exc}); the pure-PyTorch fallback will be used")
+
+    def _built(self):
+        return [e for e in self.extensions if e.name not in getattr(self, "_failed", ())]
+
+    def copy_extensions_to_source(self):
+        saved, self.extensions = self.extensions, self._built()
+        try:
+            super().copy_extensions_to_source()
+        finally:
+            self.extensions = saved
+
+    def get_outputs(self):
+        return [o for o in super().get_outputs() if not self._failed or Path(o).exists()]
+
+    def get_output_mapping(self):
+        mapping = super().get_output_mapping()
+        return {k: v for k, v in mapping.items() if not self._failed or Path(v).exists()}
+
+    def _cmake(self, ext):
+        if os.environ.get("ENGINE_KERNELS_BUILD", "1") == "0":
+            raise RuntimeError("ENGINE_KERNELS_BUILD=0")
+        cmake = _find_cmake()
+        try:
+            import pybind11
+        except ImportError as exc:
+            raise RuntimeError("pybind11 is not installed") from exc
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / "kernels"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        args = [f"-DKERNELS_OUTPUT_DIR={out_dir}", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+                f"-DPython_EXECUTABLE={sys.executable}", "-DCMAKE_BUILD_TYPE=Release",
+                f"-DENGINE_CUDA={'ON' if os.environ.get('ENGINE_CUDA') == '1' else 'OFF'}"]
+        if os.environ.get("ENGINE_CUDA_ARCH"):  # e.g. "90" or "80;90"
+            args.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['ENGINE_CUDA_ARCH']}")
+        if os.environ.get("ENGINE_KERNELS_MARCH"):
+            args.append(f"-DENGINE_KERNELS_MARCH={os.environ['ENGINE_KERNELS_MARCH']}")
+        if shutil.which("ninja"):
+            args.append("-GNinja")
+        subprocess.run([cmake, "-S", str(ROOT / "kernels"), "-B", str(build_dir), *args], check=True)
+        subprocess.run([cmake, "--build", str(build_dir), "-j", str(os.cpu_count() or 2)], check=True)
+        # CMake names the module with Python's extension suffix; setuptools expects exactly
+        # get_ext_fullpath (editable installs set that to the source tree).
+        target = Path(self.get_ext_fullpath(ext.name)).resolve()
+        built = next(out_dir.glob("_C.*"), None)
+        if built is None:
+            raise RuntimeError(f"CMake finished but no _C module in {out_dir}")
+        if built != target:
+            shutil.copyfile(built, target)
+
+
+def _find_cmake() -> str:
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        try:  # the `cmake` PyPI package (a build requirement in pyproject.toml)
+            import cmake as cmake_pkg
+            cmake = str(Path(cmake_pkg.CMAKE_BIN_DIR) / "cmake")
+        except ImportError as exc:
+            raise RuntimeError("CMake not found") from exc
+    return cmake
+
 
 setup(
     name="engine",
@@ -7,6 +101,8 @@ setup(
     description="A minimal, fast LLM fine-tuning engine that reads and writes Hugging Face checkpoints.",
     python_requires=">=3.10",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "cli", "cli.*"]),
+    ext_modules=[Extension("kernels._C", sources=[])],
+    cmdclass={"build_ext": CMakeBuild},
     install_requires=[
         # torch is pinned in the README/CI install line to the CPU wheel; any 2.x >= 2.4 works.
         "torch>=2.4",

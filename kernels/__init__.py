@@ -1,1 +1,238 @@
-"""kernels: fused ops with exact pure-PyTorch fallbacks (filled in by the kernels work)."""
+"""kernels: fused LM-head loss and AdamW, with exact pure-PyTorch fallbacks.
+
+    cross_entropy(logits [N, V], targets [N])            fused loss + gradient in one pass
+    linear_cross_entropy(hidden [N, d], weight [V, d], targets [N])   never builds [N, V]
+    AdamW(params, ..., max_grad_norm=None)               torch.optim.AdamW-compatible, fused step
+    info()                                               what was built, what runs, and why
+
+This file is the only place that imports the compiled module (kernels._C) and decides, per call,
+between it and kernels/reference.py: backend=None picks native when it is built and supports the
+input, "torch" forces the fallback, "native" forces the kernel or raises listing every reason it
+can't run. The environment variable ENGINE_KERNELS=torch (or =native) applies that everywhere.
+The choice is logged once, on first use.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from kernels import reference
+from kernels.fused_adamw import FusedAdamW
+from kernels.fused_ce import DTYPE_CODES, CrossEntropyFunction, launch_rows
+from kernels.fused_linear_ce import (LinearCrossEntropyFunction, default_chunk_size,
+                                     native_chunk_ce, torch_chunk_ce)
+
+__all__ = ["cross_entropy", "linear_cross_entropy", "AdamW", "info", "reference"]
+
+logger = logging.getLogger("kernels")
+
+try:
+    from kernels import _C as _ext
+    _EXT_ERROR = None
+except ImportError as exc:  # not built (no compiler/CMake at install time) or broken build
+    _ext = None
+    _why = "not built" if not list(Path(__file__).parent.glob("_C.*")) else str(exc)
+    _EXT_ERROR = (f"compiled extension kernels._C is not available ({_why}); "
+                  "reinstall with a C++17 compiler and CMake: pip install -e .")
+
+_BUILD = _ext.build_info() if _ext is not None else {}
+_BACKENDS = (None, "torch", "native")
+_REDUCTIONS = ("mean", "sum", "none")
+_logged = False
+
+
+def _env_backend() -> str | None:
+    value = os.environ.get("ENGINE_KERNELS", "").strip().lower()
+    if value not in ("", "torch", "native"):
+        raise ValueError(f"ENGINE_KERNELS: expected 'torch' or 'native', got {value!r}")
+    return value or None
+
+
+def info() -> dict:
+    """Build/runtime facts: native (bool), reason (why not, or None), cpu_isa, openmp, threads,
+    cuda (bool), cuda_arch, env (ENGINE_KERNELS value)."""
+    env = _env_backend()
+    reason = _EXT_ERROR or ("ENGINE_KERNELS=torch forces the PyTorch fallback" if env == "torch" else None)
+    return {"native": reason is None, "reason": reason, "cpu_isa": _BUILD.get("cpu_isa"),
+            "openmp": _BUILD.get("openmp"), "threads": torch.get_num_threads(),
+            "cuda": bool(_BUILD.get("cuda")), "cuda_arch": _BUILD.get("cuda_arch") or None,
+            "env": env}
+
+
+def _log_once() -> None:
+    global _logged
+    if _logged:
+        return
+    _logged = True
+    i = info()
+    if i["native"]:
+        logger.info("kernels: native (cpu_isa=%s, threads=%d, cuda=%s)", i["cpu_isa"],
+                    i["threads"], i["cuda_arch"] or "off")
+    else:
+        logger.warning("kernels: using the pure-PyTorch fallback: %s", i["reason"])
+
+
+def _select(name: str, backend: str | None, problems: list[str]):
+    """The compiled module if `name` should run natively on this input, else None."""
+    _log_once()
+    if backend not in _BACKENDS:
+        raise ValueError(f"{name}: backend must be None, 'torch' or 'native', got {backend!r}")
+    env = _env_backend()
+    if backend == "torch":
+        return None
+    if backend is None and env == "native":
+        backend = "native"
+    reasons = ([_EXT_ERROR] if _ext is None else []) + (
+        ["ENGINE_KERNELS=torch is set"] if env == "torch" else []) + list(dict.fromkeys(problems))
+    if not reasons:
+        return _ext
+    if backend == "native":
+        listed = "; ".join(f"({k}) {r}" for k, r in enumerate(reasons, 1))
+        raise RuntimeError(f"{name}: backend='native' cannot run: {listed}")
+    return None
+
+
+def _tensor_problems(arg: str, t: torch.Tensor) -> list[str]:
+    out = []
+    if t.dtype not in DTYPE_CODES:
+        out.append(f"{arg} dtype {t.dtype} is not supported natively (float32, bfloat16, float16)")
+    if t.device.type == "cuda" and not _BUILD.get("cuda"):
+        out.append(f"{arg} is on {t.device} but kernels._C was built without CUDA "
+                   "(reinstall with ENGINE_CUDA=1)")
+    elif t.device.type not in ("cpu", "cuda"):
+        out.append(f"{arg} is on {t.device}; native kernels run on cpu and cuda")
+    return out
+
+
+def _desc(x) -> str:
+    return f"{x.dtype} {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _check_targets(name: str, targets, n_rows: int, vocab: int, device, ignore_index: int) -> None:
+    if not (isinstance(targets, torch.Tensor) and targets.dtype == torch.int64
+            and tuple(targets.shape) == (n_rows,)):
+        raise ValueError(f"{name}: targets must be int64 of shape [N]=[{n_rows}], got {_desc(targets)}")
+    if targets.device != device:
+        raise ValueError(f"{name}: targets must be on {device}, got {targets.device}")
+    if device.type == "cpu":  # on CUDA this check would synchronize; the kernel writes NaN instead
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+        if bool(bad.any()):
+            raise ValueError(f"{name}: targets must be in [0, V)=[0, {vocab}) or "
+                             f"ignore_index={ignore_index}, got {int(targets[bad][0])}")
+
+
+def _check_reduction(name: str, reduction: str) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{name}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+
+
+def _refcount_probe(x, *args, **kwargs) -> tuple[int, int]:
+    return sys.getrefcount(x), torch._C._storage_Use_Count(x.untyped_storage()._cdata)
+
+
+# References a temporary argument has inside a function (interpreter-dependent, so measured).
+_TEMP_REFS, _TEMP_STORAGE_REFS = _refcount_probe(torch.empty(1))
+
+
+def _inplace_is_safe(logits: torch.Tensor, refs: int) -> bool:
+    """True when nothing but this call can observe `logits`: a non-leaf temporary (no Python
+    name, no view, no tensor saved for backward shares its storage). Then overwriting it with
+    the gradient is invisible. Anything unusual (C callers, views, hooks) is treated as unsafe."""
+    return (logits.requires_grad and logits.grad_fn is not None and logits._base is None
+            and refs <= _TEMP_REFS and logits._use_count() == 1
+            and torch._C._storage_Use_Count(logits.untyped_storage()._cdata) <= _TEMP_STORAGE_REFS)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                  reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
+                  softcap: float | None = None, backend: str | None = None,
+                  inplace: bool | None = None) -> torch.Tensor:
+    """Cross-entropy of logits [N, V] (fp32/bf16/fp16) vs int64 targets [N]; loss in logits' dtype.
+
+    Same meaning as F.cross_entropy (+ z_loss * logsumexp^2 and optional tanh softcap); "mean"
+    averages over non-ignored rows (NaN if all are ignored, like torch). The native path computes
+    the gradient during forward and can write it over `logits`, saving an [N, V] buffer (and its
+    page faults): inplace=None does so only when provably safe (see _inplace_is_safe),
+    True always (the caller promises not to read logits again), False never.
+    """
+    refs = sys.getrefcount(logits)  # first statement: see _TEMP_REFS
+    name = "kernels.cross_entropy"
+    if not (isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.is_floating_point()):
+        raise ValueError(f"{name}: logits must be a floating tensor [N, V], got {_desc(logits)}")
+    _check_targets(name, targets, logits.shape[0], logits.shape[1], logits.device, ignore_index)
+    _check_reduction(name, reduction)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{name}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if z_loss < 0:
+        raise ValueError(f"{name}: z_loss must be >= 0, got {z_loss}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"{name}: softcap must be None or > 0, got {softcap}")
+    if inplace and logits.is_leaf and logits.requires_grad:
+        raise ValueError(f"{name}: inplace=True would overwrite a leaf tensor that requires grad")
+    if inplace is None:
+        inplace = _inplace_is_safe(logits, refs)
+    ext = _select(name, backend, _tensor_problems("logits", logits))
+    if ext is None:
+        return reference.cross_entropy(logits, targets, ignore_index, reduction, label_smoothing,
+                                       z_loss, softcap)
+    return CrossEntropyFunction.apply(logits, targets, ext, ignore_index, reduction,
+                                      label_smoothing, z_loss, softcap, inplace)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         bias: torch.Tensor | None = None, ignore_index: int = -100,
+                         reduction: str = "mean", chunk_size: int | None = None,
+                         backend: str | None = None) -> torch.Tensor:
+    """Cross-entropy of hidden [N, d] @ weight [V, d].T (+ bias [V]) vs targets [N], computed in
+    token chunks (default: ~32M logits per chunk) so [N, V] never exists. Both backends chunk;
+    they differ in the per-chunk loss/gradient (compiled kernel vs kernels/reference.py)."""
+    name = "kernels.linear_cross_entropy"
+    if not (isinstance(hidden, torch.Tensor) and hidden.dim() == 2 and hidden.is_floating_point()):
+        raise ValueError(f"{name}: hidden must be a floating tensor [N, d], got {_desc(hidden)}")
+    n_rows, d = hidden.shape
+    if not (isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[1] == d
+            and weight.dtype == hidden.dtype and weight.device == hidden.device):
+        raise ValueError(f"{name}: weight must be [V, d=({d})] {hidden.dtype} on {hidden.device} "
+                         f"(nn.Linear layout), got {_desc(weight)}")
+    vocab = weight.shape[0]
+    if bias is not None and not (isinstance(bias, torch.Tensor) and tuple(bias.shape) == (vocab,)
+                                 and bias.dtype == hidden.dtype and bias.device == hidden.device):
+        raise ValueError(f"{name}: bias must be None or [V]=[{vocab}] {hidden.dtype}, got {_desc(bias)}")
+    _check_targets(name, targets, n_rows, vocab, hidden.device, ignore_index)
+    _check_reduction(name, reduction)
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"{name}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    ext = _select(name, backend, _tensor_problems("hidden", hidden))
+    chunk_ce = (native_chunk_ce(ext, ignore_index, launch_rows) if ext is not None
+                else torch_chunk_ce(ignore_index))
+    return LinearCrossEntropyFunction.apply(
+        hidden.contiguous(), weight.contiguous(), bias, targets, chunk_ce, ignore_index, reduction,
+        chunk_size or default_chunk_size(n_rows, vocab))
+
+
+class AdamW(FusedAdamW):
+    """torch.optim.AdamW with a fused step: one pass per element (multi-tensor), optional global
+    grad-norm clipping folded in (max_grad_norm; pre-clip norm in .last_grad_norm), fp32 master
+    weights for bf16/fp16 params. state_dict is interchangeable with torch.optim.AdamW's."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 max_grad_norm=None, backend=None):
+        if backend not in _BACKENDS:
+            raise ValueError(f"kernels.AdamW: backend must be None, 'torch' or 'native', got {backend!r}")
+        super().__init__(params, lr, betas, eps, weight_decay, max_grad_norm, backend)
+        _log_once()
+
+    def _native_ext(self, params):
+        problems = []
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            problems.append(f"params span several devices {sorted(map(str, devices))}")
+        for p in params:
+            problems += _tensor_problems("param", p)
+            if not (p.is_contiguous() and p.grad.is_contiguous()):
+                problems.append("params and grads must be contiguous")
+        return _select("kernels.AdamW", self.backend, problems)

@@ -1,0 +1,178 @@
+// Fused cross-entropy forward + backward (CPU).
+//
+// What it fuses: softcap -> max -> sum(exp) -> loss -> gradient, row by row. F.cross_entropy
+// reads/writes [N, V] roughly six times (log_softmax, saved output, nll, backward of both);
+// here each logit is read from memory once (online softmax over L1-sized blocks) and each
+// gradient written once; exp(z - max) is computed once per element and kept in a cache-resident
+// fp32 row until the gradient pass.
+//
+// The gradient is produced in the forward pass already multiplied by `scale` (1/n_valid for
+// reduction="mean"), so backward only has to scale by grad_output (usually exactly 1).
+// All math is fp32; bf16/fp16 are only storage. In particular the true-class gradient
+// p_t - (1 - eps) is formed in fp32 and rounded once (the bf16 precision bug in Liger #1329).
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+#include "ops.h"
+
+namespace kernels {
+namespace {
+
+constexpr int64_t kBlock = 512;  // elements per block of the one-pass (online) softmax
+
+// z = logits after the optional softcap (a fp32 scratch row when capped, else the input row).
+// Pass A, one sweep over z in blocks that fit L1: block max, then e = exp(z - m_run) stored
+// and summed, where m_run is the running max (the running sum is rescaled when it grows).
+// Reading each block twice from L1 instead of the row twice from memory makes the kernel
+// overlap its one DRAM read with the exp math. Pass B turns e into the gradient, fixing each
+// block's stale max with one scalar exp.
+template <typename Src, typename T>
+void row_loss_and_grad(const CrossEntropyArgs& a, int64_t i, const Src* z, const float* capped,
+                       float* e, float* block_m, T* g) {
+  const int64_t V = a.vocab, t = a.targets[i];
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const float zt = to_f32(z[t]);  // before e (which may alias the row) overwrites it
+  // sum_d = sum(z - m) feeds the label-smoothing term; kept relative to m for precision.
+  float m = ninf, sum = 0.f, sum_d = 0.f;
+  for (int64_t b0 = 0, blk = 0; b0 < V; b0 += kBlock, ++blk) {
+    const int64_t n = std::min(kBlock, V - b0);
+    float bm = ninf;
+#pragma omp simd reduction(max : bm)
+    for (int64_t j = b0; j < b0 + n; ++j) {
+      float zj = to_f32(z[j]);
+      bm = zj > bm ? zj : bm;
+    }
+    if (bm > m) {  // the running max grows: rescale what was summed so far
+      if (m != ninf) {
+        sum *= vexp(m - bm);
+        sum_d += float(b0) * (m - bm);
+      }
+      m = bm;
+    }
+    block_m[blk] = m;
+    float s = 0.f, sd = 0.f;
+    if (m == ninf) {  // all -inf so far: nothing to add (avoids -inf - -inf = NaN)
+      if (g)
+        for (int64_t j = b0; j < b0 + n; ++j) e[j] = 0.f;
+      sd = ninf;
+    } else if (g) {
+#pragma omp simd reduction(+ : s, sd)
+      for (int64_t j = b0; j < b0 + n; ++j) {
+        float d = to_f32(z[j]) - m;
+        float ej = vexp(d);
+        e[j] = ej;
+        s += ej;
+        sd += d;
+      }
+    } else {
+#pragma omp simd reduction(+ : s, sd)
+      for (int64_t j = b0; j < b0 + n; ++j) {
+        float d = to_f32(z[j]) - m;
+        s += vexp(d);
+        sd += d;
+      }
+    }
+    sum += s;
+    sum_d += sd;
+  }
+  const float eps = a.label_smoothing, log_sum = std::log(sum), lse = m + log_sum;
+  // lse - z_t computed as (m - z_t) + log(sum): exact-ish even for logits near 1e4.
+  float loss = (1.f - eps) * ((m - zt) + log_sum);
+  if (eps > 0.f) loss += eps * (log_sum - sum_d / float(V));  // lse - mean(z)
+  if (a.z_loss > 0.f) loss += a.z_loss * lse * lse;
+  a.loss[i] = loss;
+  if (!g) return;
+
+  const float rs = a.scale * (a.row_scale ? a.row_scale[i] : 1.f);
+  const float zl = 1.f + 2.f * a.z_loss * lse;  // d(z_loss * lse^2)/dz = 2 z_loss lse p
+  const float coef = rs * zl / sum, shift = rs * eps / float(V);
+  const float inv_cap = a.softcap > 0.f ? 1.f / a.softcap : 0.f;
+  for (int64_t b0 = 0, blk = 0; b0 < V; b0 += kBlock, ++blk) {
+    const int64_t n = std::min(kBlock, V - b0);
+    const float c = coef * vexp(block_m[blk] - m);  // e_j * c = p_j * rs * zl
+    if (!std::is_same<T, float>::value) {
+      // Low-precision grads: finish the block in the fp32 scratch, then round it in one go.
+      float* eb = e + b0;
+      const float* cb = capped ? capped + b0 : nullptr;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        float u = cb ? cb[j] * inv_cap : 0.f;
+        eb[j] = (c * eb[j] - shift) * (1.f - u * u);
+      }
+      store_row(g + b0, eb, n);
+    } else if (capped) {
+#pragma omp simd
+      for (int64_t j = b0; j < b0 + n; ++j) {
+        float u = capped[j] * inv_cap;  // d(s tanh(x/s))/dx = 1 - tanh^2
+        store(g + j, (c * e[j] - shift) * (1.f - u * u));
+      }
+    } else {
+#pragma omp simd
+      for (int64_t j = b0; j < b0 + n; ++j) store(g + j, c * e[j] - shift);
+    }
+  }
+  // True class: p_t*zl - eps/V - (1 - eps) in fp32, rounded to T once. e[t] was overwritten
+  // above only when e aliases g, so recompute p_t from z_t.
+  const float pt = vexp(zt - m) / sum;
+  float gt = rs * (pt * zl - eps / float(V) - (1.f - eps));
+  if (capped) gt *= 1.f - (zt * inv_cap) * (zt * inv_cap);
+  store(g + t, gt);
+}
+
+template <typename T>
+void run(const CrossEntropyArgs& a) {
+  const bool cap = a.softcap > 0.f;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  // fp32 gradients without softcap can hold e = exp(z - m) themselves (no scratch row);
+  // otherwise e needs fp32 scratch (a bf16 e would lose the precision of p_t - 1).
+  const bool e_in_grad = std::is_same<T, float>::value && a.grad && !cap;
+#pragma omp parallel num_threads(a.n_threads)
+  {
+    // Per-thread scratch, reused across rows.
+    std::vector<float> e(a.grad && !e_in_grad ? a.vocab : 0), capped(cap ? a.vocab : 0);
+    std::vector<float> block_m((a.vocab + kBlock - 1) / kBlock);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < a.n_rows; ++i) {
+      const T* x = static_cast<const T*>(a.logits) + i * a.row_stride;
+      T* g = a.grad ? static_cast<T*>(a.grad) + i * a.grad_row_stride : nullptr;
+      const int64_t t = a.targets[i];
+      if (t == a.ignore_index || t < 0 || t >= a.vocab) {
+        // Ignored rows contribute nothing. Out-of-range targets are rejected in Python; if
+        // one gets here anyway the row turns NaN instead of reading out of bounds.
+        const bool bad = t != a.ignore_index;
+        a.loss[i] = bad ? nan : 0.f;
+        if (g)
+          for (int64_t j = 0; j < a.vocab; ++j) store(g + j, bad ? nan : 0.f);
+        continue;
+      }
+      float* ebuf = e_in_grad ? reinterpret_cast<float*>(g) : e.data();
+      if (cap) {
+        const float s = a.softcap, inv = 1.f / s;
+        float* c = capped.data();
+#pragma omp simd
+        for (int64_t j = 0; j < a.vocab; ++j) c[j] = s * vtanh(to_f32(x[j]) * inv);
+        row_loss_and_grad<float, T>(a, i, c, c, ebuf, block_m.data(), g);
+      } else {
+        row_loss_and_grad<T, T>(a, i, x, nullptr, ebuf, block_m.data(), g);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void cross_entropy_cpu(const CrossEntropyArgs& a) {
+  switch (a.dtype) {
+    case kF32: return run<float>(a);
+    case kBF16: return run<bf16>(a);
+    case kF16: return run<f16>(a);
+  }
+}
+
+}  // namespace kernels

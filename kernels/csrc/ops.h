@@ -1,0 +1,59 @@
+// Entry points of the compiled kernels, shared by the CPU sources, the CUDA sources and
+// bindings.cpp. Everything is raw pointers + sizes: allocation and validation live in Python
+// (kernels/__init__.py), so this library never links against libtorch.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace kernels {
+
+// Dtype codes shared with kernels/fused_ce.py (DTYPE_CODES).
+enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// Row-wise cross-entropy over logits [N, V] (row stride `row_stride`, unit column stride).
+// Writes the fp32 loss of every row and, when `grad` is non-null, d(loss_i)/d(logits_i) times
+// scale * row_scale[i] (row_scale may be null) in the logits' dtype. `grad` may alias `logits`.
+struct CrossEntropyArgs {
+  const void* logits;
+  int dtype;  // DType code
+  int64_t n_rows, vocab, row_stride;
+  const int64_t* targets;
+  int64_t ignore_index;
+  float label_smoothing, z_loss, softcap;  // softcap <= 0 disables it
+  float* loss;                             // [N] fp32, 0 for ignored rows
+  void* grad;                              // nullable, [N, V] same dtype as logits
+  int64_t grad_row_stride;
+  float scale;
+  const float* row_scale;  // nullable, [N] fp32
+  int n_threads;
+  int64_t stream;          // CUDA only: cudaStream_t as an integer
+};
+
+// One AdamW step over many tensors at once (one pass per element; optional clip coefficient
+// folded in). Pointers are per tensor; `masters` entries are 0 for fp32 params.
+struct AdamWArgs {
+  std::vector<int64_t> params, grads, exp_avgs, exp_avg_sqs, masters, steps, sizes;
+  std::vector<int> dtypes;  // param (and grad) dtype per tensor
+  double lr, beta1, beta2, eps, weight_decay;
+  float clip_coef;           // CPU: multiply grads by this (1 = no clipping)
+  int64_t clip_sumsq;        // CUDA: device float* holding sum of squares, 0 = no clipping
+  double max_grad_norm;      // CUDA: coefficient computed on device from clip_sumsq
+  int n_threads;
+  int64_t stream;
+};
+
+void cross_entropy_cpu(const CrossEntropyArgs& a);
+double grad_sumsq_cpu(const std::vector<int64_t>& grads, const std::vector<int64_t>& sizes,
+                      const std::vector<int>& dtypes, int n_threads);
+void adamw_cpu(const AdamWArgs& a);
+
+#ifdef ENGINE_WITH_CUDA
+void cross_entropy_cuda(const CrossEntropyArgs& a);
+// Adds the sum of squares of all grads into the device float at `out` (no host sync).
+void grad_sumsq_cuda(const std::vector<int64_t>& grads, const std::vector<int64_t>& sizes,
+                     const std::vector<int>& dtypes, int64_t out, int64_t stream);
+void adamw_cuda(const AdamWArgs& a);
+#endif
+
+}  // namespace kernels

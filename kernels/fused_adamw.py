@@ -1,0 +1,159 @@
+"""AdamW whose step is one fused pass per element, with global-norm clipping folded in.
+
+State layout is torch.optim.AdamW's (`step` float32 0-dim tensor, `exp_avg`, `exp_avg_sq`; the
+same param_group keys), so state_dicts move between the two in both directions. Differences,
+both deliberate: moments are always fp32, and a bf16/fp16 param also gets an fp32
+`master_param` that the update is applied to (rounding every step to bf16 would lose small
+updates). torch loads our state by casting it to the param dtype and ignores `master_param`;
+loading torch's state here upcasts the moments and seeds the master from the param.
+
+kernels/__init__.py subclasses this to plug in the backend choice (_native_ext).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kernels import reference
+from kernels.fused_ce import DTYPE_CODES
+
+_TORCH_GROUP_FLAGS = dict(amsgrad=False, maximize=False, foreach=None, capturable=False,
+                          differentiable=False, fused=None, decoupled_weight_decay=True)
+
+
+class FusedAdamW(torch.optim.Optimizer):
+    name = "kernels.AdamW"
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 max_grad_norm=None, backend=None):
+        checks = [("lr", lr, lr >= 0), ("eps", eps, eps >= 0),
+                  ("weight_decay", weight_decay, weight_decay >= 0),
+                  ("betas", betas, len(betas) == 2 and all(0 <= b < 1 for b in betas)),
+                  ("max_grad_norm", max_grad_norm, max_grad_norm is None or max_grad_norm > 0)]
+        for arg, value, ok in checks:
+            if not ok:
+                raise ValueError(f"{self.name}: {arg} out of range, got {value!r}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        **_TORCH_GROUP_FLAGS)
+        super().__init__(params, defaults)
+        # Global across groups, so an optimizer attribute rather than a group key (that also
+        # keeps param_groups identical to torch's).
+        self.max_grad_norm = max_grad_norm
+        self.backend = backend
+        self.last_grad_norm: torch.Tensor | None = None  # pre-clip global norm of the last step
+
+    def _native_ext(self, params: list[torch.Tensor]):
+        """The compiled module if it should run these params, else None (fallback)."""
+        raise NotImplementedError
+
+    def _state_for(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        math_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device)
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key] = torch.zeros_like(p, dtype=math_dtype, memory_format=torch.contiguous_format)
+        if state["step"].device != p.device:  # torch keeps `step` on CPU for unfused AdamW
+            state["step"] = state["step"].to(p.device)
+        for key in ("exp_avg", "exp_avg_sq"):  # torch's bf16 state -> fp32
+            if state[key].dtype != math_dtype:
+                state[key] = state[key].to(math_dtype).contiguous()
+        if math_dtype != p.dtype and "master_param" not in state:
+            state["master_param"] = p.detach().float().contiguous()
+        return state
+
+    def _check_group(self, group: dict, params: list[torch.Tensor]) -> None:
+        for flag in ("amsgrad", "maximize", "differentiable"):
+            if group.get(flag):
+                raise ValueError(f"{self.name}: param_group {flag}=True is not supported")
+        for p in params:
+            if p.grad.is_sparse:
+                raise ValueError(f"{self.name}: sparse gradients are not supported")
+            if not p.is_floating_point() or p.grad.dtype != p.dtype:
+                raise ValueError(f"{self.name}: params and grads must share a floating dtype, "
+                                 f"got param {p.dtype} grad {p.grad.dtype}")
+
+    def _clip(self, params: list[torch.Tensor]):
+        """Global pre-clip norm (0-dim fp32 tensor) and the clip coefficient (float or tensor)."""
+        grads = [p.grad for p in params]
+        ext = self._native_ext(params) if params else None
+        if ext is not None and params[0].device.type == "cpu":
+            sumsq = ext.grad_sumsq_cpu(grads=[g.data_ptr() for g in grads],
+                                       sizes=[g.numel() for g in grads],
+                                       dtypes=[DTYPE_CODES[g.dtype] for g in grads],
+                                       n_threads=torch.get_num_threads())
+            norm = math.sqrt(sumsq)
+            return torch.tensor(norm, dtype=torch.float32), min(1.0, self.max_grad_norm / (norm + 1e-6))
+        if ext is not None:  # CUDA: stays on device, no sync
+            sumsq = torch.zeros(1, dtype=torch.float32, device=params[0].device)
+            ext.grad_sumsq_cuda(grads=[g.data_ptr() for g in grads], sizes=[g.numel() for g in grads],
+                                dtypes=[DTYPE_CODES[g.dtype] for g in grads], out=sumsq.data_ptr(),
+                                stream=torch.cuda.current_stream(sumsq.device).cuda_stream)
+            norm = sumsq.sqrt().squeeze(0)
+            return norm, reference.clip_coefficient(norm, self.max_grad_norm)
+        norm = reference.grad_norm(grads)
+        return norm, reference.clip_coefficient(norm, self.max_grad_norm)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AdamW step over all params with a grad. Returns the closure's loss if given,
+        else the pre-clip global grad norm (also in .last_grad_norm; None without clipping)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        groups = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            self._check_group(group, params)
+            groups.append((group, params, [self._state_for(p) for p in params]))
+        clip = 1.0
+        if self.max_grad_norm is not None:
+            self.last_grad_norm, clip = self._clip([p for _, ps, _ in groups for p in ps])
+        for group, params, states in groups:
+            if params:
+                self._step_group(group, params, states, clip)
+        return loss if closure is not None else self.last_grad_norm
+
+    def _step_group(self, group, params, states, clip) -> None:
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1.0)
+        beta1, beta2 = group["betas"]
+        hyper = dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                     weight_decay=group["weight_decay"])
+        masters = [s.get("master_param") for s in states]
+        ext = self._native_ext(params)
+        if ext is None:
+            reference.adamw_step_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                                  [s["exp_avg_sq"] for s in states], masters, steps,
+                                  clip_coef=clip, **hyper)
+            return
+        on_cuda = params[0].device.type == "cuda"
+        clip_sumsq = None
+        if on_cuda and isinstance(clip, torch.Tensor):
+            clip_sumsq = (self.last_grad_norm.float() ** 2).reshape(1).contiguous()
+        fn = ext.adamw_cuda if on_cuda else ext.adamw_cpu
+        fn(params=[p.data_ptr() for p in params], grads=[p.grad.data_ptr() for p in params],
+           exp_avgs=[s["exp_avg"].data_ptr() for s in states],
+           exp_avg_sqs=[s["exp_avg_sq"].data_ptr() for s in states],
+           masters=[m.data_ptr() if m is not None else 0 for m in masters],
+           steps=[t.data_ptr() for t in steps], sizes=[p.numel() for p in params],
+           dtypes=[DTYPE_CODES[p.dtype] for p in params], **hyper,
+           clip_coef=float(clip) if not on_cuda else 1.0,
+           clip_sumsq=clip_sumsq.data_ptr() if clip_sumsq is not None else 0,
+           max_grad_norm=float(self.max_grad_norm or 0.0), n_threads=torch.get_num_threads(),
+           stream=torch.cuda.current_stream(params[0].device).cuda_stream if on_cuda else 0)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load torch's or our state. torch's loader casts saved tensors to the param dtype,
+        which would round our fp32 moments/master of bf16 params; restore them afterwards."""
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params):
+            if i in saved and p.dtype in (torch.bfloat16, torch.float16):
+                for key in ("exp_avg", "exp_avg_sq", "master_param"):
+                    if key in saved[i]:
+                        self.state[p][key] = saved[i][key].to(p.device, torch.float32, copy=True)

@@ -1,0 +1,131 @@
+"""Linear + cross-entropy without materializing the [N, V] logits or their gradient.
+
+Tokens are processed in chunks of C rows: logits_c = hidden_c @ weight.T (+ bias) via torch's
+GEMM (MKL/oneDNN), then one row-kernel call turns logits_c into its loss and, in place, its
+gradient; two more GEMMs give grad_hidden_c and accumulate grad_weight (fp32). Peak extra memory
+is one [C, V] chunk instead of several [N, V] tensors.
+
+For reduction "mean"/"sum" the gradients are computed during forward (upstream grad is a
+scalar, applied in backward). For "none" the upstream gradient can differ per row, and
+grad_weight = sum_i g_i * dlogits_i^T hidden_i cannot be rescaled afterwards, so forward only
+computes losses and backward recomputes each chunk with per-row scales g_i (Liger #678 got this
+wrong by precomputing with g = 1).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from kernels.fused_ce import is_one
+
+# chunk_ce(logits_c, targets_c, loss_rows_c, want_grad, scale, row_scale_c): fills loss_rows_c
+# and, if want_grad, overwrites logits_c with scale * row_scale_c[i] * d loss_i / d logits_c.
+ChunkCE = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float, "torch.Tensor | None"], None]
+
+_CHUNK_ELEMENTS = 1 << 25  # 32M logits (128 MiB in fp32) per chunk: big GEMMs, bounded memory
+
+
+def default_chunk_size(n_rows: int, vocab: int) -> int:
+    return max(1, min(n_rows, _CHUNK_ELEMENTS // max(vocab, 1)))
+
+
+def chunked_pass(hidden, weight, bias, targets, chunk_ce: ChunkCE, loss_rows, *, chunk_size: int,
+                 scale: float, row_scale, need: tuple[bool, bool, bool]):
+    """One sweep over token chunks; returns (grad_hidden, grad_weight, grad_bias) for the
+    inputs flagged in `need` (None otherwise)."""
+    n_rows = hidden.shape[0]
+    want_grad = any(need)
+    grad_h = torch.empty_like(hidden) if need[0] else None
+    # Accumulate in fp32 across chunks; fp32 weights accumulate straight into their grad.
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
+    grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need[2] else None
+    weight_t = weight.t()  # (d, V)
+    for start in range(0, n_rows, chunk_size):
+        end = min(start + chunk_size, n_rows)
+        h = hidden[start:end]  # (C, d)
+        logits = torch.addmm(bias, h, weight_t) if bias is not None else torch.mm(h, weight_t)  # (C, V)
+        rs = row_scale[start:end] if row_scale is not None else None
+        chunk_ce(logits, targets[start:end], loss_rows[start:end], want_grad, scale, rs)
+        if not want_grad:
+            continue
+        dlogits = logits  # (C, V), now holds the gradient
+        if grad_h is not None:
+            torch.mm(dlogits, weight, out=grad_h[start:end])  # (C, d)
+        if grad_w is not None:
+            if dlogits.dtype == torch.float32:
+                grad_w.addmm_(dlogits.t(), h)  # (V, d)
+            else:
+                grad_w.add_(torch.mm(dlogits.t(), h))
+        if grad_b is not None:
+            grad_b.add_(dlogits.sum(0, dtype=torch.float32))
+    return (grad_h,
+            grad_w.to(weight.dtype) if grad_w is not None else None,
+            grad_b.to(bias.dtype) if grad_b is not None else None)
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """loss of (hidden @ weight.T + bias) against targets; see kernels.linear_cross_entropy."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_ce, ignore_index, reduction, chunk_size):
+        need = tuple(ctx.needs_input_grad[:3])
+        if bias is None:
+            need = (need[0], need[1], False)
+        n_valid = (targets != ignore_index).sum()
+        scale = 1.0 / max(int(n_valid), 1) if reduction == "mean" else 1.0
+        loss_rows = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        eager = any(need) and reduction != "none"
+        grads = chunked_pass(hidden, weight, bias, targets, chunk_ce, loss_rows,
+                             chunk_size=chunk_size, scale=scale, row_scale=None,
+                             need=need if eager else (False, False, False))
+        ctx.grads = grads if eager else None
+        ctx.need, ctx.chunk_ce, ctx.chunk_size, ctx.reduction = need, chunk_ce, chunk_size, reduction
+        if reduction == "none" and any(need):
+            ctx.save_for_backward(hidden, weight, bias, targets)
+        if reduction == "none":
+            return loss_rows.to(hidden.dtype)
+        total = loss_rows.sum()
+        if reduction == "mean":
+            total = total / n_valid  # all rows ignored -> NaN, as torch
+        return total.to(hidden.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.reduction == "none":
+            hidden, weight, bias, targets = ctx.saved_tensors
+            scratch = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+            grads = chunked_pass(hidden, weight, bias, targets, ctx.chunk_ce, scratch,
+                                 chunk_size=ctx.chunk_size, scale=1.0,
+                                 row_scale=grad_output.float().contiguous(), need=ctx.need)
+        else:
+            grads, ctx.grads = ctx.grads, None
+            if grads is None:
+                raise RuntimeError("kernels.linear_cross_entropy: backward ran twice through the "
+                                   "same loss (retain_graph=True is not supported)")
+            if not is_one(grad_output):
+                grads = tuple(g.mul_(grad_output.to(g.dtype)) if g is not None else None
+                              for g in grads)
+        return grads[0], grads[1], grads[2], None, None, None, None, None
+
+
+def native_chunk_ce(ext, ignore_index: int, launch) -> ChunkCE:
+    """Chunk step on the compiled row kernel: gradient written in place into the chunk's logits
+    (safe: the chunk is our own temporary)."""
+    def run(logits, targets, loss_rows, want_grad, scale, row_scale):
+        launch(ext, logits, targets, loss_rows, logits if want_grad else None,
+               ignore_index=ignore_index, scale=scale, row_scale=row_scale)
+    return run
+
+
+def torch_chunk_ce(ignore_index: int) -> ChunkCE:
+    """Chunk step in pure PyTorch (kernels/reference.py), same contract as native_chunk_ce."""
+    from kernels import reference
+
+    def run(logits, targets, loss_rows, want_grad, scale, row_scale):
+        rows, grad = reference.cross_entropy_rows_with_grad(logits, targets, ignore_index, scale,
+                                                            row_scale, want_grad)
+        loss_rows.copy_(rows)
+        if want_grad:
+            logits.copy_(grad)
+    return run
