@@ -153,7 +153,8 @@ def train(cfg: RunConfig, *, progress: bool = True, on_step: Optional[Callable[[
     tokens_per_step = t.batch_size * t.grad_accum * cfg.data.seq_len
     steps = total_steps(t, tokens_per_step)
     result = RunResult(out_dir, state["step"], state["tokens_seen"])
-    logger.info("model: %.2fM params, %s; kernels: %s", model.config.num_params / 1e6, device, kernels.info())
+    logger.info("model: %.2fM params on %s, %s, %d tokens per step", model.config.num_params / 1e6, device,
+                t.precision, tokens_per_step)
 
     def checkpoint():
         trainer_state = {**state, "sampler": {"seed": t.seed, "next_step": state["step"]},
