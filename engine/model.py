@@ -8,6 +8,7 @@ fields; engine.hf maps their weight names onto ours.
 """
 from __future__ import annotations
 
+import copy
 import math
 from functools import partial
 from typing import Optional
@@ -76,22 +77,49 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Preallocated keys and values of every layer, [L, B, nkv, max_len, hd]; `pos` tokens are filled."""
+    """Preallocated keys and values of every layer, [L, B, nkv, max_len, hd]; `pos` tokens are filled.
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None):
+    With `per_row=True` rows hold different numbers of tokens, as continuous batching needs (engine.serve):
+    `lengths` [B] counts each row's tokens, a step writes row b's new tokens at lengths[b] onwards, the
+    model masks every slot past a row's own length, and `pos` is the longest row (the slots a step reads).
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None,
+                 per_row: bool = False):
         shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len, self.pos = max_len, 0
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device) if per_row else None
 
     def update(self, layer: int, k, v):
         """Write this step's k, v (B, nkv, T, hd) at `pos`; return all keys/values so far (B, nkv, S, hd)."""
         end = self.pos + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache is full: {end} tokens do not fit in max_len={self.max_len}")
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
+        if self.lengths is None:
+            self.k[layer, :, :, self.pos:end] = k
+            self.v[layer, :, :, self.pos:end] = v
+        else:  # row b's T new tokens go to slots lengths[b] + arange(T)
+            slots = self.lengths[:, None] + torch.arange(k.shape[2], device=k.device)  # (B, T)
+            index = slots[:, None, :, None].expand_as(k)  # (B, nkv, T, hd)
+            self.k[layer].scatter_(2, index, k)
+            self.v[layer].scatter_(2, index, v)
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, T: int):
+        """Count T more tokens in every row (the model calls this after each forward)."""
+        self.pos += T
+        if self.lengths is not None:
+            self.lengths += T
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """Rows [start, stop) as a cache sharing this one's memory (and `lengths`): a slice of a serving batch."""
+        view = copy.copy(self)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        if self.lengths is not None:
+            view.lengths = self.lengths[start:stop]
+        return view
 
 
 class Attention(nn.Module):
@@ -204,13 +232,19 @@ class Transformer(nn.Module):
         # (B|1, 1, T, hd) broadcast over heads
         return cos[position_ids].to(dtype).unsqueeze(1), sin[position_ids].to(dtype).unsqueeze(1)
 
-    def _mask(self, T: int, past: int, attn_mask, device):
-        """A bool mask (True = attend) of shape broadcastable to (B, nh, T, S), or None for plain causal."""
+    def _mask(self, T: int, past: int, attn_mask, device, lengths=None):
+        """A bool mask (True = attend) of shape broadcastable to (B, nh, T, S), or None for plain causal.
+
+        lengths [B] (a per-row cache): row b's queries sit at slots lengths[b] + arange(T), so the slots
+        past them, padding up to the longest row, are masked too.
+        """
         S, window = past + T, self.config.sliding_window
         needs_window = window is not None and S > window
-        if attn_mask is None and (past == 0 or T == 1) and not needs_window:
+        if attn_mask is None and lengths is None and (past == 0 or T == 1) and not needs_window:
             return None
         q_pos = torch.arange(past, S, device=device)[:, None]
+        if lengths is not None:
+            q_pos = (lengths[:, None] + torch.arange(T, device=device))[:, None, :, None]  # (B, 1, T, 1)
         k_pos = torch.arange(S, device=device)[None, :]
         mask = k_pos <= q_pos
         if needs_window:
@@ -224,26 +258,33 @@ class Transformer(nn.Module):
         (B, 1, T, S) (True = attend) combined with the causal mask, e.g. for packed documents.
         """
         B, T = input_ids.shape
+        lengths = cache.lengths if cache is not None else None  # per-row lengths (continuous batching)
+        if lengths is not None:  # the batcher admits and evicts rows between steps: read up to the longest
+            cache.pos = int(lengths.max())
         past = cache.pos if cache is not None else 0
+        limit = self.config.max_position_embeddings
         if position_ids is None:
+            if past + T > limit:  # plain ints: no device sync, no graph break under torch.compile
+                raise ValueError(f"position {past + T - 1} exceeds max_position_embeddings={limit}")
             position_ids = torch.arange(past, past + T, device=input_ids.device)[None]
-        if int(position_ids.max()) >= self.config.max_position_embeddings:
-            raise ValueError(f"position {int(position_ids.max())} exceeds max_position_embeddings="
-                             f"{self.config.max_position_embeddings}")
+            if lengths is not None:  # (B, T): each row goes on from its own length
+                position_ids = lengths[:, None] + torch.arange(T, device=input_ids.device)
+        elif int(position_ids.max()) >= limit:
+            raise ValueError(f"position {int(position_ids.max())} exceeds max_position_embeddings={limit}")
         x = self.embed(input_ids)  # (B, T, C)
         if self.config.scale_embeddings:  # Gemma: the scale is rounded to the model dtype first
             x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
         if self.pos_embed is not None:
             x = x + self.pos_embed(position_ids)
         rope = self._rope(position_ids, x.dtype)
-        mask = self._mask(T, past, attn_mask, input_ids.device)
+        mask = self._mask(T, past, attn_mask, input_ids.device, lengths)
         for i, block in enumerate(self.layers):
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, rope, mask, cache, i, use_reentrant=False)
             else:
                 x = block(x, rope, mask, cache, i)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         return self.norm(x)
 
     def forward(self, input_ids, *, position_ids=None, attn_mask=None, cache: Optional[KVCache] = None):
@@ -251,11 +292,12 @@ class Transformer(nn.Module):
         return self.lm_head(self.hidden_states(input_ids, position_ids=position_ids, attn_mask=attn_mask, cache=cache))
 
     # ------------------------------------------------------------------ helpers
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """An empty KV cache on the model's device and dtype, for up to `max_len` tokens per sequence."""
+    def new_cache(self, batch_size: int, max_len: int, per_row: bool = False) -> KVCache:
+        """An empty KV cache on the model's device and dtype, for up to `max_len` tokens per sequence
+        (`per_row`: rows of different lengths, see KVCache)."""
         max_len = min(max_len, self.config.max_position_embeddings)
         w = self.embed.weight
-        return KVCache(self.config, batch_size, max_len, dtype=w.dtype, device=w.device)
+        return KVCache(self.config, batch_size, max_len, dtype=w.dtype, device=w.device, per_row=per_row)
 
     @property
     def output_weight(self) -> torch.Tensor:
