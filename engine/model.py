@@ -18,9 +18,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import kernels
+
 from engine.config import ModelConfig
 
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": partial(F.gelu, approximate="tanh"), "gelu": F.gelu, "relu": F.relu}
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose forward goes through `kernels.linear`: F.linear, except that batch-1 decoding
+    (a few rows, no autograd) takes a fused GEMV that reads the weight at DRAM speed when compiled."""
+
+    def forward(self, x):
+        return kernels.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -127,10 +137,10 @@ class Attention(nn.Module):
         super().__init__()
         C, nh, nkv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.nh, self.nkv, self.hd = nh, nkv, hd
-        self.q_proj = nn.Linear(C, nh * hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(C, nkv * hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(C, nkv * hd, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(nh * hd, C, bias=cfg.o_bias)
+        self.q_proj = Linear(C, nh * hd, bias=cfg.qkv_bias)
+        self.k_proj = Linear(C, nkv * hd, bias=cfg.qkv_bias)
+        self.v_proj = Linear(C, nkv * hd, bias=cfg.qkv_bias)
+        self.o_proj = Linear(nh * hd, C, bias=cfg.o_bias)
         self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
 
@@ -157,9 +167,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         C, F_ = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = nn.Linear(C, F_, bias=cfg.mlp_bias) if cfg.gated_mlp else None
-        self.up_proj = nn.Linear(C, F_, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(F_, C, bias=cfg.mlp_bias)
+        self.gate_proj = Linear(C, F_, bias=cfg.mlp_bias) if cfg.gated_mlp else None
+        self.up_proj = Linear(C, F_, bias=cfg.mlp_bias)
+        self.down_proj = Linear(F_, C, bias=cfg.mlp_bias)
         self.act = ACTIVATIONS[cfg.activation]
 
     def forward(self, x):
@@ -191,7 +201,7 @@ class Transformer(nn.Module):
         self.pos_embed = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size) if cfg.position == "learned" else None
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = make_norm(cfg, cfg.hidden_size)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.gradient_checkpointing = False  # recompute each block in backward to save activation memory
         self._rope_cache: dict = {}  # device -> (cos, sin) [max_pos, hd] in fp32; kept out of .to(dtype)

@@ -3,6 +3,7 @@
     cross_entropy(logits [N, V], targets [N])            fused loss + gradient in one pass
     linear_cross_entropy(hidden [N, d], weight [V, d], targets [N])   never builds [N, V]
     AdamW(params, ..., max_grad_norm=None)               torch.optim.AdamW-compatible, fused step
+    linear(x [..., K], weight [N, K], bias=None)         F.linear; a GEMV for decoding (<= 8 rows)
     info()                                               what was built, what runs, and why
 
 This file is the only place that imports the compiled module (kernels._C) and decides, per call,
@@ -14,19 +15,20 @@ The choice is logged once, on first use.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from pathlib import Path
 
 import torch
 
-from kernels import reference
+from kernels import gemv, reference
 from kernels.fused_adamw import FusedAdamW
 from kernels.fused_ce import DTYPE_CODES, CrossEntropyFunction, launch_rows
 from kernels.fused_linear_ce import (LinearCrossEntropyFunction, default_chunk_size,
                                      native_chunk_ce, torch_chunk_ce)
 
-__all__ = ["cross_entropy", "linear_cross_entropy", "AdamW", "info", "reference"]
+__all__ = ["cross_entropy", "linear_cross_entropy", "linear", "AdamW", "info", "reference"]
 
 logger = logging.getLogger("kernels")
 
@@ -46,7 +48,10 @@ _logged = False
 
 
 def _env_backend() -> str | None:
-    value = os.environ.get("ENGINE_KERNELS", "").strip().lower()
+    value = os.environ.get("ENGINE_KERNELS")
+    if not value:  # the common case, read on every call: keep it cheap
+        return None
+    value = value.strip().lower()
     if value not in ("", "torch", "native"):
         raise ValueError(f"ENGINE_KERNELS: expected 'torch' or 'native', got {value!r}")
     return value or None
@@ -54,13 +59,14 @@ def _env_backend() -> str | None:
 
 def info() -> dict:
     """Build/runtime facts: native (bool), reason (why not, or None), cpu_isa, openmp, threads,
-    cuda (bool), cuda_arch, env (ENGINE_KERNELS value)."""
+    cuda (bool), cuda_arch, env (ENGINE_KERNELS value), linear_max_rows (most rows of x that
+    kernels.linear runs as a native GEMV)."""
     env = _env_backend()
     reason = _EXT_ERROR or ("ENGINE_KERNELS=torch forces the PyTorch fallback" if env == "torch" else None)
     return {"native": reason is None, "reason": reason, "cpu_isa": _BUILD.get("cpu_isa"),
             "openmp": _BUILD.get("openmp"), "threads": torch.get_num_threads(),
             "cuda": bool(_BUILD.get("cuda")), "cuda_arch": _BUILD.get("cuda_arch") or None,
-            "env": env}
+            "env": env, "linear_max_rows": gemv.LINEAR_MAX_ROWS}
 
 
 def _log_once() -> None:
@@ -78,12 +84,15 @@ def _log_once() -> None:
 
 def _select(name: str, backend: str | None, problems: list[str]):
     """The compiled module if `name` should run natively on this input, else None."""
-    _log_once()
+    if not _logged:
+        _log_once()
     if backend not in _BACKENDS:
         raise ValueError(f"{name}: backend must be None, 'torch' or 'native', got {backend!r}")
     env = _env_backend()
     if backend == "torch":
         return None
+    if not problems and _ext is not None and env != "torch":  # the usual answer, fast
+        return _ext
     if backend is None and env == "native":
         backend = "native"
     reasons = ([_EXT_ERROR] if _ext is None else []) + (
@@ -212,6 +221,82 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return LinearCrossEntropyFunction.apply(
         hidden.contiguous(), weight.contiguous(), bias, targets, chunk_ce, ignore_index, reduction,
         chunk_size or default_chunk_size(n_rows, vocab))
+
+
+def _gemv_rows(x, weight, bias) -> int:
+    """Rows of x when the GEMV can compute F.linear(x, weight, bias), else -1. Runs on every
+    decoding step, so it only reads attributes; _linear_problems says why when it is -1."""
+    if not (type(x) is torch.Tensor and type(weight) is torch.Tensor):
+        return -1
+    dtype, k = x.dtype, weight.shape[-1]
+    if not (dtype in gemv.DTYPES and weight.dtype is dtype and x.is_cpu and weight.is_cpu
+            and x.dim() > 0 and weight.dim() == 2 and x.shape[-1] == k and weight.is_contiguous()):
+        return -1
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if bias is not None:
+        if not (type(bias) is torch.Tensor and bias.dtype is dtype and bias.is_cpu
+                and bias.shape == weight.shape[:1] and bias.is_contiguous()):
+            return -1
+        grad = grad or (torch.is_grad_enabled() and bias.requires_grad)
+    rows = x.numel() // k if k else math.prod(x.shape[:-1])
+    return rows if rows <= gemv.LINEAR_MAX_ROWS and not grad else -1
+
+
+def _linear_problems(x, weight, bias) -> tuple[list[str], list[str]]:
+    """Why the GEMV can't compute F.linear(x, weight, bias) (the cases _gemv_rows rejects), as
+    (unsupported, by_design). by_design are the inputs it is not meant for (autograd, more than
+    LINEAR_MAX_ROWS rows, non-CPU tensors): F.linear is the right op there, so only an explicit
+    backend="native" turns them into an error, not ENGINE_KERNELS=native."""
+    if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)
+            and (bias is None or isinstance(bias, torch.Tensor))):
+        return [f"x, weight and bias must be tensors, got {_desc(x)}, {_desc(weight)}, {_desc(bias)}"], []
+    unsupported, by_design = [], []
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if x.dtype not in gemv.DTYPES or any(t.dtype != x.dtype for t in tensors):
+        unsupported.append("x, weight and bias must all be float32 or all bfloat16, got "
+                           + ", ".join(str(t.dtype) for t in tensors))
+    if x.dim() == 0 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        unsupported.append(f"x must be [..., K] and weight [N, K], got x {list(x.shape)}, "
+                           f"weight {list(weight.shape)}")
+    elif bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        unsupported.append(f"bias must be [N]=[{weight.shape[0]}], got {list(bias.shape)}")
+    elif math.prod(x.shape[:-1]) > gemv.LINEAR_MAX_ROWS:
+        by_design.append(f"x has {math.prod(x.shape[:-1])} rows; the GEMV takes at most "
+                         f"{gemv.LINEAR_MAX_ROWS} (torch's GEMM is faster beyond)")
+    if not weight.is_contiguous():
+        unsupported.append(f"weight must be contiguous, got strides {weight.stride()}")
+    if bias is not None and not bias.is_contiguous():
+        unsupported.append(f"bias must be contiguous, got stride {bias.stride()}")
+    if any(t.device.type != "cpu" for t in tensors):
+        by_design.append("the GEMV runs on cpu only, got " + ", ".join(str(t.device) for t in tensors))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        by_design.append("an input requires grad and the GEMV has no backward "
+                         "(run decoding under torch.no_grad() or torch.inference_mode())")
+    if not unsupported and not by_design:  # never a silent fallback, even through a bug
+        unsupported.append("internal error: kernels._gemv_rows and _linear_problems disagree")
+    return unsupported, by_design
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           backend: str | None = None) -> torch.Tensor:
+    """F.linear(x [..., K], weight [N, K], bias [N] or None) -> [..., N] in x's dtype.
+
+    Decoding (at most LINEAR_MAX_ROWS rows of x, fp32 or bf16 on CPU, no autograd) runs a
+    memory-bound GEMV that streams each weight once at DRAM speed (fp32 accumulation, bf16
+    rounded once); anything else is F.linear itself (see kernels/reference.py).
+    """
+    name = "kernels.linear"
+    rows = _gemv_rows(x, weight, bias)
+    if rows >= 0:
+        ext = _select(name, backend, [])
+    else:
+        unsupported, by_design = _linear_problems(x, weight, bias)
+        if by_design and backend is None:
+            backend = "torch"  # training, prefill, GPU: F.linear by design, whatever ENGINE_KERNELS says
+        ext = _select(name, backend, unsupported + by_design)
+    if ext is None:
+        return reference.linear(x, weight, bias)
+    return gemv.launch(ext, x, weight, bias, rows)
 
 
 class AdamW(FusedAdamW):

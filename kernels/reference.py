@@ -87,6 +87,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return cross_entropy(F.linear(hidden, weight, bias), targets, ignore_index, reduction)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ weight [N, K].T (+ bias [N]) -> [..., N]: exactly F.linear, which is also what
+    kernels.linear runs whenever its GEMV can't (many rows, autograd, other dtypes or devices)."""
+    return F.linear(x, weight, bias)
+
+
 def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """Global L2 norm of all grads (fp32 0-dim tensor), computed like torch.nn.utils.clip_grad_norm_."""
     if not grads:

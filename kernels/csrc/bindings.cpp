@@ -121,6 +121,16 @@ double sumsq_entry(std::vector<int64_t> grads, std::vector<int64_t> sizes,
   return grad_sumsq_cpu(grads, sizes, dtypes, n_threads);
 }
 
+void linear_entry(int64_t x, int64_t weight, int64_t bias, int64_t out, int dtype, int64_t m,
+                  int64_t n, int64_t k, int n_threads) {
+  if (dtype != kF32 && dtype != kBF16) throw std::invalid_argument("linear: dtype must be fp32 or bf16");
+  LinearArgs a{reinterpret_cast<const void*>(x), reinterpret_cast<const void*>(weight),
+               reinterpret_cast<const void*>(bias), reinterpret_cast<void*>(out), dtype, m, n, k,
+               n_threads};
+  py::gil_scoped_release release;
+  linear_cpu(a);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -130,6 +140,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("grad_sumsq_cpu", &sumsq_entry, py::arg("grads"), py::arg("sizes"), py::arg("dtypes"),
         py::arg("n_threads"));
   m.def("adamw_cpu", &adamw_entry<adamw_cpu>, ADAMW_ARGS);
+  m.def("linear_cpu", &linear_entry, py::arg("x"), py::arg("weight"), py::arg("bias"),
+        py::arg("out"), py::arg("dtype"), py::arg("m"), py::arg("n"), py::arg("k"),
+        py::arg("n_threads"));
 #ifdef ENGINE_WITH_CUDA
   m.def("cross_entropy_cuda", &ce_entry<cross_entropy_cuda>, CE_ARGS);
   m.def("grad_sumsq_cuda", [](std::vector<int64_t> grads, std::vector<int64_t> sizes,

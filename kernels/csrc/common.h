@@ -10,7 +10,10 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define KERNELS_AVX512 1
+#elif defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
 
@@ -108,6 +111,45 @@ inline float vexp(float x) {
   float y = p * scale;
   return x < lo ? 0.0f : y;
 }
+
+#if KERNELS_AVX512
+// 16 fp32 from memory (fp32 or bf16; a bf16 is the top half of an fp32), optionally masked:
+// lanes outside the mask read as 0 and cannot fault.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+inline __m512 widen_bf16(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const bf16* p) {
+  return widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512 load16(const bf16* p, __mmask16 k) {
+  return widen_bf16(_mm256_maskz_loadu_epi16(k, p));
+}
+
+// vexp on 16 lanes, same polynomial and the same special cases (below -87: exactly 0, so
+// -inf gives 0; NaN propagates), ~2 ulp. GCC's vectorization of vexp rounds n with the
+// magic-number trick and builds 2^n with integer converts and shifts; here vrndscaleps
+// rounds and vscalefps applies 2^n in one instruction each: ~1.3x faster.
+inline __m512 vexp16(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.0f), hi = _mm512_set1_ps(88.0f);
+  // max/min return their second operand when either is NaN: x comes second so NaN survives.
+  const __m512 xc = _mm512_min_ps(hi, _mm512_max_ps(lo, x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512 y = _mm512_scalef_ps(p, n);
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ), y);  // x < -87: 0
+}
+#endif
 
 // tanh via exp of a non-positive argument, so it never overflows:
 // tanh(y) = sign(y) * (1 - e) / (1 + e), e = exp(-2|y|).

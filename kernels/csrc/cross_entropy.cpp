@@ -26,6 +26,107 @@ namespace {
 
 constexpr int64_t kBlock = 512;  // elements per block of the one-pass (online) softmax
 
+// Where a faster one-pass version exists (bf16 with AVX512-BF16 below), g[0:n] =
+// round(c * e[0:n] - shift) and true; otherwise false and the caller does it in two passes.
+template <typename T>
+inline bool store_scaled_row(T*, const float*, int64_t, float, float) { return false; }
+
+// max(z[0:n]) (-inf when n = 0); NaN entries are skipped here and propagate through the sum.
+template <typename Src>
+inline float block_max(const Src* z, int64_t n) {
+  float bm = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : bm)
+  for (int64_t j = 0; j < n; ++j) {
+    float zj = to_f32(z[j]);
+    bm = zj > bm ? zj : bm;
+  }
+  return bm;
+}
+
+// e[j] = exp(z[j] - m) for j < n (stored only when e is non-null); s += sum(e), sd += sum(z - m).
+// This is where the kernel spends its time: one exp per logit.
+template <typename Src>
+inline void exp_block(const Src* z, int64_t n, float m, float* e, float& s, float& sd) {
+  if (e) {
+#pragma omp simd reduction(+ : s, sd)
+    for (int64_t j = 0; j < n; ++j) {
+      float d = to_f32(z[j]) - m;
+      float ej = vexp(d);
+      e[j] = ej;
+      s += ej;
+      sd += d;
+    }
+  } else {
+#pragma omp simd reduction(+ : s, sd)
+    for (int64_t j = 0; j < n; ++j) {
+      float d = to_f32(z[j]) - m;
+      s += vexp(d);
+      sd += d;
+    }
+  }
+}
+
+#if KERNELS_AVX512
+// The same with vexp16 for fp32 and bf16 logits (fp16 keeps the generic loop).
+template <typename Src>
+inline void exp_block_avx512(const Src* z, int64_t n, float m, float* e, float& s, float& sd) {
+  const __m512 mv = _mm512_set1_ps(m);
+  __m512 vs = _mm512_setzero_ps(), vsd = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 d = _mm512_sub_ps(load16(z + j), mv);
+    const __m512 ej = vexp16(d);
+    if (e) _mm512_storeu_ps(e + j, ej);
+    vs = _mm512_add_ps(vs, ej);
+    vsd = _mm512_add_ps(vsd, d);
+  }
+  if (j < n) {  // masked tail: lanes past n add nothing
+    const __mmask16 k = __mmask16((1u << (n - j)) - 1u);
+    const __m512 d = _mm512_maskz_sub_ps(k, load16(z + j, k), mv);
+    const __m512 ej = _mm512_maskz_mov_ps(k, vexp16(d));
+    if (e) _mm512_mask_storeu_ps(e + j, k, ej);
+    vs = _mm512_add_ps(vs, ej);
+    vsd = _mm512_add_ps(vsd, d);
+  }
+  s += _mm512_reduce_add_ps(vs);
+  sd += _mm512_reduce_add_ps(vsd);
+}
+#if defined(__AVX512BF16__)
+// g[0:n] = bf16(c * e[0:n] - shift) in one pass (no fp32 round trip through e); true if done.
+inline bool store_scaled_row(bf16* g, const float* e, int64_t n, float c, float shift) {
+  const __m512 cv = _mm512_set1_ps(c), sv = _mm512_set1_ps(shift);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(g + j), reinterpret_cast<__m256i>(
+        _mm512_cvtneps_pbh(_mm512_fmsub_ps(cv, _mm512_loadu_ps(e + j), sv))));
+  for (; j < n; ++j) store(g + j, c * e[j] - shift);
+  return true;
+}
+#endif
+
+template <typename Src>
+inline float block_max_avx512(const Src* z, int64_t n) {
+  // vmaxps returns its second operand if either is NaN: like `zj > bm ? zj : bm`.
+  __m512 bm = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) bm = _mm512_max_ps(load16(z + j), bm);
+  if (j < n) bm = _mm512_mask_max_ps(bm, __mmask16((1u << (n - j)) - 1u), load16(z + j), bm);
+  return _mm512_reduce_max_ps(bm);
+}
+template <>
+inline float block_max<float>(const float* z, int64_t n) { return block_max_avx512(z, n); }
+template <>
+inline float block_max<bf16>(const bf16* z, int64_t n) { return block_max_avx512(z, n); }
+template <>
+inline void exp_block<float>(const float* z, int64_t n, float m, float* e, float& s, float& sd) {
+  exp_block_avx512(z, n, m, e, s, sd);
+}
+template <>
+inline void exp_block<bf16>(const bf16* z, int64_t n, float m, float* e, float& s, float& sd) {
+  exp_block_avx512(z, n, m, e, s, sd);
+}
+#endif
+
 // z = logits after the optional softcap (a fp32 scratch row when capped, else the input row).
 // Pass A, one sweep over z in blocks that fit L1: block max, then e = exp(z - m_run) stored
 // and summed, where m_run is the running max (the running sum is rescaled when it grows).
@@ -42,12 +143,7 @@ void row_loss_and_grad(const CrossEntropyArgs& a, int64_t i, const Src* z, const
   float m = ninf, sum = 0.f, sum_d = 0.f;
   for (int64_t b0 = 0, blk = 0; b0 < V; b0 += kBlock, ++blk) {
     const int64_t n = std::min(kBlock, V - b0);
-    float bm = ninf;
-#pragma omp simd reduction(max : bm)
-    for (int64_t j = b0; j < b0 + n; ++j) {
-      float zj = to_f32(z[j]);
-      bm = zj > bm ? zj : bm;
-    }
+    const float bm = block_max(z + b0, n);
     if (bm > m) {  // the running max grows: rescale what was summed so far
       if (m != ninf) {
         sum *= vexp(m - bm);
@@ -61,22 +157,8 @@ void row_loss_and_grad(const CrossEntropyArgs& a, int64_t i, const Src* z, const
       if (g)
         for (int64_t j = b0; j < b0 + n; ++j) e[j] = 0.f;
       sd = ninf;
-    } else if (g) {
-#pragma omp simd reduction(+ : s, sd)
-      for (int64_t j = b0; j < b0 + n; ++j) {
-        float d = to_f32(z[j]) - m;
-        float ej = vexp(d);
-        e[j] = ej;
-        s += ej;
-        sd += d;
-      }
     } else {
-#pragma omp simd reduction(+ : s, sd)
-      for (int64_t j = b0; j < b0 + n; ++j) {
-        float d = to_f32(z[j]) - m;
-        s += vexp(d);
-        sd += d;
-      }
+      exp_block(z + b0, n, m, g ? e + b0 : nullptr, s, sd);
     }
     sum += s;
     sum_d += sd;
@@ -100,10 +182,17 @@ void row_loss_and_grad(const CrossEntropyArgs& a, int64_t i, const Src* z, const
       // Low-precision grads: finish the block in the fp32 scratch, then round it in one go.
       float* eb = e + b0;
       const float* cb = capped ? capped + b0 : nullptr;
+      if (cb) {
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        float u = cb ? cb[j] * inv_cap : 0.f;
-        eb[j] = (c * eb[j] - shift) * (1.f - u * u);
+        for (int64_t j = 0; j < n; ++j) {
+          float u = cb[j] * inv_cap;
+          eb[j] = (c * eb[j] - shift) * (1.f - u * u);
+        }
+      } else if (store_scaled_row(g + b0, eb, n, c, shift)) {
+        continue;  // bf16: scaled and rounded in one pass
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) eb[j] = c * eb[j] - shift;
       }
       store_row(g + b0, eb, n);
     } else if (capped) {

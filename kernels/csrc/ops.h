@@ -43,7 +43,20 @@ struct AdamWArgs {
   int64_t stream;
 };
 
+// out [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N]), all contiguous and of one dtype
+// (fp32 or bf16; bias nullable); fp32 accumulation. Meant for small M (decoding).
+struct LinearArgs {
+  const void* x;
+  const void* weight;
+  const void* bias;  // nullable
+  void* out;
+  int dtype;  // DType code: kF32 or kBF16
+  int64_t m, n, k;
+  int n_threads;
+};
+
 void cross_entropy_cpu(const CrossEntropyArgs& a);
+void linear_cpu(const LinearArgs& a);
 double grad_sumsq_cpu(const std::vector<int64_t>& grads, const std::vector<int64_t>& sizes,
                       const std::vector<int>& dtypes, int n_threads);
 void adamw_cpu(const AdamWArgs& a);

@@ -52,6 +52,8 @@ kernels.cross_entropy(x, t).backward()
 torch.testing.assert_close(x.grad, torch.func.grad(lambda z: torch.nn.functional.cross_entropy(z, t))(x))
 w = torch.randn(11, 4, requires_grad=True)
 kernels.linear_cross_entropy(torch.randn(6, 4), w, t).backward()
+with torch.no_grad():
+    torch.testing.assert_close(kernels.linear(x[:1], w.T.contiguous()), x[:1] @ w)
 opt = kernels.AdamW([w], max_grad_norm=1.0)
 opt.step()
 try:
