@@ -195,10 +195,12 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          bias: torch.Tensor | None = None, ignore_index: int = -100,
                          reduction: str = "mean", chunk_size: int | None = None,
-                         backend: str | None = None) -> torch.Tensor:
+                         backend: str | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Cross-entropy of hidden [N, d] @ weight [V, d].T (+ bias [V]) vs targets [N], computed in
     token chunks (default: ~32M logits per chunk) so [N, V] never exists. Both backends chunk;
-    they differ in the per-chunk loss/gradient (compiled kernel vs kernels/reference.py)."""
+    they differ in the per-chunk loss/gradient (compiled kernel vs kernels/reference.py).
+    The loss is accumulated in fp32 and returned in `out_dtype` (default: hidden's dtype, like
+    F.cross_entropy); a bf16 training loop asks for float32 so a summed loss keeps its digits."""
     name = "kernels.linear_cross_entropy"
     if not (isinstance(hidden, torch.Tensor) and hidden.dim() == 2 and hidden.is_floating_point()):
         raise ValueError(f"{name}: hidden must be a floating tensor [N, d], got {_desc(hidden)}")
@@ -220,7 +222,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                 else torch_chunk_ce(ignore_index))
     return LinearCrossEntropyFunction.apply(
         hidden.contiguous(), weight.contiguous(), bias, targets, chunk_ce, ignore_index, reduction,
-        chunk_size or default_chunk_size(n_rows, vocab))
+        chunk_size or default_chunk_size(n_rows, vocab), out_dtype or hidden.dtype)
 
 
 def _gemv_rows(x, weight, bias) -> int:

@@ -68,7 +68,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """loss of (hidden @ weight.T + bias) against targets; see kernels.linear_cross_entropy."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_ce, ignore_index, reduction, chunk_size):
+    def forward(ctx, hidden, weight, bias, targets, chunk_ce, ignore_index, reduction, chunk_size, out_dtype):
         need = tuple(ctx.needs_input_grad[:3])
         if bias is None:
             need = (need[0], need[1], False)
@@ -84,11 +84,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if reduction == "none" and any(need):
             ctx.save_for_backward(hidden, weight, bias, targets)
         if reduction == "none":
-            return loss_rows.to(hidden.dtype)
+            return loss_rows.to(out_dtype)
         total = loss_rows.sum()
         if reduction == "mean":
             total = total / n_valid  # all rows ignored -> NaN, as torch
-        return total.to(hidden.dtype)
+        return total.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -106,7 +106,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if not is_one(grad_output):
                 grads = tuple(g.mul_(grad_output.to(g.dtype)) if g is not None else None
                               for g in grads)
-        return grads[0], grads[1], grads[2], None, None, None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None, None, None
 
 
 def native_chunk_ce(ext, ignore_index: int, launch) -> ChunkCE:

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import kernels
+import torch.nn.functional as F
 from kernels import reference
 
 from .conftest import assert_close, needs_cuda, needs_native
@@ -118,3 +119,22 @@ def test_cuda_matches_float64_reference(dtype):
     got = run(kernels.linear_cross_entropy, *inputs, grad_out, reduction="none", chunk_size=32, backend="native")
     want = expected(*inputs, grad_out, reduction="none")
     check([got[0].cpu(), [g.cpu() for g in got[1]]], [want[0].cpu(), [g.cpu() for g in want[1]]], dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_bf16_inputs_can_return_an_fp32_loss_with_the_same_gradients(backend):
+    if backend == "native" and not kernels.info()["native"]:
+        pytest.skip("native kernels not built")
+    torch.manual_seed(0)
+    h = torch.randn(300, 48, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(517, 48, dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randint(0, 517, (300,))
+    loss32 = kernels.linear_cross_entropy(h, w, t, reduction="sum", backend=backend, out_dtype=torch.float32)
+    assert loss32.dtype == torch.float32
+    ref = F.cross_entropy((h.double() @ w.double().T), t, reduction="sum")
+    assert float(loss32) == pytest.approx(float(ref), rel=1e-3)  # bf16 would keep ~3 digits of a sum this size
+    loss32.backward()
+    g32 = (h.grad.clone(), w.grad.clone())
+    h.grad = w.grad = None
+    kernels.linear_cross_entropy(h, w, t, reduction="sum", backend=backend).backward()
+    assert torch.equal(g32[0], h.grad) and torch.equal(g32[1], w.grad)
