@@ -26,10 +26,10 @@ def parse_args(argv=None):
 
 
 def print_sample(model_dir, prompt: str, max_new_tokens: int) -> None:
-    from engine.model import Transformer
+    from engine.lora import load_with_adapter
 
     tokenizer = Tokenizer.from_pretrained(model_dir)
-    model = Transformer.from_pretrained(model_dir)
+    model = load_with_adapter(model_dir)  # a LoRA run's final/ is an adapter: its base comes with it
     ids = tokenizer.encode(prompt) or [tokenizer.eos_token_id]
     out = generate(model, torch.tensor([ids]), max_new_tokens, temperature=0.8, top_k=50, seed=0,
                    eos_token_id=tokenizer.eos_token_id)
@@ -55,7 +55,11 @@ def main(argv=None) -> None:
             print(f"interrupted: checkpoint saved in {result.out_dir / 'checkpoints'}; resume with "
                   f"--set resume=auto", file=sys.stderr)
             sys.exit(130)
-        print(f"model: {result.final_dir}  (python -m cli.generate --model {result.final_dir} --prompt ...)")
+        if cfg.lora is not None:
+            print(f"adapter: {result.final_dir}  (PEFT layout; merge into a standalone model with python -m "
+                  f"cli.export --checkpoint {result.final_dir} --out DIR)")
+        else:
+            print(f"model: {result.final_dir}  (python -m cli.generate --model {result.final_dir} --prompt ...)")
         if cfg.train.sample_prompt:
             print_sample(result.final_dir, cfg.train.sample_prompt, cfg.train.sample_tokens)
 

@@ -8,8 +8,11 @@ import torch
 
 from engine.bpe import train_bpe
 from engine.config import ConfigError, ModelConfig, RunConfig
-from engine.data import PreparedData, expand_paths, prepare
+from engine.data import expand_paths, prepare
+from engine.lora import DTYPES as LORA_DTYPES
+from engine.lora import apply_lora, check_lora_supported
 from engine.model import Transformer
+from engine.sft import prepare_sft
 from engine.tokenizer import Tokenizer
 from engine.weights import read_config, resolve_model_dir
 
@@ -37,6 +40,8 @@ def check_run_config(cfg: RunConfig) -> ModelConfig:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds the model's max_position_embeddings "
                           f"{model_cfg.max_position_embeddings}")
     resolve_device(cfg.train.device)
+    if cfg.lora is not None:
+        check_lora_supported(model_cfg, cfg.lora)
     return model_cfg
 
 
@@ -57,9 +62,13 @@ def build_tokenizer(cfg: RunConfig, progress: bool = True) -> tuple[Tokenizer, P
 
 
 def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> Transformer:
-    """Load the pretrained model in fp32 (master weights), or build the configured architecture from scratch."""
+    """Load the pretrained model in fp32 (master weights), or build the configured architecture from scratch.
+
+    With `lora`, the base is loaded in lora.base_dtype, frozen, and adapters (fp32) are added to its target layers.
+    """
     if cfg.model.from_pretrained is not None:
-        model = Transformer.from_pretrained(cfg.model.from_pretrained, dtype=torch.float32)
+        dtype = LORA_DTYPES[cfg.lora.base_dtype] if cfg.lora is not None else torch.float32
+        model = Transformer.from_pretrained(cfg.model.from_pretrained, dtype=dtype)
         if len(tokenizer) > model.config.vocab_size:
             raise ConfigError(f"model.tokenizer: {len(tokenizer)} tokens do not fit the model's vocab_size "
                               f"{model.config.vocab_size}")
@@ -71,9 +80,14 @@ def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> Transformer:
             raise ConfigError(f"model.architecture.vocab_size: {arch['vocab_size']} is smaller than the "
                               f"tokenizer's {len(tokenizer)} tokens")
         model = Transformer(ModelConfig.from_dict(arch, where="model.architecture"))
+    if cfg.lora is not None:
+        apply_lora(model, cfg.lora, base_name=str(resolve_model_dir(cfg.model.from_pretrained).resolve()))
     model.gradient_checkpointing = cfg.train.activation_checkpointing
     return model
 
 
-def build_data(cfg: RunConfig, tokenizer: Tokenizer, tokenizer_dir: Path, progress: bool = True) -> PreparedData:
+def build_data(cfg: RunConfig, tokenizer: Tokenizer, tokenizer_dir: Path, progress: bool = True):
+    """PreparedData (token windows) for data.format "text"; SFTData (packed examples) for "sft"."""
+    if cfg.data.format == "sft":
+        return prepare_sft(cfg.data, tokenizer, seed=cfg.train.seed)
     return prepare(cfg.data, tokenizer, tokenizer_dir, progress=progress)

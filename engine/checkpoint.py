@@ -2,6 +2,7 @@
 
 <out_dir>/checkpoints/step_000100/
     config.json, model*.safetensors   HF layout: loads with Transformer.from_pretrained and transformers
+      (LoRA runs: adapter_config.json + adapter_model.safetensors instead, PEFT layout; the base is frozen)
     tokenizer.json, tokenizer_config.json
     optimizer.pt                      optimizer state (tensors only; read with weights_only=True)
     trainer.pt                        GradScaler state and RNG states (python, numpy, torch, cuda)
@@ -21,6 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from engine.lora import is_lora, load_adapter_weights, save_adapter
 from engine.weights import load_weights, weight_files
 
 PREFIX = "step_"
@@ -61,7 +63,10 @@ def save_checkpoint(out_dir, step: int, model, tokenizer, optimizer, scaler, tra
     tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        model.save_pretrained(tmp)
+        if is_lora(model):
+            save_adapter(model, tmp)
+        else:
+            model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -103,7 +108,10 @@ def find_resume(out_dir, resume: Optional[str]) -> Optional[Path]:
 def load_checkpoint(path, model, optimizer, scaler) -> dict:
     """Restore weights, optimizer, scaler and RNG states in place; return the trainer state dict."""
     path = Path(path)
-    load_weights(model, weight_files(path))
+    if is_lora(model):
+        load_adapter_weights(model, path)
+    else:
+        load_weights(model, weight_files(path))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     extra = torch.load(path / "trainer.pt", weights_only=True)
     if scaler is not None and extra["scaler"] is not None:

@@ -134,6 +134,23 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class SFTConfig:
+    """How instruction data (`data.format: "sft"`) becomes training rows (`data.sft.*`); see engine/sft.py."""
+
+    loss_on: Literal["completion", "all"] = "completion"  # completion/assistant tokens only, or every token
+    packing: bool = True  # several examples per row (per-document attention, positions reset); else one per row
+    truncation: Literal["drop", "truncate"] = "drop"  # an example longer than seq_len + 1: skip it, or keep its head
+    template: Literal["auto", "chat", "plain"] = "auto"  # chat template, or prompt + completion + EOS; auto: chat if any
+
+    def __post_init__(self):
+        choices = {"loss_on": ("completion", "all"), "truncation": ("drop", "truncate"),
+                   "template": ("auto", "chat", "plain")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"data.sft.{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where the corpus is and how it is cut into training windows (`data.*` in a run config)."""
 
@@ -143,8 +160,17 @@ class DataConfig:
     seq_len: int = 512  # tokens per training window (targets are the window shifted by one)
     text_field: str = "text"  # the key read from each .jsonl line
     processed_dir: str = "data/processed"  # tokenized corpora are cached under <processed_dir>/<hash>/
+    # "text": raw documents packed into windows; "sft": .jsonl of {"prompt", "completion"} or {"messages"}
+    format: Literal["text", "sft"] = "text"
+    sft: Optional[SFTConfig] = None  # SFT options (defaults when omitted); only with format "sft"
 
     def __post_init__(self):
+        if self.format not in ("text", "sft"):
+            raise ConfigError(f"data.format: expected one of ('text', 'sft'), got {self.format!r}")
+        if self.sft is not None and self.format != "sft":
+            raise ConfigError('data.sft: SFT options need data.format: "sft"')
+        if self.format == "sft" and self.sft is None:
+            object.__setattr__(self, "sft", SFTConfig())
         for name in ("train", "val"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -236,6 +262,45 @@ class TrainConfig:
             raise ConfigError(f"train.eps: expected a positive number, got {self.eps}")
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on frozen base weights (`lora.*`): W x + (alpha / r) * B A x, PEFT-compatible on disk."""
+
+    r: int = 8
+    alpha: float = 16.0  # scale = alpha / r (PEFT's lora_alpha)
+    dropout: float = 0.0  # on the adapter's input only
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # module names; "all-linear" = every one
+    base_dtype: Literal["fp32", "bf16"] = "fp32"  # frozen base weights; bf16 halves their memory
+    rslora: bool = False  # scale = alpha / sqrt(r) (PEFT's use_rslora)
+
+    def __post_init__(self):
+        _check_int("lora.r", self.r, minimum=1)
+        if not self.alpha > 0:
+            raise ConfigError(f"lora.alpha: expected a positive number, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout: expected a number in [0, 1), got {self.dropout}")
+        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        if targets == ("all-linear",):
+            targets = LORA_TARGETS
+        for t in targets:
+            if t not in LORA_TARGETS:
+                hint = difflib.get_close_matches(str(t), LORA_TARGETS, n=1)
+                raise ConfigError(f"lora.targets: unknown module {t!r}" + (f" (did you mean '{hint[0]}'?)" if hint
+                                  else f"; expected 'all-linear' or some of {', '.join(LORA_TARGETS)}"))
+        if not targets:
+            raise ConfigError("lora.targets: expected at least one module name")
+        object.__setattr__(self, "targets", tuple(dict.fromkeys(targets)))
+        if self.base_dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"lora.base_dtype: expected one of ('fp32', 'bf16'), got {self.base_dtype!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (self.r ** 0.5 if self.rslora else self.r)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """A whole training run, as read from one JSON file."""
@@ -245,6 +310,11 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     out_dir: str = "runs/default"
     resume: Optional[str] = None  # null: start fresh; "auto": latest checkpoint in out_dir; or a checkpoint dir
+    lora: Optional[LoraConfig] = None  # null: full fine-tuning; else train adapters only (needs from_pretrained)
+
+    def __post_init__(self):
+        if self.lora is not None and self.model.from_pretrained is None:
+            raise ConfigError("lora: LoRA adapts a pretrained model; set model.from_pretrained")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -281,6 +351,8 @@ def _coerce(tp, value, where: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        if len(options := [a for a in args if a is not type(None)]) == 1:  # Optional[X]: X's error, key path intact
+            return _coerce(options[0], value, where)
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:

@@ -21,6 +21,7 @@ import kernels
 from engine.build import build_data, build_model, build_tokenizer, check_run_config, resolve_device
 from engine.checkpoint import find_resume, load_checkpoint, prune_checkpoints, save_checkpoint
 from engine.config import RunConfig, TrainConfig
+from engine.lora import is_lora, save_adapter, trainable_summary
 
 logger = logging.getLogger("engine.train")
 IGNORE_INDEX = -100
@@ -59,28 +60,33 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=AMP_DTYPES[precision])
 
 
-def token_loss_sum(model, inputs, targets, precision: str = "fp32", hidden_fn=None) -> torch.Tensor:
-    """Summed cross-entropy over the non-ignored targets [B, T]; the LM head is fused into the loss."""
-    h = (hidden_fn or model.hidden_states)(inputs)  # (B, T, C)
+def token_loss_sum(model, inputs, targets, precision: str = "fp32", hidden_fn=None, position_ids=None,
+                   attn_mask=None) -> torch.Tensor:
+    """Summed cross-entropy over the non-ignored targets [B, T]; the LM head is fused into the loss.
+
+    position_ids [B, T] and attn_mask [B, 1, T, T] (bool) come with packed SFT rows (engine.sft).
+    """
+    h = (hidden_fn or model.hidden_states)(inputs, position_ids=position_ids, attn_mask=attn_mask)  # (B, T, C)
     w = model.output_weight
     if precision != "fp32":  # what autocast would do to the head matmul, done explicitly for the fused op
         h, w = h.to(AMP_DTYPES[precision]), w.to(AMP_DTYPES[precision])
     return kernels.linear_cross_entropy(h.reshape(-1, h.shape[-1]), w, targets.reshape(-1),
-                                        ignore_index=IGNORE_INDEX, reduction="sum").float()
+                                        ignore_index=IGNORE_INDEX, reduction="sum", out_dtype=torch.float32)
 
 
 def train_step(model, optimizer, micro_batches, *, device, precision="fp32", scaler=None, hidden_fn=None) -> dict:
-    """One optimizer step over `micro_batches` [(inputs, targets)], normalized by the window's target tokens.
+    """One optimizer step over `micro_batches` [(inputs, targets[, position_ids, attn_mask])], normalized by the
+    window's target tokens.
 
     Dividing every micro-batch's summed loss by the tokens of the *whole* window makes k micro-batches
     of b sequences give the same gradient as one batch of k*b, even when ignore_index counts differ.
     """
-    n_tokens = sum(int((y != IGNORE_INDEX).sum()) for _, y in micro_batches)
+    n_tokens = sum(int((mb[1] != IGNORE_INDEX).sum()) for mb in micro_batches)
     total = 0.0
-    for x, y in micro_batches:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    for x, y, *packed in micro_batches:
+        x, y, packed = x.to(device, non_blocking=True), y.to(device, non_blocking=True), _packing(packed, device)
         with autocast(device, precision):
-            loss = token_loss_sum(model, x, y, precision, hidden_fn) / max(n_tokens, 1)
+            loss = token_loss_sum(model, x, y, precision, hidden_fn, **packed) / max(n_tokens, 1)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         total += float(loss.detach())
     if scaler is not None:  # fp16: unscale before the optimizer clips and steps; skip steps with inf/NaN
@@ -94,16 +100,21 @@ def train_step(model, optimizer, micro_batches, *, device, precision="fp32", sca
     return {"loss": total, "tokens": n_tokens, "grad_norm": None if grad_norm is None else float(grad_norm)}
 
 
+def _packing(extra, device) -> dict:
+    """(position_ids, attn_mask) of a packed batch as token_loss_sum kwargs; {} for plain windows."""
+    return dict(zip(("position_ids", "attn_mask"), (t.to(device, non_blocking=True) for t in extra)))
+
+
 @torch.no_grad()
 def evaluate(model, windows, *, batch_size: int, max_batches: int, device, precision="fp32") -> float:
     """Mean per-token validation loss over the first `max_batches` val batches (deterministic)."""
     was_training = model.training
     model.eval()
     loss_sum, n = 0.0, 0
-    for x, y in windows.eval_batches(batch_size, max_batches):
+    for x, y, *packed in windows.eval_batches(batch_size, max_batches):
         x, y = x.to(device), y.to(device)
         with autocast(device, precision):
-            loss_sum += float(token_loss_sum(model, x, y, precision))
+            loss_sum += float(token_loss_sum(model, x, y, precision, **_packing(packed, device)))
         n += int((y != IGNORE_INDEX).sum())
     model.train(was_training)
     return loss_sum / max(n, 1)
@@ -136,8 +147,11 @@ def train(cfg: RunConfig, *, progress: bool = True, on_step: Optional[Callable[[
     tokenizer, tokenizer_dir = build_tokenizer(cfg, progress)
     model = build_model(cfg, tokenizer).to(device)
     data = build_data(cfg, tokenizer, tokenizer_dir, progress)
-    train_windows = data.windows("train", cfg.data.seq_len, seed=t.seed)
-    val_windows = data.windows("val", cfg.data.seq_len) if data.meta["val_tokens"] > cfg.data.seq_len else None
+    if cfg.data.format == "sft":  # packed examples, sampled like windows
+        train_windows, val_windows = data.train, data.val
+    else:
+        train_windows = data.windows("train", cfg.data.seq_len, seed=t.seed)
+        val_windows = data.windows("val", cfg.data.seq_len) if data.meta["val_tokens"] > cfg.data.seq_len else None
     optimizer = make_optimizer(model, t)
     scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
     hidden_fn = torch.compile(model.hidden_states) if t.compile else None
@@ -155,6 +169,10 @@ def train(cfg: RunConfig, *, progress: bool = True, on_step: Optional[Callable[[
     result = RunResult(out_dir, state["step"], state["tokens_seen"])
     logger.info("model: %.2fM params on %s, %s, %d tokens per step", model.config.num_params / 1e6, device,
                 t.precision, tokens_per_step)
+    if is_lora(model):
+        lora = cfg.lora
+        logger.info("lora: r=%d alpha=%g on %s, base %s: %s", lora.r, lora.alpha, ",".join(lora.targets),
+                    lora.base_dtype, trainable_summary(model))
 
     def checkpoint():
         trainer_state = {**state, "sampler": {"seed": t.seed, "next_step": state["step"]},
@@ -202,7 +220,10 @@ def train(cfg: RunConfig, *, progress: bool = True, on_step: Optional[Callable[[
     result.step, result.tokens_seen, result.val_loss = state["step"], state["tokens_seen"], state["val_loss"]
     if not result.interrupted:
         result.final_dir = out_dir / "final"
-        model.save_pretrained(result.final_dir)
+        if is_lora(model):  # the adapter alone (PEFT layout); cli.export merges it into the base
+            save_adapter(model, result.final_dir)
+        else:
+            model.save_pretrained(result.final_dir)
         tokenizer.save_pretrained(result.final_dir)
     logger.info("checkpoint: %s", last)
     return result

@@ -1,0 +1,85 @@
+"""OpenAI request bodies (the subset we serve) and OpenAI-shaped errors.
+
+Unknown fields are rejected rather than ignored, so a client asking for something we do not do
+(`logprobs`, `tools`, `n=2`, ...) gets a 400 naming it instead of a silently different answer.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_STOP = 4  # as the OpenAI API
+
+
+class APIError(Exception):
+    """An error the client caused (or must know about), answered as OpenAI's {"error": {...}} JSON."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """Parameters shared by /v1/completions and /v1/chat/completions."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, ge=0.0, le=1.0)
+    n: int = 1
+    stop: Union[str, list[str], None] = Field(None, validate_default=True)  # -> a list of 0..4 strings
+    seed: Optional[int] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None  # accepted and ignored, as an end-user id for abuse tracking is
+
+    @field_validator("n")
+    @classmethod
+    def _only_one_choice(cls, n):
+        if n != 1:
+            raise ValueError(f"only n=1 is supported, got {n}")
+        return n
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, stop):
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences, got {len(stops)}")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must be non-empty strings")
+        return stops
+
+
+class CompletionRequest(_Sampling):
+    # A string, a list of token ids, or a batch of one of either (the batch form is what some clients send).
+    prompt: Union[str, list[int], list[str], list[list[int]]]
+    max_tokens: Optional[int] = Field(16, ge=1)  # OpenAI's default for completions
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # templates may read more keys (name, tool_calls, ...)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[ContentPart], None] = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name of max_tokens

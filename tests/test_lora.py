@@ -1,0 +1,177 @@
+"""LoRA: PEFT-compatible adapters both ways, merging, frozen base, bf16 base, exact resume, clear errors."""
+import dataclasses
+import json
+import re
+
+import pytest
+import torch
+
+from engine import Transformer
+from engine.config import ConfigError, LoraConfig, TrainConfig
+from engine.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRALinear, apply_lora, load_with_adapter, lora_modules,
+                         merge_lora, save_adapter)
+from engine.train import make_optimizer, train, train_step
+from engine.weights import WeightsError
+from tests.finetune_fixtures import lora_run_config, pretrained_dir
+
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _randomize_adapters(model, seed=0):
+    """B starts at zero (a no-op adapter), which would hide a wrong name or scale: make both factors random."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
+def test_peft_loads_our_adapter_and_gives_the_same_logits(hf_checkpoint, tmp_path, family):
+    import peft
+
+    directory, hf = hf_checkpoint(family)
+    ours = Transformer.from_pretrained(directory)
+    apply_lora(ours, LoraConfig(r=4, alpha=8, targets=ALL if family != "gemma" else ("q_proj", "down_proj")),
+               str(directory))
+    _randomize_adapters(ours)
+    save_adapter(ours, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())
+    assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == str(directory)
+    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(ids), peft_model(ids).logits, rtol=1e-4, atol=1e-4)
+        peft_model.unload()  # restore the session-cached HF model for other tests
+
+
+def test_we_load_a_peft_saved_adapter_and_give_the_same_logits(tmp_path):
+    import peft
+
+    from tests.hf_models import make_hf_model
+
+    hf = make_hf_model("qwen2")
+    hf.save_pretrained(tmp_path / "base")
+    peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj",
+                                                                                              "down_proj"],
+                                                         use_rslora=True, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ours = load_with_adapter(tmp_path / "base", tmp_path / "adapter")
+    assert sorted({n.rsplit(".", 1)[1] for n in lora_modules(ours)}) == ["down_proj", "q_proj", "v_proj"]
+    ids = torch.randint(0, 211, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), peft_model.eval()(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_merged_model_equals_base_plus_adapter(hf_checkpoint):
+    directory, _ = hf_checkpoint("llama")
+    model = Transformer.from_pretrained(directory)
+    apply_lora(model, LoraConfig(r=2, alpha=4, targets=ALL))
+    _randomize_adapters(model)
+    ids = torch.randint(0, 211, (1, 9))
+    with torch.no_grad():
+        expected = model(ids)
+        merge_lora(model)
+        assert not lora_modules(model) and not any(isinstance(m, LoRALinear) for m in model.modules())
+        assert type(model.layers[0].attn.q_proj) is type(model.lm_head)  # the model's own Linear class again
+        torch.testing.assert_close(model(ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_only_adapters_train_and_the_base_stays_bitwise_unchanged(hf_checkpoint):
+    directory, _ = hf_checkpoint("llama")
+    model = Transformer.from_pretrained(directory).train()
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    apply_lora(model, LoraConfig(r=4, alpha=8, targets=ALL))
+    opt = make_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.0))
+    trained = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert trained == {id(p) for n, p in model.named_parameters() if ".lora_" in n}
+    x = torch.randint(0, 211, (4, 16))
+    losses = [train_step(model, opt, [(x, torch.roll(x, -1, 1))], device=torch.device("cpu"))["loss"]
+              for _ in range(15)]
+    assert losses[-1] < losses[0] - 0.5
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[n], p) for n, p in base.items())
+
+
+def test_bf16_base_with_fp32_adapters_trains(hf_checkpoint):
+    directory, _ = hf_checkpoint("llama")
+    model = Transformer.from_pretrained(directory, dtype=torch.bfloat16).train()
+    apply_lora(model, LoraConfig(r=4, alpha=8, targets=ALL, base_dtype="bf16"))
+    assert {p.dtype for n, p in model.named_parameters() if ".lora_" not in n} == {torch.bfloat16}
+    assert {p.dtype for n, p in model.named_parameters() if ".lora_" in n} == {torch.float32}
+    opt = make_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.0))
+    x = torch.randint(0, 211, (4, 16))
+    losses = [train_step(model, opt, [(x, torch.roll(x, -1, 1))], device=torch.device("cpu"), precision="bf16")["loss"]
+              for _ in range(15)]
+    assert losses[-1] < losses[0] - 0.5
+
+
+def test_lora_checkpoint_holds_only_the_adapter_and_resume_is_bitwise_exact(tmp_path):
+    model_dir = pretrained_dir(tmp_path / "base")
+    straight = train(lora_run_config(tmp_path / "a", model_dir, max_steps=8, grad_accum=2,
+                                     lora={"dropout": 0.1}), progress=False)
+    ckpt = straight.out_dir / "checkpoints" / "step_000008"
+    assert (ckpt / ADAPTER_WEIGHTS).is_file() and not (ckpt / "model.safetensors").exists()
+    assert (straight.final_dir / ADAPTER_CONFIG).is_file() and (straight.final_dir / "tokenizer.json").is_file()
+    cfg = lora_run_config(tmp_path / "b", model_dir, max_steps=8, grad_accum=2, lora={"dropout": 0.1})
+
+    def interrupt(row):
+        if row["step"] == 5:
+            raise KeyboardInterrupt
+
+    first = train(cfg, progress=False, on_step=interrupt)
+    resumed = train(dataclasses.replace(cfg, resume="auto"), progress=False)
+    assert straight.losses == first.losses + resumed.losses  # dropout RNG included
+    a, b = (load_with_adapter(d) for d in (straight.final_dir, resumed.final_dir))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_gpt2_fused_attention_is_rejected_with_a_clear_error(hf_checkpoint):
+    directory, _ = hf_checkpoint("gpt2")
+    with pytest.raises(ConfigError, match="GPT-2's fused c_attn"):
+        apply_lora(Transformer.from_pretrained(directory), LoraConfig())
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c.update(use_dora=True), "use_dora=True is not supported"),
+    (lambda c: c.update(peft_type="IA3"), "peft_type 'IA3' is not supported"),
+    (lambda c: c.pop("r"), "cannot read the LoRA settings"),
+])
+def test_unsupported_adapter_configs_name_the_key(hf_checkpoint, tmp_path, edit, message):
+    directory, _ = hf_checkpoint("llama")
+    model = Transformer.from_pretrained(directory)
+    apply_lora(model, LoraConfig(r=2, alpha=2))
+    save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
+    edit(config)
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match=message):
+        load_with_adapter(directory, tmp_path)
+
+
+def test_adapter_of_another_shape_is_rejected(hf_checkpoint, tmp_path):
+    directory, _ = hf_checkpoint("llama")
+    model = Transformer.from_pretrained(directory)
+    apply_lora(model, LoraConfig(r=2, alpha=2))
+    save_adapter(model, tmp_path)
+    other, _ = hf_checkpoint("llama", hidden_size=32, intermediate_size=48)
+    with pytest.raises(WeightsError, match="has shape"):
+        load_with_adapter(other, tmp_path)
+
+
+def test_lora_config_errors_name_the_key():
+    from engine.config import RunConfig, from_dict
+
+    base = {"model": {"from_pretrained": "x"}, "data": {"train": "a"}}
+    for lora, message in [({"rr": 4}, "lora.rr: unknown key (did you mean 'lora.r'?)"),
+                          ({"targets": ["q_prj"]}, "lora.targets: unknown module 'q_prj' (did you mean 'q_proj'?)"),
+                          ({"r": 0}, "lora.r: expected an integer >= 1, got 0"),
+                          ({"base_dtype": "int8"}, "lora.base_dtype: expected one of 'fp32', 'bf16'")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            from_dict(RunConfig, {**base, "lora": lora}, where="")
+    with pytest.raises(ConfigError, match="lora: LoRA adapts a pretrained model"):
+        from_dict(RunConfig, {"model": {"architecture": {}, "bpe_vocab_size": 300}, "data": {"train": "a"},
+                              "lora": {}}, where="")
