@@ -68,7 +68,7 @@ def run_one(name: str) -> dict:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[base_dtype]
     model = build(model_name, dtype)
     if method == "lora":
-        apply_lora(model, LoraConfig(r=16, alpha=32, targets="all-linear", base_dtype=base_dtype))
+        apply_lora(model, LoraConfig(rank=16, alpha=32, targets="all-linear", base_dtype=base_dtype))
     model.gradient_checkpointing = ckpt
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -269,7 +269,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class LoraConfig:
     """Low-rank adapters on frozen base weights (`lora.*`): W x + (alpha / r) * B A x, PEFT-compatible on disk."""
 
-    r: int = 8
+    rank: int = 8
     alpha: float = 16.0  # scale = alpha / r (PEFT's lora_alpha)
     dropout: float = 0.0  # on the adapter's input only
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # module names; "all-linear" = every one
@@ -277,7 +277,7 @@ class LoraConfig:
     rslora: bool = False  # scale = alpha / sqrt(r) (PEFT's use_rslora)
 
     def __post_init__(self):
-        _check_int("lora.r", self.r, minimum=1)
+        _check_int("lora.rank", self.rank, minimum=1)
         if not self.alpha > 0:
             raise ConfigError(f"lora.alpha: expected a positive number, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
@@ -298,7 +298,7 @@ class LoraConfig:
 
     @property
     def scale(self) -> float:
-        return self.alpha / (self.r ** 0.5 if self.rslora else self.r)
+        return self.alpha / (self.rank ** 0.5 if self.rslora else self.rank)
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,7 @@ def apply_lora(model, lora: LoraConfig, base_name: str = "") -> list[str]:
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if child_name in lora.targets and isinstance(child, nn.Linear) and not isinstance(child, LoRALinear):
-                setattr(module, child_name, LoRALinear(child, lora.r, lora.scale, lora.dropout))
+                setattr(module, child_name, LoRALinear(child, lora.rank, lora.scale, lora.dropout))
                 wrapped.append(f"{name}.{child_name}" if name else child_name)
     if not wrapped:
         raise ConfigError(f"lora.targets: none of {list(lora.targets)} is a linear layer of this model")
@@ -139,7 +139,7 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
 def adapter_config(lora: LoraConfig, base_name: str) -> dict:
     """adapter_config.json as PEFT writes it (the fields PEFT needs to rebuild the same adapter)."""
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name or None,
-            "r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "target_modules": list(lora.targets),
+            "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "target_modules": list(lora.targets),
             "use_rslora": lora.rslora, "bias": "none", "fan_in_fan_out": False, "use_dora": False,
             "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
             "alpha_pattern": {}, "init_lora_weights": True, "inference_mode": True, "lora_bias": False}
@@ -180,7 +180,7 @@ def read_adapter_config(directory) -> tuple[LoraConfig, str | None]:
     if isinstance(targets, str):  # PEFT also accepts a regex over full names, or "all-linear"
         targets = LORA_TARGETS if targets == "all-linear" else [t for t in LORA_TARGETS if t in targets]
     try:
-        lora = LoraConfig(r=raw["r"], alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout", 0.0)),
+        lora = LoraConfig(rank=raw["r"], alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout", 0.0)),
                           targets=tuple(targets or ()), rslora=bool(raw.get("use_rslora", False)))
     except (KeyError, TypeError, ConfigError) as e:
         raise WeightsError(f"{path}: cannot read the LoRA settings ({type(e).__name__}: {e})") from None

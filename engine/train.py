@@ -171,7 +171,7 @@ def train(cfg: RunConfig, *, progress: bool = True, on_step: Optional[Callable[[
                 t.precision, tokens_per_step)
     if is_lora(model):
         lora = cfg.lora
-        logger.info("lora: r=%d alpha=%g on %s, base %s: %s", lora.r, lora.alpha, ",".join(lora.targets),
+        logger.info("lora: r=%d alpha=%g on %s, base %s: %s", lora.rank, lora.alpha, ",".join(lora.targets),
                     lora.base_dtype, trainable_summary(model))
 
     def checkpoint():

@@ -55,7 +55,7 @@ def lora_run_dict(tmp_path: Path, model_dir: Path, sft: bool = False, lora: dict
         "data": data,
         "train": {"batch_size": 4, "max_steps": 8, "lr": 1e-2, "warmup_steps": 2, "eval_every": 4, "eval_batches": 2,
                   "save_every": 4, "seed": 0, "weight_decay": 0.0, **train},
-        "lora": {"r": 4, "alpha": 8, "targets": "all-linear", **(lora or {})},
+        "lora": {"rank": 4, "alpha": 8, "targets": "all-linear", **(lora or {})},
         "out_dir": str(tmp_path / "run"),
     }
 

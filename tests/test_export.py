@@ -21,7 +21,7 @@ def base_and_adapter(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     base = pretrained_dir(root / "base", family="qwen2")
     model = Transformer.from_pretrained(base)
-    apply_lora(model, LoraConfig(r=4, alpha=8, targets="all-linear"), str(base))
+    apply_lora(model, LoraConfig(rank=4, alpha=8, targets="all-linear"), str(base))
     with torch.no_grad():
         for m in lora_modules(model).values():
             m.lora_B.weight.normal_(0, 0.1)

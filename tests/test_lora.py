@@ -31,7 +31,7 @@ def test_peft_loads_our_adapter_and_gives_the_same_logits(hf_checkpoint, tmp_pat
 
     directory, hf = hf_checkpoint(family)
     ours = Transformer.from_pretrained(directory)
-    apply_lora(ours, LoraConfig(r=4, alpha=8, targets=ALL if family != "gemma" else ("q_proj", "down_proj")),
+    apply_lora(ours, LoraConfig(rank=4, alpha=8, targets=ALL if family != "gemma" else ("q_proj", "down_proj")),
                str(directory))
     _randomize_adapters(ours)
     save_adapter(ours, tmp_path / "adapter")
@@ -69,7 +69,7 @@ def test_we_load_a_peft_saved_adapter_and_give_the_same_logits(tmp_path):
 def test_merged_model_equals_base_plus_adapter(hf_checkpoint):
     directory, _ = hf_checkpoint("llama")
     model = Transformer.from_pretrained(directory)
-    apply_lora(model, LoraConfig(r=2, alpha=4, targets=ALL))
+    apply_lora(model, LoraConfig(rank=2, alpha=4, targets=ALL))
     _randomize_adapters(model)
     ids = torch.randint(0, 211, (1, 9))
     with torch.no_grad():
@@ -84,7 +84,7 @@ def test_only_adapters_train_and_the_base_stays_bitwise_unchanged(hf_checkpoint)
     directory, _ = hf_checkpoint("llama")
     model = Transformer.from_pretrained(directory).train()
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    apply_lora(model, LoraConfig(r=4, alpha=8, targets=ALL))
+    apply_lora(model, LoraConfig(rank=4, alpha=8, targets=ALL))
     opt = make_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.0))
     trained = {id(p) for g in opt.param_groups for p in g["params"]}
     assert trained == {id(p) for n, p in model.named_parameters() if ".lora_" in n}
@@ -99,7 +99,7 @@ def test_only_adapters_train_and_the_base_stays_bitwise_unchanged(hf_checkpoint)
 def test_bf16_base_with_fp32_adapters_trains(hf_checkpoint):
     directory, _ = hf_checkpoint("llama")
     model = Transformer.from_pretrained(directory, dtype=torch.bfloat16).train()
-    apply_lora(model, LoraConfig(r=4, alpha=8, targets=ALL, base_dtype="bf16"))
+    apply_lora(model, LoraConfig(rank=4, alpha=8, targets=ALL, base_dtype="bf16"))
     assert {p.dtype for n, p in model.named_parameters() if ".lora_" not in n} == {torch.bfloat16}
     assert {p.dtype for n, p in model.named_parameters() if ".lora_" in n} == {torch.float32}
     opt = make_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.0))
@@ -143,7 +143,7 @@ def test_gpt2_fused_attention_is_rejected_with_a_clear_error(hf_checkpoint):
 def test_unsupported_adapter_configs_name_the_key(hf_checkpoint, tmp_path, edit, message):
     directory, _ = hf_checkpoint("llama")
     model = Transformer.from_pretrained(directory)
-    apply_lora(model, LoraConfig(r=2, alpha=2))
+    apply_lora(model, LoraConfig(rank=2, alpha=2))
     save_adapter(model, tmp_path)
     config = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
     edit(config)
@@ -155,7 +155,7 @@ def test_unsupported_adapter_configs_name_the_key(hf_checkpoint, tmp_path, edit,
 def test_adapter_of_another_shape_is_rejected(hf_checkpoint, tmp_path):
     directory, _ = hf_checkpoint("llama")
     model = Transformer.from_pretrained(directory)
-    apply_lora(model, LoraConfig(r=2, alpha=2))
+    apply_lora(model, LoraConfig(rank=2, alpha=2))
     save_adapter(model, tmp_path)
     other, _ = hf_checkpoint("llama", hidden_size=32, intermediate_size=48)
     with pytest.raises(WeightsError, match="has shape"):
@@ -166,9 +166,9 @@ def test_lora_config_errors_name_the_key():
     from engine.config import RunConfig, from_dict
 
     base = {"model": {"from_pretrained": "x"}, "data": {"train": "a"}}
-    for lora, message in [({"rr": 4}, "lora.rr: unknown key (did you mean 'lora.r'?)"),
+    for lora, message in [({"rnak": 4}, "lora.rnak: unknown key (did you mean 'lora.rank'?)"),
                           ({"targets": ["q_prj"]}, "lora.targets: unknown module 'q_prj' (did you mean 'q_proj'?)"),
-                          ({"r": 0}, "lora.r: expected an integer >= 1, got 0"),
+                          ({"rank": 0}, "lora.rank: expected an integer >= 1, got 0"),
                           ({"base_dtype": "int8"}, "lora.base_dtype: expected one of 'fp32', 'bf16'")]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             from_dict(RunConfig, {**base, "lora": lora}, where="")

@@ -46,7 +46,7 @@ def test_adapter_is_merged_into_the_served_model(demo_dir, tmp_path):
     from engine.config import LoraConfig
 
     model = Transformer.from_pretrained(demo_dir)
-    lora_mod.apply_lora(model, LoraConfig(r=4, alpha=8.0), str(demo_dir))
+    lora_mod.apply_lora(model, LoraConfig(rank=4, alpha=8.0), str(demo_dir))
     with torch.no_grad():
         for m in lora_mod.lora_modules(model).values():
             m.lora_B.weight.normal_(0, 0.5)  # a no-op adapter would prove nothing

@@ -134,7 +134,7 @@ def test_sft_run_with_lora_lowers_the_loss_and_logs_a_summary(tmp_path, caplog):
     model_dir = pretrained_dir(tmp_path / "base")
     with caplog.at_level(logging.INFO, logger="engine.sft"):
         result = train(lora_run_config(tmp_path, model_dir, sft=True, max_steps=24, eval_every=8, save_every=0,
-                                       lora={"r": 8, "alpha": 16}), progress=False)
+                                       lora={"rank": 8, "alpha": 16}), progress=False)
     assert any("sft train: 64/64 examples" in r.message and "% supervised" in r.message for r in caplog.records)
     import json
     val = [json.loads(line)["val_loss"] for line in (result.out_dir / "metrics.jsonl").read_text().splitlines()
