@@ -9,13 +9,15 @@ import time
 import torch
 
 from cli.common import DTYPES, exit_on_user_error
-from engine import Tokenizer, Transformer, generate_stream
+from engine import Tokenizer, generate_stream
+from engine.lora import load_with_adapter
 from engine.tokenizer import IncrementalDecoder
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="cli.generate", description=__doc__)
     p.add_argument("--model", required=True, help="HF-format model directory (config.json, safetensors, tokenizer)")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter dir (PEFT layout) to apply on top of --model")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -40,7 +42,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     with exit_on_user_error("cli.generate"):
         tokenizer = Tokenizer.from_pretrained(args.model)
-        model = Transformer.from_pretrained(args.model, dtype=DTYPES[args.dtype])
+        model = load_with_adapter(args.model, args.adapter, dtype=DTYPES[args.dtype])
         if args.chat:
             ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
                                                 add_generation_prompt=True, tokenize=True)

@@ -10,7 +10,7 @@ from engine.bpe import train_bpe
 from engine.config import ConfigError, ModelConfig, RunConfig
 from engine.data import expand_paths, prepare
 from engine.lora import DTYPES as LORA_DTYPES
-from engine.lora import apply_lora, check_lora_supported
+from engine.lora import apply_lora, check_lora_supported, load_adapter_weights, read_adapter_config
 from engine.model import Transformer
 from engine.sft import prepare_sft
 from engine.tokenizer import Tokenizer
@@ -82,8 +82,21 @@ def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> Transformer:
         model = Transformer(ModelConfig.from_dict(arch, where="model.architecture"))
     if cfg.lora is not None:
         apply_lora(model, cfg.lora, base_name=str(resolve_model_dir(cfg.model.from_pretrained).resolve()))
+        if cfg.lora.init_from is not None:
+            _load_initial_adapter(model, cfg.lora)
     model.gradient_checkpointing = cfg.train.activation_checkpointing
     return model
+
+
+def _load_initial_adapter(model, lora) -> None:
+    """Start from a saved adapter: its shape settings must be the run's (alpha and dropout may differ)."""
+    saved, _ = read_adapter_config(lora.init_from)
+    for key in ("rank", "targets", "rslora"):
+        ours, theirs = getattr(lora, key), getattr(saved, key)
+        if (set(ours) != set(theirs)) if key == "targets" else ours != theirs:
+            raise ConfigError(f"lora.{key}: {ours!r} differs from the adapter in lora.init_from "
+                              f"({lora.init_from}: {theirs!r})")
+    load_adapter_weights(model, lora.init_from)
 
 
 def build_data(cfg: RunConfig, tokenizer: Tokenizer, tokenizer_dir: Path, progress: bool = True):

@@ -275,6 +275,7 @@ class LoraConfig:
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # module names; "all-linear" = every one
     base_dtype: Literal["fp32", "bf16"] = "fp32"  # frozen base weights; bf16 halves their memory
     rslora: bool = False  # scale = alpha / sqrt(r) (PEFT's use_rslora)
+    init_from: Optional[str] = None  # a PEFT LoRA adapter dir (ours or peft's) to keep training; same rank/targets
 
     def __post_init__(self):
         _check_int("lora.rank", self.rank, minimum=1)

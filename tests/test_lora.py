@@ -175,3 +175,36 @@ def test_lora_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="lora: LoRA adapts a pretrained model"):
         from_dict(RunConfig, {"model": {"architecture": {}, "bpe_vocab_size": 300}, "data": {"train": "a"},
                               "lora": {}}, where="")
+
+
+def test_training_continues_from_a_saved_adapter(tmp_path):
+    model_dir = pretrained_dir(tmp_path / "base")
+    first = train(lora_run_config(tmp_path / "a", model_dir, max_steps=6), progress=False)
+    cfg = lora_run_config(tmp_path / "b", model_dir, max_steps=2, lora={"init_from": str(first.final_dir)})
+    from engine.build import build_model, build_tokenizer
+
+    model = build_model(cfg, build_tokenizer(cfg, progress=False)[0])
+    saved = load_with_adapter(first.final_dir)
+    ours = {n: m for n, m in lora_modules(model).items()}
+    for name, m in lora_modules(saved).items():
+        assert torch.equal(ours[name].lora_A.weight, m.lora_A.weight)
+        assert torch.equal(ours[name].lora_B.weight, m.lora_B.weight)
+    more = train(cfg, progress=False)
+    assert more.losses[0][1] < first.losses[0][1]  # it starts where the first run left off, not from scratch
+    wrong = lora_run_config(tmp_path / "c", model_dir, lora={"rank": 8, "init_from": str(first.final_dir)})
+    with pytest.raises(ConfigError, match=r"lora.rank: 8 differs from the adapter in lora.init_from"):
+        build_model(wrong, build_tokenizer(wrong, progress=False)[0])
+
+
+def test_cli_generate_applies_an_adapter(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model_dir = pretrained_dir(tmp_path / "base")
+    run = train(lora_run_config(tmp_path / "a", model_dir, max_steps=4), progress=False)
+    out = subprocess.run([sys.executable, "-m", "cli.generate", "--model", str(model_dir), "--adapter",
+                          str(run.final_dir), "--prompt", "the model", "--max-new-tokens", "5"],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("the model")
