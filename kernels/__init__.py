@@ -225,10 +225,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         chunk_size or default_chunk_size(n_rows, vocab), out_dtype or hidden.dtype)
 
 
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # exact types: subclasses may override F.linear
+
+
 def _gemv_rows(x, weight, bias) -> int:
     """Rows of x when the GEMV can compute F.linear(x, weight, bias), else -1. Runs on every
     decoding step, so it only reads attributes; _linear_problems says why when it is -1."""
-    if not (type(x) is torch.Tensor and type(weight) is torch.Tensor):
+    if not (type(x) in _PLAIN_TENSORS and type(weight) in _PLAIN_TENSORS):  # modules hold nn.Parameter
         return -1
     dtype, k = x.dtype, weight.shape[-1]
     if not (dtype in gemv.DTYPES and weight.dtype is dtype and x.is_cpu and weight.is_cpu
@@ -236,7 +239,7 @@ def _gemv_rows(x, weight, bias) -> int:
         return -1
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if bias is not None:
-        if not (type(bias) is torch.Tensor and bias.dtype is dtype and bias.is_cpu
+        if not (type(bias) in _PLAIN_TENSORS and bias.dtype is dtype and bias.is_cpu
                 and bias.shape == weight.shape[:1] and bias.is_contiguous()):
             return -1
         grad = grad or (torch.is_grad_enabled() and bias.requires_grad)

@@ -197,3 +197,16 @@ def test_env_torch_forces_the_fallback(monkeypatch, launches):
 
 def test_info_reports_the_row_cutoff():
     assert kernels.info()["linear_max_rows"] == gemv.LINEAR_MAX_ROWS
+
+
+@needs_native
+def test_module_parameters_take_the_gemv(monkeypatch):
+    """A model's weights are nn.Parameter: decoding must reach the GEMV with them, not F.linear."""
+    lin = torch.nn.Linear(40, 24)
+    x = torch.randn(1, 40)
+    calls = []
+    real = kernels.gemv.launch
+    monkeypatch.setattr(kernels.gemv, "launch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        out = kernels.linear(x, lin.weight, lin.bias)
+    assert calls and torch.allclose(out, torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5)
