@@ -88,6 +88,16 @@ def iter_documents(path: Path, text_field: str = "text"):
         raw = path.read_bytes()
         yield _decode(raw, str(path)), str(path), len(raw)
         return
+    for record, where, n_bytes in iter_jsonl(path):
+        if not isinstance(record, dict) or text_field not in record:
+            raise DataError(f"{where}: expected a JSON object with a {text_field!r} field (data.text_field)")
+        if not isinstance(record[text_field], str):
+            raise DataError(f"{where}: {text_field!r}: expected a string, got {type(record[text_field]).__name__}")
+        yield record[text_field], where, n_bytes
+
+
+def iter_jsonl(path: Path):
+    """Yield (parsed JSON, "file:line", n_bytes) for every non-blank line of a .jsonl file, UTF-8 checked."""
     offset = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -99,11 +109,7 @@ def iter_documents(path: Path, text_field: str = "text"):
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict) or text_field not in record:
-                raise DataError(f"{where}: expected a JSON object with a {text_field!r} field (data.text_field)")
-            if not isinstance(record[text_field], str):
-                raise DataError(f"{where}: {text_field!r}: expected a string, got {type(record[text_field]).__name__}")
-            yield record[text_field], where, len(raw)
+            yield record, where, len(raw)
 
 
 def _tokenizer_hash(tokenizer_dir) -> str:

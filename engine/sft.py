@@ -18,7 +18,6 @@ Rows are sampled like TokenWindows: a fresh permutation per epoch, a pure functi
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 from engine.config import DataConfig, SFTConfig
-from engine.data import DataError, _decode, expand_paths
+from engine.data import DataError, expand_paths, iter_jsonl
 from engine.tokenizer import Tokenizer, TokenizerError
 
 logger = logging.getLogger("engine.sft")
@@ -39,18 +38,9 @@ IGNORE_INDEX = -100
 
 def read_records(path: Path):
     """Yield (record, "file:line") for every non-blank line of a .jsonl file, checking its shape."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            line = _decode(raw, where)
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            check_record(record, where)
-            yield record, where
+    for record, where, _ in iter_jsonl(path):
+        check_record(record, where)
+        yield record, where
 
 
 def check_record(record, where: str) -> None:
