@@ -18,11 +18,12 @@ import json
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.bench_train import time_steps  # noqa: E402
+
 WARMUP, STEPS = 1, 3
 QWEN05B = dict(vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64,
                intermediate_size=4864, max_position_embeddings=32768, qkv_bias=True, tie_word_embeddings=True,
@@ -81,12 +82,7 @@ def run_one(name: str) -> dict:
         out = train_step(model, opt, [(tokens[:, :-1], tokens[:, 1:])], device=torch.device("cpu"), precision="bf16")
         losses.append(out["loss"])
 
-    for i in range(WARMUP):
-        step(data[i])
-    start = time.perf_counter()
-    for i in range(WARMUP, WARMUP + STEPS):
-        step(data[i])
-    elapsed = time.perf_counter() - start
+    elapsed = time_steps(step, data, WARMUP, STEPS)
     return {"run": name, "params_m": model.config.num_params / 1e6, "trainable_m": trainable / 1e6,
             "tokens_per_s": STEPS * batch * seq / elapsed, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / MB,
             "batch": batch, "seq": seq, "base_dtype": base_dtype, "activation_checkpointing": ckpt,

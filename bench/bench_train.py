@@ -25,6 +25,16 @@ sys.path.insert(0, str(ROOT))
 BATCH, SEQ, WARMUP, STEPS = 8, 256, 2, 6
 
 
+def time_steps(step, data, warmup: int, steps: int) -> float:
+    """Run `step(data[i])` warmup times untimed, then `steps` times; return the timed seconds."""
+    for i in range(warmup):
+        step(data[i])
+    start = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        step(data[i])
+    return time.perf_counter() - start
+
+
 def run_one(impl: str, precision: str) -> dict:
     """Train WARMUP + STEPS steps in this process; return tokens/s over STEPS and peak RSS (MB)."""
     import torch
@@ -62,12 +72,7 @@ def run_one(impl: str, precision: str) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    for i in range(WARMUP):
-        step(data[i])
-    start = time.perf_counter()
-    for i in range(WARMUP, WARMUP + STEPS):
-        step(data[i])
-    elapsed = time.perf_counter() - start
+    elapsed = time_steps(step, data, WARMUP, STEPS)
     return {"impl": impl, "precision": precision, "tokens_per_s": STEPS * BATCH * SEQ / elapsed,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "threads": torch.get_num_threads()}

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from engine.config import LORA_TARGETS, ConfigError, LoraConfig
 from engine.hf import stored_as, weight_layout
-from engine.weights import WeightsError
+from engine.weights import WeightsError, read_json
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -162,12 +162,7 @@ def save_adapter(model, directory) -> Path:
 def read_adapter_config(directory) -> tuple[LoraConfig, str | None]:
     """The LoraConfig and base model path of a PEFT adapter dir; unsupported PEFT options are errors naming the key."""
     path = Path(directory) / ADAPTER_CONFIG
-    if not path.is_file():
-        raise WeightsError(f"{path}: missing (expected a PEFT LoRA adapter directory)")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{path}: not valid JSON ({e})") from None
+    raw = read_json(path, "expected a PEFT LoRA adapter directory")
     if raw.get("peft_type") != "LORA":
         raise WeightsError(f"{path}: peft_type {raw.get('peft_type')!r} is not supported (only 'LORA')")
     unsupported = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "modules_to_save": None,
