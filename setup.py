@@ -117,8 +117,10 @@ setup(
         # transformers is the reference oracle for tests and benches only; engine/ never imports it.
         # peft and openai are oracles too: PEFT adapter round trips, and the OpenAI client against cli.serve.
         "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-cov>=5", "transformers>=4.45", "peft>=0.13",
-                 "openai>=1.40", "matplotlib>=3.7", "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
+                 "openai>=1.40", "matplotlib>=3.7", "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27",
+                 "tensorboard>=2.14", "wandb>=0.17"],
         "plot": ["matplotlib>=3.7"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
+        "track": ["tensorboard>=2.14", "wandb>=0.17"],  # logging.tensorboard / logging.wandb
     },
 )

@@ -1,4 +1,7 @@
-"""python -m cli.train config.json [--set train.lr=1e-4 ...] : train (or resume) a model from a run config."""
+"""python -m cli.train config.json [--set train.lr=1e-4 ...] : train (or resume) a model from a run config.
+
+On several processes: torchrun --nproc_per_node=N -m cli.train config.json (see README, "Scaling out").
+"""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +13,7 @@ import torch
 from cli.common import exit_on_user_error
 from engine.build import check_run_config
 from engine.config import load_run_config
+from engine.distributed import world_from_env
 from engine.generate import generate
 from engine.report import plot_losses
 from engine.tokenizer import Tokenizer
@@ -38,11 +42,14 @@ def print_sample(model_dir, prompt: str, max_new_tokens: int) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    rank = world_from_env()[0]  # under torchrun, rank 0 logs and reports; the others only warn
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     with exit_on_user_error("cli.train"):
         cfg = load_run_config(args.config, args.overrides)  # every config error surfaces before any write
         check_run_config(cfg)
         result = train(cfg, progress=not args.no_progress)
+        if rank != 0:
+            return
         first, last = result.losses[:1], result.losses[-1:]
         if first and last:
             print(f"train loss {first[0][1]:.3f} (step {first[0][0]}) -> {last[0][1]:.3f} (step {last[0][0]})")

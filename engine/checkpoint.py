@@ -8,6 +8,13 @@
     trainer.pt                        GradScaler state and RNG states (python, numpy, torch, cuda)
     trainer_state.json                step, tokens seen, sampler position, schedule, val/best loss
     run_config.json                   the resolved run config
+
+Under torchrun (engine.distributed) a checkpoint holds the same files except the optimizer, plus:
+    dcp/                              model + optimizer state via torch.distributed.checkpoint: sharded
+                                      under FSDP, resumable on any number of ranks (it reshards)
+    trainer_rank<R>.pt                each rank's GradScaler and RNG states (instead of trainer.pt)
+The HF-format weights are still the full model (gathered to rank 0), so every checkpoint loads with
+Transformer.from_pretrained and transformers whatever the run's strategy was.
 """
 from __future__ import annotations
 
@@ -22,8 +29,9 @@ from typing import Optional
 import numpy as np
 import torch
 
+from engine.distributed import SINGLE, Dist, full_params
 from engine.lora import is_lora, load_adapter_weights, save_adapter
-from engine.weights import load_weights, weight_files
+from engine.weights import load_weights, save_pretrained, weight_files
 
 PREFIX = "step_"
 
@@ -55,32 +63,79 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(out_dir, step: int, model, tokenizer, optimizer, scaler, trainer_state: dict,
-                    run_config: dict) -> Path:
-    """Write checkpoint `step` atomically (temp dir, then rename) and return its directory."""
+                    run_config: dict, group: Dist = SINGLE, module=None) -> Path:
+    """Write checkpoint `step` atomically (temp dir, then rename) and return its directory.
+
+    Distributed (group.enabled): every rank calls this; `module` is the wrapped training module whose
+    state (with the optimizer's) goes to dcp/, and rank 0 writes the files that exist once.
+    """
     root = checkpoint_root(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:06d}"
-    tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}" if group.is_main else None
+    tmp = group.broadcast(tmp)  # one temp dir for all ranks
     try:
-        if is_lora(model):
-            save_adapter(model, tmp)
+        if group.is_main:
+            tmp.mkdir(parents=True)
+        group.barrier()
+        if group.enabled:
+            _save_sharded(tmp, model, optimizer, module, group)
+            torch.save(_trainer_extra(scaler), tmp / f"trainer_rank{group.rank}.pt")
         else:
-            model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save({"scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_state()},
-                   tmp / "trainer.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-        (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2))
-        if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+            save_model(tmp, model)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(_trainer_extra(scaler), tmp / "trainer.pt")
+        if group.is_main:
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+            (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2))
+        group.barrier()  # every rank's files are in tmp before it becomes the checkpoint
+        if group.is_main:
+            if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        group.barrier()
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if group.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _trainer_extra(scaler) -> dict:
+    return {"scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_state()}
+
+
+def save_model(directory: Path, model, params=None) -> None:
+    """HF-layout weights (or the PEFT adapter of a LoRA model); `params` replace the model's own
+    tensors (FSDP's gathered ones, see engine.distributed.full_params)."""
+    if is_lora(model):
+        save_adapter(model, directory)
+    else:
+        save_pretrained(model, directory, params=params)
+
+
+def _state_dict_options(model):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=is_lora(model))  # a LoRA checkpoint holds the adapters only
+
+
+def _save_sharded(directory: Path, model, optimizer, module, group: Dist) -> None:
+    """dcp/ from every rank, and the full model in HF layout from rank 0."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(module, optimizer, options=_state_dict_options(model))
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=directory / "dcp")
+    params = full_params(model, group)
+    if group.is_main:
+        save_model(directory, model, params)
+
+
+def is_sharded(path) -> bool:
+    """True for a checkpoint written under torchrun (state in dcp/)."""
+    return (Path(path) / "dcp").is_dir()
 
 
 def list_checkpoints(out_dir) -> list[Path]:
@@ -105,19 +160,61 @@ def find_resume(out_dir, resume: Optional[str]) -> Optional[Path]:
     return path
 
 
-def load_checkpoint(path, model, optimizer, scaler) -> dict:
-    """Restore weights, optimizer, scaler and RNG states in place; return the trainer state dict."""
+def load_model_weights(path, model) -> None:
+    """Weights of a one-process checkpoint (HF layout, or the adapter of a LoRA run) into `model`.
+
+    Call before DDP/FSDP wraps the model; sharded checkpoints load their weights in load_training_state.
+    """
     path = Path(path)
     if is_lora(model):
         load_adapter_weights(model, path)
     else:
         load_weights(model, weight_files(path))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-    extra = torch.load(path / "trainer.pt", weights_only=True)
+
+
+def load_training_state(path, model, optimizer, scaler, group: Dist = SINGLE, module=None) -> dict:
+    """Restore optimizer, scaler and RNG states (and, from a sharded checkpoint, the weights) in place;
+    return the trainer state dict. A sharded checkpoint loads on any number of ranks, one process included.
+    """
+    path = Path(path)
+    if is_sharded(path):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        module = module if module is not None else model
+        model_state, optim_state = get_state_dict(module, optimizer, options=_state_dict_options(model))
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=path / "dcp", no_dist=not torch.distributed.is_initialized())
+        set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=_state_dict_options(model))
+    else:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+        _shard_optimizer_state(optimizer)
+    own = [path / f"trainer_rank{group.rank}.pt", path / "trainer_rank0.pt", path / "trainer.pt"]
+    extra = torch.load(next(p for p in own if p.is_file()), weights_only=True)
     if scaler is not None and extra["scaler"] is not None:
         scaler.load_state_dict(extra["scaler"])
     set_rng_state(extra["rng"])
     return json.loads((path / "trainer_state.json").read_text())
+
+
+def load_checkpoint(path, model, optimizer, scaler) -> dict:
+    """One process: restore weights, optimizer, scaler and RNG states in place; return the trainer state."""
+    if not is_sharded(path):
+        load_model_weights(path, model)
+    return load_training_state(path, model, optimizer, scaler)
+
+
+def _shard_optimizer_state(optimizer) -> None:
+    """A one-process optimizer state loaded under FSDP holds full tensors: cut them like their params."""
+    for p, state in optimizer.state.items():
+        if type(p).__name__ != "DTensor":
+            continue
+        from torch.distributed.tensor import distribute_tensor
+
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and type(value).__name__ != "DTensor" and value.shape == p.shape:
+                state[key] = distribute_tensor(value, p.device_mesh, p.placements)
 
 
 def prune_checkpoints(out_dir, keep_last: int) -> None:

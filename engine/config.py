@@ -303,6 +303,46 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """How `torchrun --nproc_per_node=N -m cli.train` splits the work (`distributed.*`); ignored in one process.
+
+    Each rank trains on its own disjoint shard of every step's batch, so N ranks with train.grad_accum=k
+    take the same optimizer steps as one process with grad_accum=N*k.
+    """
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # DistributedDataParallel, or FSDP2 (fully_shard: sharded params/grads/state)
+    backend: Optional[str] = None  # None: nccl on CUDA, gloo on CPU
+
+    def __post_init__(self):
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ConfigError(f"distributed.strategy: expected one of ('ddp', 'fsdp'), got {self.strategy!r}")
+        if self.backend is not None and self.backend not in ("gloo", "nccl"):
+            raise ConfigError(f"distributed.backend: expected 'gloo', 'nccl' or null, got {self.backend!r}")
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases run tracking (`logging.wandb.*`); the optional `wandb` package must be installed."""
+
+    project: str = "engine"
+    mode: Literal["offline", "online"] = "offline"  # offline writes <out_dir>/wandb/ and needs no network
+    name: Optional[str] = None  # run name; default: the out_dir's name
+    entity: Optional[str] = None
+
+    def __post_init__(self):
+        if self.mode not in ("offline", "online"):
+            raise ConfigError(f"logging.wandb.mode: expected 'offline' or 'online', got {self.mode!r}")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Experiment trackers besides the always-on metrics.jsonl (`logging.*`)."""
+
+    tensorboard: bool = False  # event files in <out_dir>/tensorboard/ (needs the optional tensorboard package)
+    wandb: Optional[WandbConfig] = None
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A whole training run, as read from one JSON file."""
 
@@ -312,6 +352,8 @@ class RunConfig:
     out_dir: str = "runs/default"
     resume: Optional[str] = None  # null: start fresh; "auto": latest checkpoint in out_dir; or a checkpoint dir
     lora: Optional[LoraConfig] = None  # null: full fine-tuning; else train adapters only (needs from_pretrained)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self):
         if self.lora is not None and self.model.from_pretrained is None:

@@ -179,11 +179,18 @@ def _parse_size(size: int | str) -> int:
     return int(size)
 
 
-def hf_state_dict(model) -> dict[str, torch.Tensor]:
-    """The model's weights under HF names and layouts (fused and transposed where the family stores them so)."""
+def hf_state_dict(model, params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The model's weights under HF names and layouts (fused and transposed where the family stores them so).
+
+    `params` (our name -> tensor) replaces the model's own parameters, e.g. the gathered full tensors of
+    an FSDP-sharded model; names it has beyond model.named_parameters() (a tied head) are ignored.
+    """
     layout = weight_layout(model.config)
     grouped: dict[str, dict[int, tuple[Stored, torch.Tensor]]] = {}
-    for native, param in model.named_parameters():  # tied head skipped: named_parameters dedups it
+    named = dict(model.named_parameters())  # tied head skipped: named_parameters dedups it
+    if params is not None:
+        named = {name: params[name] for name in named}
+    for native, param in named.items():
         spec = stored_as(layout, native)
         grouped.setdefault(spec.name, {})[spec.part] = (spec, param.detach())
     out = {}
@@ -195,11 +202,13 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_pretrained(model, directory, max_shard_size: int | str = "2GB") -> None:
-    """Write config.json and safetensors in HF layout; above `max_shard_size`, shards plus an index."""
+def save_pretrained(model, directory, max_shard_size: int | str = "2GB",
+                    params: dict[str, torch.Tensor] | None = None) -> None:
+    """Write config.json and safetensors in HF layout; above `max_shard_size`, shards plus an index.
+    `params`: tensors to write instead of the model's own (see hf_state_dict)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = hf_state_dict(model)
+    tensors = hf_state_dict(model, params)
     limit = _parse_size(max_shard_size)
     shards, current, size = [], {}, 0
     for name, t in tensors.items():

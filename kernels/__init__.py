@@ -316,13 +316,13 @@ class AdamW(FusedAdamW):
         super().__init__(params, lr, betas, eps, weight_decay, max_grad_norm, backend)
         _log_once()
 
-    def _native_ext(self, params):
+    def _native_ext(self, params, grads):
         problems = []
         devices = {p.device for p in params}
         if len(devices) > 1:
             problems.append(f"params span several devices {sorted(map(str, devices))}")
-        for p in params:
+        for p, g in zip(params, grads):
             problems += _tensor_problems("param", p)
-            if not (p.is_contiguous() and p.grad.is_contiguous()):
+            if not (p.is_contiguous() and g.is_contiguous()):
                 problems.append("params and grads must be contiguous")
         return _select("kernels.AdamW", self.backend, problems)

@@ -7,6 +7,11 @@ both deliberate: moments are always fp32, and a bf16/fp16 param also gets an fp3
 updates). torch loads our state by casting it to the param dtype and ignores `master_param`;
 loading torch's state here upcasts the moments and seeds the master from the param.
 
+Sharded parameters (FSDP2's DTensors) are stepped through their local shards: the update is
+elementwise, so each rank updates its own shard, and only the clipping norm needs the other ranks
+(their shards' sums of squares are all-reduced). The moments are DTensors like the params, so
+torch.distributed.checkpoint saves and reshards them.
+
 kernels/__init__.py subclasses this to plug in the backend choice (_native_ext).
 """
 from __future__ import annotations
@@ -43,8 +48,8 @@ class FusedAdamW(torch.optim.Optimizer):
         self.backend = backend
         self.last_grad_norm: torch.Tensor | None = None  # pre-clip global norm of the last step
 
-    def _native_ext(self, params: list[torch.Tensor]):
-        """The compiled module if it should run these params, else None (fallback)."""
+    def _native_ext(self, params: list[torch.Tensor], grads: list[torch.Tensor]):
+        """The compiled module if it should run these (local) params and grads, else None (fallback)."""
         raise NotImplementedError
 
     def _state_for(self, p: torch.Tensor) -> dict:
@@ -63,21 +68,20 @@ class FusedAdamW(torch.optim.Optimizer):
             state["master_param"] = p.detach().float().contiguous()
         return state
 
-    def _check_group(self, group: dict, params: list[torch.Tensor]) -> None:
+    def _check_group(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         for flag in ("amsgrad", "maximize", "differentiable"):
             if group.get(flag):
                 raise ValueError(f"{self.name}: param_group {flag}=True is not supported")
-        for p in params:
-            if p.grad.is_sparse:
+        for p, g in zip(params, grads):
+            if g.is_sparse:
                 raise ValueError(f"{self.name}: sparse gradients are not supported")
-            if not p.is_floating_point() or p.grad.dtype != p.dtype:
+            if not p.is_floating_point() or g.dtype != p.dtype:
                 raise ValueError(f"{self.name}: params and grads must share a floating dtype, "
-                                 f"got param {p.dtype} grad {p.grad.dtype}")
+                                 f"got param {p.dtype} grad {g.dtype}")
 
-    def _clip(self, params: list[torch.Tensor]):
+    def _clip(self, params: list[torch.Tensor], grads: list[torch.Tensor]):
         """Global pre-clip norm (0-dim fp32 tensor) and the clip coefficient (float or tensor)."""
-        grads = [p.grad for p in params]
-        ext = self._native_ext(params) if params else None
+        ext = self._native_ext(params, grads) if params else None
         if ext is not None and params[0].device.type == "cpu":
             sumsq = ext.grad_sumsq_cpu(grads=[g.data_ptr() for g in grads],
                                        sizes=[g.numel() for g in grads],
@@ -95,6 +99,15 @@ class FusedAdamW(torch.optim.Optimizer):
         norm = reference.grad_norm(grads)
         return norm, reference.clip_coefficient(norm, self.max_grad_norm)
 
+    def _clip_sharded(self, grads: list[torch.Tensor], sharded: list[bool], group):
+        """_clip when some grads are this rank's shards of DTensors (FSDP): the shards' sums of squares
+        are all-reduced over their process `group`; plain (replicated) grads count once."""
+        shard_sq = (reference.grad_norm([g for g, s in zip(grads, sharded) if s]).reshape(1) ** 2).to(grads[0].device)
+        torch.distributed.all_reduce(shard_sq, group=group)
+        plain_sq = reference.grad_norm([g for g, s in zip(grads, sharded) if not s]) ** 2
+        norm = (shard_sq.squeeze(0) + plain_sq.to(shard_sq.device)).sqrt()
+        return norm, reference.clip_coefficient(norm, self.max_grad_norm)
+
     @torch.no_grad()
     def step(self, closure=None):
         """One AdamW step over all params with a grad. Returns the closure's loss if given,
@@ -103,29 +116,38 @@ class FusedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        groups = []
+        groups, sharded, mesh_group = [], [], None
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            self._check_group(group, params)
-            groups.append((group, params, [self._state_for(p) for p in params]))
+            with_grad = [p for p in group["params"] if p.grad is not None]
+            params, grads = [_local(p) for p in with_grad], [_local(p.grad) for p in with_grad]
+            self._check_group(group, params, grads)
+            states = [{k: _local(v) for k, v in self._state_for(p).items()} for p in with_grad]
+            groups.append((group, params, grads, states))
+            for p in with_grad:
+                sharded.append(_is_dtensor(p))
+                if sharded[-1] and mesh_group is None:
+                    mesh_group = p.device_mesh.get_group()
         clip = 1.0
         if self.max_grad_norm is not None:
-            self.last_grad_norm, clip = self._clip([p for _, ps, _ in groups for p in ps])
-        for group, params, states in groups:
+            params = [p for _, ps, _, _ in groups for p in ps]
+            grads = [g for _, _, gs, _ in groups for g in gs]
+            self.last_grad_norm, clip = (self._clip_sharded(grads, sharded, mesh_group) if any(sharded)
+                                         else self._clip(params, grads))
+        for group, params, grads, states in groups:
             if params:
-                self._step_group(group, params, states, clip)
+                self._step_group(group, params, grads, states, clip)
         return loss if closure is not None else self.last_grad_norm
 
-    def _step_group(self, group, params, states, clip) -> None:
+    def _step_group(self, group, params, grads, states, clip) -> None:
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1.0)
         beta1, beta2 = group["betas"]
         hyper = dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                      weight_decay=group["weight_decay"])
         masters = [s.get("master_param") for s in states]
-        ext = self._native_ext(params)
+        ext = self._native_ext(params, grads)
         if ext is None:
-            reference.adamw_step_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+            reference.adamw_step_(params, grads, [s["exp_avg"] for s in states],
                                   [s["exp_avg_sq"] for s in states], masters, steps,
                                   clip_coef=clip, **hyper)
             return
@@ -134,7 +156,7 @@ class FusedAdamW(torch.optim.Optimizer):
         if on_cuda and isinstance(clip, torch.Tensor):
             clip_sumsq = (self.last_grad_norm.float() ** 2).reshape(1).contiguous()
         fn = ext.adamw_cuda if on_cuda else ext.adamw_cpu
-        fn(params=[p.data_ptr() for p in params], grads=[p.grad.data_ptr() for p in params],
+        fn(params=[p.data_ptr() for p in params], grads=[g.data_ptr() for g in grads],
            exp_avgs=[s["exp_avg"].data_ptr() for s in states],
            exp_avg_sqs=[s["exp_avg_sq"].data_ptr() for s in states],
            masters=[m.data_ptr() if m is not None else 0 for m in masters],
@@ -157,3 +179,12 @@ class FusedAdamW(torch.optim.Optimizer):
                 for key in ("exp_avg", "exp_avg_sq", "master_param"):
                     if key in saved[i]:
                         self.state[p][key] = saved[i][key].to(p.device, torch.float32, copy=True)
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor"  # without importing torch.distributed.tensor for plain runs
+
+
+def _local(t):
+    """A DTensor's local shard (sharing its memory), or the tensor itself."""
+    return t.to_local() if _is_dtensor(t) else t
