@@ -8,10 +8,11 @@ import torch
 
 from engine.config import ConfigError
 from engine.data import DataError
+from engine.report import MetricsError
 from engine.tokenizer import TokenizerError
 from engine.weights import WeightsError
 
-USER_ERRORS = (ConfigError, DataError, WeightsError, TokenizerError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, WeightsError, TokenizerError, MetricsError, FileNotFoundError)
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 

@@ -30,6 +30,35 @@ def read_metrics(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+class MetricsError(ValueError):
+    """A run directory has no usable metrics.jsonl; the message names the path."""
+
+
+def load_run_metrics(run_dir) -> list[dict]:
+    """The rows of RUN_DIR/metrics.jsonl, checked: MetricsError naming the path when the directory or file is
+    missing, a line is not a JSON object with `step` and `loss`, or there are no rows yet."""
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.jsonl"
+    if not run_dir.is_dir():
+        raise MetricsError(f"{run_dir}: not a directory (expected a run's out_dir)")
+    if not path.is_file():
+        raise MetricsError(f"{path}: missing (is {run_dir} a run's out_dir? cli.train writes it at the first step)")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MetricsError(f"{path}:{i}: not valid JSON ({e})") from None
+        if not (isinstance(row, dict) and isinstance(row.get("step"), int) and isinstance(row.get("loss"), (int, float))):
+            raise MetricsError(f"{path}:{i}: expected an object with a 'step' and a 'loss', got {line[:80]!r}")
+        rows.append(row)
+    if not rows:
+        raise MetricsError(f"{path}: no rows yet (the run has not finished a step)")
+    return rows
+
+
 class ProgressBar:
     """A tqdm bar over optimizer steps showing loss, lr, tokens/s (ETA comes with tqdm)."""
 
