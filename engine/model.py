@@ -34,26 +34,32 @@ class Linear(nn.Linear):
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * w, computed in fp32; Gemma's variant stores w - 1 (`weight_offset=1`)."""
+    """x / rms(x) * w, computed in fp32; Gemma's variant stores w - 1 (`weight_offset=1`).
 
-    def __init__(self, dim: int, eps: float, weight_offset: float = 0.0):
+    feeds_linear: under autocast, write the output in the autocast dtype, as the Linears reading it
+    would cast it (once each) anyway; autocast's other consumers keep the natural dtype.
+    """
+
+    def __init__(self, dim: int, eps: float, weight_offset: float = 0.0, feeds_linear: bool = False):
         super().__init__()
-        self.eps, self.weight_offset = eps, weight_offset
+        self.eps, self.weight_offset, self.feeds_linear = eps, weight_offset, feeds_linear
         self.weight = nn.Parameter(torch.full((dim,), 1.0 - weight_offset))
 
     def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.weight_offset:  # Gemma scales in fp32, then casts
-            return (x * (self.weight_offset + self.weight.float())).to(dtype)
-        return self.weight * x.to(dtype)  # Llama casts, then scales in the model dtype
+        # Llama casts, then scales in the model dtype; Gemma scales in fp32, then casts (kernels.reference)
+        out_dtype = autocast_dtype(x) if self.feeds_linear else None
+        return kernels.rms_norm(x, self.weight, self.eps, self.weight_offset, out_dtype)
 
 
-def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast gives ops on x's device, or None when autocast is off."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+
+
+def make_norm(cfg: ModelConfig, dim: int, feeds_linear: bool = False) -> nn.Module:
     if cfg.norm == "layernorm":
         return nn.LayerNorm(dim, eps=cfg.norm_eps)
-    return RMSNorm(dim, cfg.norm_eps, cfg.norm_weight_offset)
+    return RMSNorm(dim, cfg.norm_eps, cfg.norm_weight_offset, feeds_linear)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -74,16 +80,6 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(medium, smoothed, scaled)
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x, cos, sin):
-    """Rotate-half RoPE (HF's layout, so q/k weights load without permutation). x: (B, nh, T, hd)."""
-    return x * cos + rotate_half(x) * sin
 
 
 class KVCache:
@@ -151,15 +147,15 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.nkv, self.hd)
         if self.q_norm is not None:  # Qwen3 normalizes each head before rotating it
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh|nkv, T, hd)
-        if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if rope is not None:  # rotate-half (HF's layout, so q/k weights load without permutation)
+            q, k = kernels.rope(q, k, *rope, out_dtype=autocast_dtype(q))  # (B, nh|nkv, T, hd)
+        else:
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = v.transpose(1, 2)  # (B, nkv, T, hd)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, S, hd)
         # mask None: plain causal when T > 1; a single new token sees every cached key.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=self.nkv != self.nh)
+        y = kernels.attention(q, k, v, mask)  # SDPA; a faster grouped path for bf16 CPU training
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
@@ -181,9 +177,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attn_norm = make_norm(cfg, cfg.hidden_size)
+        self.attn_norm = make_norm(cfg, cfg.hidden_size, feeds_linear=True)
         self.attn = Attention(cfg)
-        self.mlp_norm = make_norm(cfg, cfg.hidden_size)
+        self.mlp_norm = make_norm(cfg, cfg.hidden_size, feeds_linear=True)
         self.mlp = MLP(cfg)
 
     def forward(self, x, rope, mask, cache, layer):
@@ -239,8 +235,7 @@ class Transformer(nn.Module):
             emb = torch.cat((freqs, freqs), dim=-1)  # [max_pos, hd]
             self._rope_cache[device] = (emb.cos(), emb.sin())
         cos, sin = self._rope_cache[device]
-        # (B|1, 1, T, hd) broadcast over heads
-        return cos[position_ids].to(dtype).unsqueeze(1), sin[position_ids].to(dtype).unsqueeze(1)
+        return cos[position_ids].to(dtype), sin[position_ids].to(dtype)  # (B|1, T, hd)
 
     def _mask(self, T: int, past: int, attn_mask, device, lengths=None):
         """A bool mask (True = attend) of shape broadcastable to (B, nh, T, S), or None for plain causal.

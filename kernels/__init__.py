@@ -4,6 +4,9 @@
     linear_cross_entropy(hidden [N, d], weight [V, d], targets [N])   never builds [N, V]
     AdamW(params, ..., max_grad_norm=None)               torch.optim.AdamW-compatible, fused step
     linear(x [..., K], weight [N, K], bias=None)         F.linear; a GEMV for decoding (<= 8 rows)
+    attention(q, k, v, mask=None)                        SDPA; batched GEMMs for bf16 CPU training (grouped_attention.py)
+    rms_norm(x, weight, eps, weight_offset=0, out_dtype=None)   RMSNorm; fused fwd/bwd for CPU training
+    rope(q, k, cos, sin, out_dtype=None)                 rotate-half RoPE + head transpose; fused for CPU training
     info()                                               what was built, what runs, and why
 
 This file is the only place that imports the compiled module (kernels._C) and decides, per call,
@@ -23,12 +26,15 @@ from pathlib import Path
 import torch
 
 from kernels import gemv, reference
+from kernels import grouped_attention
 from kernels.fused_adamw import FusedAdamW
 from kernels.fused_ce import DTYPE_CODES, CrossEntropyFunction, launch_rows
+from kernels.fused_norm_rope import RMSNormFunction, RopeFunction
 from kernels.fused_linear_ce import (LinearCrossEntropyFunction, default_chunk_size,
                                      native_chunk_ce, torch_chunk_ce)
 
-__all__ = ["cross_entropy", "linear_cross_entropy", "linear", "AdamW", "info", "reference"]
+__all__ = ["cross_entropy", "linear_cross_entropy", "linear", "attention", "rms_norm", "rope", "AdamW", "info",
+           "reference"]
 
 logger = logging.getLogger("kernels")
 
@@ -222,7 +228,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                 else torch_chunk_ce(ignore_index))
     return LinearCrossEntropyFunction.apply(
         hidden.contiguous(), weight.contiguous(), bias, targets, chunk_ce, ignore_index, reduction,
-        chunk_size or default_chunk_size(n_rows, vocab), out_dtype or hidden.dtype)
+        chunk_size or default_chunk_size(n_rows, vocab, hidden.element_size()), out_dtype or hidden.dtype)
 
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # exact types: subclasses may override F.linear
@@ -302,6 +308,138 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if ext is None:
         return reference.linear(x, weight, bias)
     return gemv.launch(ext, x, weight, bias, rows)
+
+
+def _layer_by_design(tensors) -> list[str]:
+    """Where the fused RMSNorm / RoPE are not meant to run (the torch op is the intended one there):
+    without autograd (inference stays bitwise equal to transformers), off CPU, outside fp32/bf16,
+    and under torch.compile (inductor fuses the torch ops itself)."""
+    out = []
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        out.append("no autograd: inference runs the exact torch ops")
+    if any(t.device.type != "cpu" for t in tensors):
+        out.append("the fused kernel runs on cpu only, got " + ", ".join(sorted({str(t.device) for t in tensors})))
+    if any(t.dtype not in (torch.float32, torch.bfloat16) for t in tensors):
+        out.append("dtypes must be float32 or bfloat16, got " + ", ".join(str(t.dtype) for t in tensors))
+    if torch.compiler.is_compiling():
+        out.append("under torch.compile the torch ops are compiled instead")
+    return out
+
+
+def _select_layer(name: str, backend: str | None, unsupported: list[str], by_design: list[str]):
+    """_select for ops whose torch version is the intended one in the by_design cases: there only
+    an explicit backend="native" raises, not ENGINE_KERNELS=native (as kernels.linear)."""
+    if by_design and backend is None:
+        backend = "torch"
+    return _select(name, backend, unsupported + by_design)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0,
+             out_dtype: torch.dtype | None = None, backend: str | None = None) -> torch.Tensor:
+    """RMSNorm of x [..., C] with weight [C]: exactly reference.rms_norm (Llama / Gemma semantics,
+    optional final rounding to out_dtype). CPU training (autograd, fp32/bf16) runs the fused kernel
+    (kernels/csrc/rms_norm.cpp: same math in fp32, sums in another order, so not bitwise)."""
+    name = "kernels.rms_norm"
+    tensors = (x, weight)
+    unsupported = []
+    if not (x.dim() >= 1 and weight.dim() == 1 and weight.shape[0] == x.shape[-1]):
+        unsupported.append(f"x must be [..., C] and weight [C], got {_desc(x)}, {_desc(weight)}")
+    natural = x.dtype if weight_offset else torch.promote_types(x.dtype, weight.dtype)
+    out_dtype = out_dtype or natural
+    by_design = _layer_by_design(tensors)
+    if out_dtype not in (torch.float32, torch.bfloat16):
+        by_design.append(f"out_dtype must be float32 or bfloat16, got {out_dtype}")
+    ext = _select_layer(name, backend, unsupported, by_design)
+    if ext is None:
+        return reference.rms_norm(x, weight, eps, weight_offset, None if out_dtype == natural else out_dtype)
+    return RMSNormFunction.apply(x, weight.contiguous(), eps, weight_offset, out_dtype, ext)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+         out_dtype: torch.dtype | None = None, backend: str | None = None):
+    """Rotate-half RoPE of q [B, T, nh, hd] and k [B, T, nkv, hd] with cos/sin [B|1, T, hd] ->
+    (q, k) rotated, [B, h, T, hd]: exactly reference.rope. CPU training runs the fused kernel
+    (kernels/csrc/rope.cpp: fp32 math, one rounding to the output dtype, no separate transpose)."""
+    name = "kernels.rope"
+    natural = torch.promote_types(q.dtype, cos.dtype)
+    out_dtype = out_dtype or natural
+    unsupported = []
+    shapes_ok = (q.dim() == k.dim() == 4 and cos.dim() == sin.dim() == 3 and cos.shape == sin.shape
+                 and q.shape[0] == k.shape[0] and q.shape[1] == k.shape[1] == cos.shape[1]
+                 and q.shape[3] == k.shape[3] == cos.shape[2] and q.shape[3] % 2 == 0
+                 and cos.shape[0] in (1, q.shape[0]))
+    if not shapes_ok:
+        unsupported.append(f"need q [B, T, nh, hd], k [B, T, nkv, hd] (hd even) and cos, sin [B|1, T, hd], "
+                           f"got {_desc(q)}, {_desc(k)}, {_desc(cos)}, {_desc(sin)}")
+    elif q.stride(-1) != 1 or k.stride(-1) != 1:
+        unsupported.append("q and k need a unit stride within each head")
+    by_design = _layer_by_design((q, k, cos, sin))
+    if q.dtype != k.dtype or out_dtype not in (torch.float32, torch.bfloat16):
+        by_design.append(f"q, k and the output must share float32 or bfloat16, got {q.dtype}, {k.dtype}, {out_dtype}")
+    ext = _select_layer(name, backend, unsupported, by_design)
+    if ext is None:
+        return reference.rope(q, k, cos, sin, None if out_dtype == natural else out_dtype)
+    # The kernel reads fp32 tables (a bf16 table converts exactly) in [B|1, T, hd] contiguous order.
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    return RopeFunction.apply(q, k, cos, sin, out_dtype, ext)
+
+
+def _attention_unsupported(q, k, v, mask) -> list[str]:
+    """Why GroupedAttention can't compute reference.attention(q, k, v, mask) ([] if it can)."""
+    if not (all(isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_floating_point() for t in (q, k, v))
+            and q.dtype == k.dtype == v.dtype):
+        return [f"q, k, v must be 4-D tensors of one floating dtype, got {_desc(q)}, {_desc(k)}, {_desc(v)}"]
+    (B, nh, T, hd), (_, nkv, S, _) = q.shape, k.shape
+    out = []
+    if nkv == 0 or nh % nkv or k.shape != v.shape or k.shape[0] != B or k.shape[3] != hd:
+        out.append(f"need q [B, nh, T, hd] and k, v [B, nkv, S, hd] with nkv dividing nh, got "
+                   f"{list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+    if mask is None:
+        if T != S:
+            out.append(f"causal attention with T={T} queries and S={S} keys (a KV cache) needs a mask")
+    elif not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.device == q.device
+              and mask.shape[-2:] == (T, S)
+              and (mask.dim() == 2 or (mask.dim() == 4 and mask.shape[0] in (1, B) and mask.shape[1] == 1))):
+        out.append(f"mask must be bool [T, S] or [B|1, 1, T, S] = [{B}, 1, {T}, {S}], got {_desc(mask)}")
+    elif not bool(mask.any(-1).all()):  # SDPA returns 0 for such a row, the softmax NaN
+        out.append("mask has a query row that sees no key")
+    return out
+
+
+def _attention_by_design(q, k, v) -> bool:
+    """True where SDPA is the better op anyway: off CPU, fp32 (SDPA's CPU kernel is as fast there),
+    without autograd (inference and decoding save no [T, S] probabilities), for long sequences
+    (see kernels/grouped_attention.py) or under torch.compile (it has its own SDPA patterns)."""
+    return not (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+                and k.shape[-2] <= grouped_attention.MAX_KEYS and not torch.compiler.is_compiling()
+                and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              backend: str | None = None) -> torch.Tensor:
+    """Grouped-query attention q [B, nh, T, hd], k/v [B, nkv, S, hd] -> [B, nh, T, hd], meaning
+    reference.attention (mask None: causal; bool mask: True = attend).
+
+    bf16/fp16 CPU training takes kernels/grouped_attention.py (pure PyTorch, no compiled code: scores
+    rounded to the input dtype, ~1.7x faster than SDPA there) up to 512 keys; everything else, and
+    ENGINE_KERNELS=torch, is SDPA itself. backend="native" forces the grouped path (any dtype,
+    autograd or not) or raises listing why it can't run.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"kernels.attention: backend must be None, 'torch' or 'native', got {backend!r}")
+    if isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)  # the cast autocast applies to SDPA
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    if backend == "native":
+        unsupported = _attention_unsupported(q, k, v, mask)
+        if unsupported:
+            listed = "; ".join(f"({i}) {r}" for i, r in enumerate(unsupported, 1))
+            raise RuntimeError(f"kernels.attention: backend='native' cannot run: {listed}")
+    elif (backend == "torch" or _env_backend() == "torch" or not isinstance(q, torch.Tensor)
+          or _attention_by_design(q, k, v) or _attention_unsupported(q, k, v, mask)):
+        return reference.attention(q, k, v, mask)
+    bias = grouped_attention.additive_bias(mask, q.shape[2], k.shape[2], q.dtype, q.device)
+    return grouped_attention.GroupedAttention.apply(q, k, v, bias)
 
 
 class AdamW(FusedAdamW):

@@ -13,6 +13,7 @@ wrong by precomputing with g = 1).
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
@@ -23,11 +24,28 @@ from kernels.fused_ce import is_one
 # and, if want_grad, overwrites logits_c with scale * row_scale_c[i] * d loss_i / d logits_c.
 ChunkCE = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float, "torch.Tensor | None"], None]
 
-_CHUNK_ELEMENTS = 1 << 25  # 32M logits (128 MiB in fp32) per chunk: big GEMMs, bounded memory
+_CHUNK_BYTES = 1 << 27  # 128 MiB of logits per chunk (32M fp32, 64M bf16): big GEMMs, bounded memory
 
 
-def default_chunk_size(n_rows: int, vocab: int) -> int:
-    return max(1, min(n_rows, _CHUNK_ELEMENTS // max(vocab, 1)))
+def default_chunk_size(n_rows: int, vocab: int, itemsize: int = 4) -> int:
+    return max(1, min(n_rows, _CHUNK_BYTES // max(vocab * itemsize, 1)))
+
+
+_workspace = threading.local()  # .buf: this thread's reusable CPU logits buffer (flat)
+
+
+def logits_buffer(rows: int, vocab: int, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialized [rows, V] tensor for a chunk's logits. On CPU it is carved from one buffer
+    kept across calls: a fresh 128 MiB tensor costs ~25 ms of page faults on first touch here, a
+    third of the GEMM that fills it, on every chunk of every step. CUDA's caching allocator
+    already reuses memory, so there it is a plain allocation."""
+    if like.device.type != "cpu":
+        return torch.empty(rows, vocab, dtype=like.dtype, device=like.device)
+    buf = getattr(_workspace, "buf", None)
+    if buf is None or buf.dtype != like.dtype or buf.numel() < rows * vocab:
+        _workspace.buf = buf = None  # free the old one first: never two buffers at once
+        _workspace.buf = buf = torch.empty(rows * vocab, dtype=like.dtype)
+    return buf[:rows * vocab].view(rows, vocab)
 
 
 def chunked_pass(hidden, weight, bias, targets, chunk_ce: ChunkCE, loss_rows, *, chunk_size: int,
@@ -37,14 +55,21 @@ def chunked_pass(hidden, weight, bias, targets, chunk_ce: ChunkCE, loss_rows, *,
     n_rows = hidden.shape[0]
     want_grad = any(need)
     grad_h = torch.empty_like(hidden) if need[0] else None
-    # Accumulate in fp32 across chunks; fp32 weights accumulate straight into their grad.
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
+    # Accumulate in fp32 across chunks; fp32 weights accumulate straight into their grad. A single
+    # chunk needs no accumulator: its GEMM accumulates in fp32 and rounds once to weight's dtype.
+    single = chunk_size >= n_rows
+    grad_w = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+              if need[1] and not single else None)
     grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need[2] else None
     weight_t = weight.t()  # (d, V)
     for start in range(0, n_rows, chunk_size):
         end = min(start + chunk_size, n_rows)
         h = hidden[start:end]  # (C, d)
-        logits = torch.addmm(bias, h, weight_t) if bias is not None else torch.mm(h, weight_t)  # (C, V)
+        logits = logits_buffer(end - start, weight.shape[0], h)  # (C, V)
+        if bias is not None:
+            torch.addmm(bias, h, weight_t, out=logits)
+        else:
+            torch.mm(h, weight_t, out=logits)
         rs = row_scale[start:end] if row_scale is not None else None
         chunk_ce(logits, targets[start:end], loss_rows[start:end], want_grad, scale, rs)
         if not want_grad:
@@ -52,7 +77,9 @@ def chunked_pass(hidden, weight, bias, targets, chunk_ce: ChunkCE, loss_rows, *,
         dlogits = logits  # (C, V), now holds the gradient
         if grad_h is not None:
             torch.mm(dlogits, weight, out=grad_h[start:end])  # (C, d)
-        if grad_w is not None:
+        if need[1] and single:
+            grad_w = torch.mm(dlogits.t(), h)  # (V, d)
+        elif grad_w is not None:
             if dlogits.dtype == torch.float32:
                 grad_w.addmm_(dlogits.t(), h)  # (V, d)
             else:

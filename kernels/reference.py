@@ -93,6 +93,48 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0,
+             out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [..., C] / rms(x) * weight [C], normalized in fp32. Llama (weight_offset=0) casts to x's
+    dtype, then scales (result in the promoted dtype); Gemma stores weight - 1 (weight_offset=1)
+    and scales in fp32, then casts to x's dtype. out_dtype, if given, rounds the result once more."""
+    dtype = x.dtype
+    n = x.float()
+    n = n * torch.rsqrt(n.pow(2).mean(-1, keepdim=True) + eps)
+    if weight_offset:
+        y = (n * (weight_offset + weight.float())).to(dtype)
+    else:
+        y = weight * n.to(dtype)
+    return y if out_dtype is None else y.to(out_dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+         out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half RoPE (HF's layout): q [B, T, nh, hd], k [B, T, nkv, hd], cos/sin [B|1, T, hd] ->
+    (x * cos + rotate_half(x) * sin) laid out [B, h, T, hd] for x in (q, k), rounded to out_dtype if given."""
+    cos, sin = cos[:, None], sin[:, None]  # (B|1, 1, T, hd): broadcast over heads
+
+    def rotate(x):
+        x = x.transpose(1, 2)  # (B, h, T, hd)
+        y = x * cos + rotate_half(x) * sin
+        return y if out_dtype is None else y.to(out_dtype)
+
+    return rotate(q), rotate(k)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, nh, T, hd], k/v [B, nkv, S, hd] -> [B, nh, T, hd]: the model's SDPA call. mask None is
+    causal when T > 1 (a single query sees every key); a bool mask is True where a query may attend."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
 def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """Global L2 norm of all grads (fp32 0-dim tensor), computed like torch.nn.utils.clip_grad_norm_."""
     if not grads:

@@ -131,6 +131,46 @@ void linear_entry(int64_t x, int64_t weight, int64_t bias, int64_t out, int dtyp
   linear_cpu(a);
 }
 
+void rms_norm_entry(int64_t x, int x_dtype, int64_t x_row_stride, int64_t weight, int w_dtype,
+                    int64_t out, int out_dtype, int64_t rstd, int64_t n_rows, int64_t dim, float eps,
+                    float weight_offset, int n_threads) {
+  RMSNormArgs a{reinterpret_cast<const void*>(x), x_dtype, x_row_stride,
+                reinterpret_cast<const void*>(weight), w_dtype, reinterpret_cast<void*>(out),
+                out_dtype, reinterpret_cast<float*>(rstd), n_rows, dim, eps, weight_offset,
+                n_threads};
+  py::gil_scoped_release release;
+  rms_norm_cpu(a);
+}
+
+void rms_norm_backward_entry(int64_t grad_out, int g_dtype, int64_t x, int x_dtype,
+                             int64_t x_row_stride, int64_t weight, int w_dtype, int64_t rstd,
+                             int64_t grad_x, int64_t grad_weight, int64_t n_rows, int64_t dim,
+                             float weight_offset, int n_threads) {
+  RMSNormBackwardArgs a{reinterpret_cast<const void*>(grad_out), g_dtype,
+                        reinterpret_cast<const void*>(x), x_dtype, x_row_stride,
+                        reinterpret_cast<const void*>(weight), w_dtype,
+                        reinterpret_cast<const float*>(rstd), reinterpret_cast<void*>(grad_x),
+                        reinterpret_cast<float*>(grad_weight), n_rows, dim, weight_offset,
+                        n_threads};
+  py::gil_scoped_release release;
+  rms_norm_backward_cpu(a);
+}
+
+void rope_entry(int64_t x, int x_dtype, std::vector<int64_t> in_stride, int64_t out, int out_dtype,
+                std::vector<int64_t> out_stride, int64_t cos, int64_t sin, int64_t table_batch,
+                int64_t batch, int64_t seq, int64_t heads, int64_t head_dim, bool inverse,
+                int n_threads) {
+  if (in_stride.size() != 3 || out_stride.size() != 3)
+    throw std::invalid_argument("rope: in_stride and out_stride need 3 entries (batch, seq, head)");
+  RopeArgs a{reinterpret_cast<const void*>(x), x_dtype, {in_stride[0], in_stride[1], in_stride[2]},
+             reinterpret_cast<void*>(out), out_dtype,
+             {out_stride[0], out_stride[1], out_stride[2]}, reinterpret_cast<const float*>(cos),
+             reinterpret_cast<const float*>(sin), table_batch, batch, seq, heads, head_dim,
+             inverse ? 1 : 0, n_threads};
+  py::gil_scoped_release release;
+  rope_cpu(a);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -143,6 +183,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("linear_cpu", &linear_entry, py::arg("x"), py::arg("weight"), py::arg("bias"),
         py::arg("out"), py::arg("dtype"), py::arg("m"), py::arg("n"), py::arg("k"),
         py::arg("n_threads"));
+  m.def("rms_norm_cpu", &rms_norm_entry, py::arg("x"), py::arg("x_dtype"), py::arg("x_row_stride"),
+        py::arg("weight"), py::arg("w_dtype"), py::arg("out"), py::arg("out_dtype"),
+        py::arg("rstd"), py::arg("n_rows"), py::arg("dim"), py::arg("eps"),
+        py::arg("weight_offset"), py::arg("n_threads"));
+  m.def("rms_norm_backward_cpu", &rms_norm_backward_entry, py::arg("grad_out"), py::arg("g_dtype"),
+        py::arg("x"), py::arg("x_dtype"), py::arg("x_row_stride"), py::arg("weight"),
+        py::arg("w_dtype"), py::arg("rstd"), py::arg("grad_x"), py::arg("grad_weight"),
+        py::arg("n_rows"), py::arg("dim"), py::arg("weight_offset"), py::arg("n_threads"));
+  m.def("rope_cpu", &rope_entry, py::arg("x"), py::arg("x_dtype"), py::arg("in_stride"),
+        py::arg("out"), py::arg("out_dtype"), py::arg("out_stride"), py::arg("cos"),
+        py::arg("sin"), py::arg("table_batch"), py::arg("batch"), py::arg("seq"),
+        py::arg("heads"), py::arg("head_dim"), py::arg("inverse"), py::arg("n_threads"));
 #ifdef ENGINE_WITH_CUDA
   m.def("cross_entropy_cuda", &ce_entry<cross_entropy_cuda>, CE_ARGS);
   m.def("grad_sumsq_cuda", [](std::vector<int64_t> grads, std::vector<int64_t> sizes,

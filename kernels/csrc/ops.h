@@ -55,7 +55,62 @@ struct LinearArgs {
   int n_threads;
 };
 
+// y [N, C] = RMSNorm of x rows (row stride x_row_stride, unit column stride) with weight [C];
+// rstd [N] receives 1 / rms(x_i). See rms_norm.cpp for the exact Llama / Gemma semantics.
+// Dtypes (x, weight, out): fp32 or bf16 each.
+struct RMSNormArgs {
+  const void* x;
+  int x_dtype;
+  int64_t x_row_stride;
+  const void* weight;
+  int w_dtype;
+  void* out;  // [N, C] contiguous
+  int out_dtype;
+  float* rstd;
+  int64_t n_rows, dim;
+  float eps, weight_offset;
+  int n_threads;
+};
+
+// Gradients of RMSNorm given grad_out [N, C] (contiguous, g_dtype) and the forward's rstd:
+// grad_x [N, C] contiguous in x's dtype (nullable) and grad_weight [C] fp32 (nullable).
+struct RMSNormBackwardArgs {
+  const void* grad_out;
+  int g_dtype;
+  const void* x;
+  int x_dtype;
+  int64_t x_row_stride;
+  const void* weight;
+  int w_dtype;
+  const float* rstd;
+  void* grad_x;
+  float* grad_weight;
+  int64_t n_rows, dim;
+  float weight_offset;
+  int n_threads;
+};
+
+// Rotate-half RoPE of x [batch, seq, heads, head_dim] (element strides in_stride for the first
+// three dims, unit stride within a head) into out (strides out_stride) with fp32 tables
+// cos, sin [table_batch (1 or batch), seq, head_dim]; inverse = 1 rotates back (backward).
+struct RopeArgs {
+  const void* x;
+  int x_dtype;
+  int64_t in_stride[3];
+  void* out;
+  int out_dtype;
+  int64_t out_stride[3];
+  const float* cos;
+  const float* sin;
+  int64_t table_batch, batch, seq, heads, head_dim;
+  int inverse;
+  int n_threads;
+};
+
 void cross_entropy_cpu(const CrossEntropyArgs& a);
+void rms_norm_cpu(const RMSNormArgs& a);
+void rms_norm_backward_cpu(const RMSNormBackwardArgs& a);
+void rope_cpu(const RopeArgs& a);
 void linear_cpu(const LinearArgs& a);
 double grad_sumsq_cpu(const std::vector<int64_t>& grads, const std::vector<int64_t>& sizes,
                       const std::vector<int>& dtypes, int n_threads);

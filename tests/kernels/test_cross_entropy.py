@@ -135,6 +135,22 @@ def test_bf16_true_class_gradient_keeps_precision():
 
 
 @needs_native
+@pytest.mark.parametrize("shift", [0.0, 40.0, -1e4])
+def test_bf16_logits_keep_an_fp32_accurate_loss(shift):
+    """bf16 rows use a shorter exp than fp32 rows (kernels/csrc/cross_entropy.cpp); the per-row
+    losses stay fp32-accurate, which a bf16 training loop's fp32 loss relies on. Read as fp32
+    through linear_cross_entropy with an identity head (its GEMM reproduces the logits exactly)."""
+    n, v = 37, 301
+    logits, targets = make(n, v, torch.bfloat16, ignore_frac=0.0, scale=4.0)
+    logits = (logits.double() + shift).to(torch.bfloat16)
+    eye = torch.eye(v, dtype=torch.bfloat16)
+    rows = kernels.linear_cross_entropy(logits, eye, targets, reduction="none", out_dtype=torch.float32,
+                                        backend="native")
+    rows64 = reference.cross_entropy(logits.double(), targets, reduction="none")
+    torch.testing.assert_close(rows.double(), rows64, rtol=2e-6, atol=2e-6)
+
+
+@needs_native
 def test_gradient_is_scaled_by_non_uniform_grad_output():
     logits, targets = make(6, 300, torch.float32, ignore_frac=0)
     grad_out = torch.tensor([0.0, 1.0, -2.0, 3.5, 1e-3, 7.0])
