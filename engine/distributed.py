@@ -111,10 +111,16 @@ def shutdown(group: Dist) -> None:
         dist.destroy_process_group()
 
 
-def wrap(module: nn.Module, blocks: nn.ModuleList, group: Dist, device: torch.device) -> nn.Module:
+def wrap(module: nn.Module, blocks: nn.ModuleList, group: Dist, device: torch.device,
+         compute_dtype: torch.dtype | None = None) -> nn.Module:
     """DDP, or FSDP2 with one shard group per Transformer block plus the root (embeddings, final norm,
     LM head); the module itself when not distributed. Call before building the optimizer: fully_shard
-    replaces parameters by sharded DTensors."""
+    replaces parameters by sharded DTensors.
+
+    `compute_dtype` (bf16/fp16 training): FSDP gathers the weights in that dtype and reduces gradients
+    in fp32 (MixedPrecisionPolicy). Autocast alone would cache a bf16 copy of every gathered weight
+    until the forward ends, which would undo the sharding's memory saving.
+    """
     if not group.enabled:
         return module
     if group.strategy == "ddp":
@@ -122,12 +128,13 @@ def wrap(module: nn.Module, blocks: nn.ModuleList, group: Dist, device: torch.de
 
         return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (group.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32 if compute_dtype else None)
     for block in blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(module, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(module, mesh=mesh, mp_policy=policy)
     return module
 
 

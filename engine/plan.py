@@ -308,8 +308,15 @@ def estimate_memory(mc: ModelConfig, cfg: RunConfig, world_size: int = 1, device
     weights = P * FP32 if full else P * param_bytes + trainable * FP32
     grads, optimizer = trainable * FP32, 2 * trainable * FP32
     C, V, N = mc.hidden_size, mc.vocab_size, t.batch_size * cfg.data.seq_len
+    strategy = "single process" if world_size == 1 else cfg.distributed.strategy
     step = _step_activations(mc, cfg, amp, param_bytes, _Kernels.for_device(device))
-    resident, head_forward = _lm_head(mc, N, step.head_bytes, full, amp and param_bytes != HALF, device == "cpu")
+    # FSDP under autocast gathers the weights in bf16 itself (engine.distributed.wrap's MixedPrecisionPolicy),
+    # so autocast makes no weight copies.
+    gathers_half = strategy == "fsdp" and amp
+    if gathers_half:
+        step = dataclasses.replace(step, copies_forward=0, copies_backward=0)
+    resident, head_forward = _lm_head(mc, N, step.head_bytes, full, amp and param_bytes != HALF and not gathers_half,
+                                      device == "cpu")
     # Backward of the top layer: the head's fp32 grad and grad_hidden stay; that layer's weight grads and
     # the grads of its widest intermediates ([N, F] x 3, [N, C] x 2, attention probabilities x 2) come in.
     layer_grads = _layer_params(mc) * FP32 if full else trainable * FP32 // mc.num_layers
@@ -321,7 +328,6 @@ def estimate_memory(mc: ModelConfig, cfg: RunConfig, world_size: int = 1, device
     # until the step's last micro-batch).
     accum_grads = grads if t.grad_accum > 1 else 0
 
-    strategy = "single process" if world_size == 1 else cfg.distributed.strategy
     workspace = {"LM head + loss": head_forward + resident}
     if step.copies_forward:
         workspace["autocast bf16 weight copies"] = step.copies_forward
@@ -332,7 +338,8 @@ def estimate_memory(mc: ModelConfig, cfg: RunConfig, world_size: int = 1, device
         extra += grads
     elif strategy == "fsdp":  # shards of everything, plus the gathered root (embeddings, head) and ~2 blocks
         weights, grads, optimizer = (-(-x // world_size) for x in (weights, grads, optimizer))
-        workspace["FSDP gathered weights"] = (_root_params(mc) + 2 * _layer_params(mc)) * param_bytes
+        workspace["FSDP gathered weights"] = (_root_params(mc) + 2 * _layer_params(mc)) * (HALF if gathers_half
+                                                                                            else param_bytes)
         extra += workspace["FSDP gathered weights"]
         tied_embed_grad += V * C * FP32 if full else 0  # the root's grads are whole until reduce-scattered
     phases = {"forward end": step.saved + head_forward + step.copies_forward + accum_grads,

@@ -202,7 +202,8 @@ def _train(cfg: RunConfig, group: Dist, device: torch.device, progress: bool, on
     if resume_from is not None and not is_sharded(resume_from):
         load_model_weights(resume_from, model)  # before DDP/FSDP take the weights over
     hidden_fn = torch.compile(model.hidden_states) if t.compile else None
-    loss_module = distributed.wrap(TokenLoss(model, t.precision, hidden_fn), model.layers, group, device)
+    loss_module = distributed.wrap(TokenLoss(model, t.precision, hidden_fn), model.layers, group, device,
+                                   AMP_DTYPES.get(t.precision))
     optimizer = make_optimizer(model, t)  # after wrap: FSDP replaced the parameters by their shards
     scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
     if group.is_main:

@@ -77,6 +77,17 @@ def test_two_ranks_match_one_process_with_accumulation(strategy, one_process, fs
     assert (run / "checkpoints" / "step_000006" / "dcp" / ".metadata").is_file()
 
 
+def test_fsdp_bf16_gathers_in_bf16_and_tracks_one_process(tmp_path):
+    """bf16: FSDP computes with bf16 gathered weights (MixedPrecisionPolicy), one process with autocast
+    over fp32 weights; the same steps up to bf16 rounding."""
+    train(from_dict(RunConfig, _run_dict(tmp_path / "one", grad_accum=2, precision="bf16"), where=""), progress=False)
+    config = {**_run_dict(tmp_path / "two", precision="bf16"), "distributed": {"strategy": "fsdp"}}
+    result = _torchrun(config, tmp_path / "fsdp_bf16.json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours, ref = _losses(tmp_path / "two" / "run"), _losses(tmp_path / "one" / "run")
+    torch.testing.assert_close(ours, ref, rtol=2e-3, atol=0)
+
+
 def test_fsdp_checkpoint_resumes_in_one_process(one_process, fsdp_run, tmp_path):
     """2 ranks -> 1: torch.distributed.checkpoint reshards the model and optimizer state."""
     run, _ = fsdp_run
