@@ -50,3 +50,28 @@ def test_adamw(benchmark, size, clip, variant):
     benchmark.group = f"adamw {'clip+step' if clip else 'step'} {size} ({n / 1e6:.1f}M fp32 params)"
     benchmark.extra_info.update(params=n, variant=variant, clip=clip)
     benchmark.pedantic(make_step(variant, params, clip), rounds=10 if size == "25M" else 5, warmup_rounds=1)
+
+
+def interleaved(size: str, clip: bool, steps: int = 25, skip: int = 3) -> tuple[float, float]:
+    """Median ms per step of torch_fused and kernels, alternating step by step in one process, so both
+    sides see the same machine load (pytest-benchmark runs them one after the other)."""
+    import statistics
+    import time
+
+    steppers = [make_step(variant, make_params(size), clip) for variant in VARIANTS]
+    times = [[], []]
+    for _ in range(steps):
+        for step, acc in zip(steppers, times):
+            start = time.perf_counter()
+            step()
+            acc.append(time.perf_counter() - start)
+    return tuple(statistics.median(t[skip:]) * 1e3 for t in times)
+
+
+if __name__ == "__main__":  # python -m bench.bench_adamw: the README's table
+    print(f"| params | op | torch fused AdamW | kernels.AdamW | speed-up |\n|---|---|---|---|---|")
+    for size in SIZES:
+        for clip in (False, True):
+            ours_torch, ours = interleaved(size, clip)
+            print(f"| {size} | {'clip+step' if clip else 'step'} | {ours_torch:.1f} ms | {ours:.1f} ms | "
+                  f"{ours_torch / ours:.2f}x |")
