@@ -7,6 +7,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from engine.data import iter_jsonl
+
 logger = logging.getLogger("engine.report")
 
 
@@ -44,15 +46,9 @@ def load_run_metrics(run_dir) -> list[dict]:
     if not path.is_file():
         raise MetricsError(f"{path}: missing (is {run_dir} a run's out_dir? cli.train writes it at the first step)")
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MetricsError(f"{path}:{i}: not valid JSON ({e})") from None
+    for row, where, _ in iter_jsonl(path):  # a line that is not JSON: DataError naming file:line
         if not (isinstance(row, dict) and isinstance(row.get("step"), int) and isinstance(row.get("loss"), (int, float))):
-            raise MetricsError(f"{path}:{i}: expected an object with a 'step' and a 'loss', got {line[:80]!r}")
+            raise MetricsError(f"{where}: expected an object with a 'step' and a 'loss', got {str(row)[:80]!r}")
         rows.append(row)
     if not rows:
         raise MetricsError(f"{path}: no rows yet (the run has not finished a step)")
