@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -168,3 +170,29 @@ def full_params(model: nn.Module, group: Dist):
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return full if group.is_main else None
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM under torchrun, turned into a stop that every rank takes at the same step.
+
+    A KeyboardInterrupt raised inside a collective would leave the other ranks waiting in theirs, so a
+    signal only sets a flag; `requested()` (called once per step, on every rank) all-reduces it, and all
+    ranks then leave the loop together and save one checkpoint. torchrun forwards the terminal's Ctrl-C
+    (or its own SIGTERM) to every worker. One process keeps Python's KeyboardInterrupt.
+    """
+
+    def __init__(self, group: Dist):
+        self.group, self.flag, self.saved = group, False, {}
+        if group.enabled and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.saved[sig] = signal.signal(sig, self._set)
+
+    def _set(self, signum, frame) -> None:
+        self.flag = True
+
+    def requested(self) -> bool:
+        return self.group.enabled and self.group.sum(float(self.flag)) > 0
+
+    def close(self) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)

@@ -243,6 +243,7 @@ def _train(cfg: RunConfig, group: Dist, device: torch.device, progress: bool, on
     metrics = MetricsLog(out_dir / "metrics.jsonl", truncate_after=state["step"]) if group.is_main else None
     trackers = Trackers(cfg.logging, out_dir, cfg.to_dict()) if group.is_main else None
     bar = ProgressBar(steps, state["step"], enabled=progress)
+    stop = distributed.StopRequest(group)
     model.train()
     try:
         while state["step"] < steps:
@@ -274,10 +275,14 @@ def _train(cfg: RunConfig, group: Dist, device: torch.device, progress: bool, on
                 on_step(row)
             if t.save_every and state["step"] % t.save_every == 0 and state["step"] < steps:
                 checkpoint()
+            if stop.requested():
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
         result.interrupted = True
-        bar.write(f"interrupted at step {state['step']}: saving a checkpoint")
+        if group.is_main:
+            bar.write(f"interrupted at step {state['step']}: saving a checkpoint")
     finally:
+        stop.close()
         bar.close()
         if trackers is not None:
             trackers.close()

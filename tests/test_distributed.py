@@ -7,8 +7,10 @@ previous checkpoint usable.
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -152,3 +154,24 @@ def test_lora_sft_on_two_ddp_ranks_matches_one_process(tmp_path):
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
     final = tmp_path / "two" / "run" / "final"
     assert (final / "adapter_model.safetensors").is_file() and not (final / "model.safetensors").exists()
+
+
+def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_and_saves(tmp_path):
+    """Ctrl-C in a terminal signals the whole process group: torchrun and both workers."""
+    config = {**tiny_run_dict(tmp_path, max_steps=100000, save_every=0, eval_every=0), "distributed": {"strategy": "ddp"}}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cli.train",
+           str(write_config_file(tmp_path / "long.json", config)), "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    saved = list_checkpoints(tmp_path / "run")
+    assert len(saved) == 1, err[-3000:]
+    step = json.loads((saved[0] / "trainer_state.json").read_text())["step"]
+    assert step == len(metrics.read_text().splitlines()) >= 3  # the last step every rank finished
+    assert out.count("interrupted at step") == 1 and "resume with --set resume=auto" in err
