@@ -1,0 +1,55 @@
+"""Run by tests/test_plan.py under torchrun: one rank's peak training memory under DDP or FSDP, and the plan's.
+
+    torchrun --nproc_per_node=2 -m tests.plan_ranks {ddp,fsdp} {fp32,bf16}
+
+Prints one JSON line per rank. Measured like tests/test_plan.py's one-process case: RSS growth above a
+warmed-up runtime (here including the process group and a wrapped tiny model's steps).
+"""
+import dataclasses
+import gc
+import json
+import resource
+import sys
+
+import torch
+
+from engine import distributed
+from engine.config import ModelConfig, RunConfig, from_dict
+from engine.model import Transformer
+from engine.plan import estimate_memory
+from engine.train import AMP_DTYPES, TokenLoss, make_optimizer, train_step
+from tests.test_plan import ARCH, _rss, run_dict
+
+
+def steps(cfg: RunConfig, mc: ModelConfig, group, batch_size: int, n: int) -> None:
+    precision = cfg.train.precision
+    torch.manual_seed(0)
+    model = Transformer(mc).train()
+    module = distributed.wrap(TokenLoss(model, precision), model.layers, group, torch.device("cpu"),
+                              AMP_DTYPES.get(precision))
+    optimizer = make_optimizer(model, cfg.train)
+    g = torch.Generator().manual_seed(group.rank)
+    for _ in range(n):
+        x = torch.randint(0, mc.vocab_size, (batch_size, cfg.data.seq_len), generator=g)
+        train_step(model, optimizer, [(x, x)], device=torch.device("cpu"), precision=precision, loss_module=module,
+                   group=group)
+
+
+def main(strategy: str, precision: str) -> None:
+    cfg = from_dict(RunConfig, {**run_dict({"precision": precision}), "distributed": {"strategy": strategy}}, where="")
+    mc = ModelConfig.from_dict(ARCH)
+    group, _ = distributed.init_distributed(cfg, torch.device("cpu"))
+    tiny = dataclasses.replace(mc, vocab_size=64, hidden_size=32, num_heads=2, num_kv_heads=1, head_dim=16,
+                               intermediate_size=64, num_layers=1)
+    steps(cfg, tiny, group, 1, 2)  # warm-up: the runtime, gloo buffers, the wrappers' first allocations
+    gc.collect()
+    baseline = _rss()
+    steps(cfg, mc, group, cfg.train.batch_size, 2)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline  # KiB on Linux
+    print(json.dumps({"rank": group.rank, "measured": peak,
+                      "estimated": estimate_memory(mc, cfg, group.world_size, "cpu").peak}))
+    distributed.shutdown(group)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
