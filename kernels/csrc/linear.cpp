@@ -40,16 +40,32 @@ constexpr int64_t kSlice = 512;  // K elements per slice when a row is walked mo
 constexpr int64_t kMinParallelMacs = 1 << 16;
 
 #if KERNELS_GEMV_AVX512
+// The U accumulators of each of T x rows, cleared, then folded into sums[t] at the end of a tile.
+template <int T, int U>
+inline void zero(__m512 (&acc)[T][U]) {
+#pragma GCC unroll 16
+  for (int t = 0; t < T; ++t)
+#pragma GCC unroll 16
+    for (int u = 0; u < U; ++u) acc[t][u] = _mm512_setzero_ps();
+}
+
+template <int T, int U>
+inline void add_into(__m512 (&acc)[T][U], float sums[T]) {
+#pragma GCC unroll 16
+  for (int t = 0; t < T; ++t) {
+#pragma GCC unroll 16
+    for (int u = 1; u < U; ++u) acc[t][0] = _mm512_add_ps(acc[t][0], acc[t][u]);
+    sums[t] += _mm512_reduce_add_ps(acc[t][0]);
+  }
+}
+
 // sums[t] += dot(w[0:K], x[t * ldx : t * ldx + K]) for one weight row and T rows of x; U
 // independent accumulators per x row hide the FMA latency.
 template <int T, typename W>
 inline void tile(const W* w, const float* x, int64_t ldx, int64_t K, float sums[T]) {
   constexpr int U = T == 1 ? 4 : 2;
   __m512 acc[T][U];
-#pragma GCC unroll 16
-  for (int t = 0; t < T; ++t)
-#pragma GCC unroll 16
-    for (int u = 0; u < U; ++u) acc[t][u] = _mm512_setzero_ps();
+  zero(acc);
   int64_t k = 0;
   for (; k + 16 * U <= K; k += 16 * U) {
 #pragma GCC unroll 16
@@ -73,12 +89,7 @@ inline void tile(const W* w, const float* x, int64_t ldx, int64_t K, float sums[
     for (int t = 0; t < T; ++t)
       acc[t][0] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x + t * ldx + k), acc[t][0]);
   }
-#pragma GCC unroll 16
-  for (int t = 0; t < T; ++t) {
-#pragma GCC unroll 16
-    for (int u = 1; u < U; ++u) acc[t][0] = _mm512_add_ps(acc[t][0], acc[t][u]);
-    sums[t] += _mm512_reduce_add_ps(acc[t][0]);
-  }
+  add_into(acc, sums);
 }
 #endif
 
@@ -92,10 +103,7 @@ template <int T>
 inline void tile(const bf16* w, const bf16* x, int64_t ldx, int64_t K, float sums[T]) {
   constexpr int U = T == 1 ? 4 : 2;
   __m512 acc[T][U];
-#pragma GCC unroll 16
-  for (int t = 0; t < T; ++t)
-#pragma GCC unroll 16
-    for (int u = 0; u < U; ++u) acc[t][u] = _mm512_setzero_ps();
+  zero(acc);
   auto pairs = [](const bf16* p) { return (__m512bh)_mm512_loadu_si512(p); };
   int64_t k = 0;
   for (; k + 32 * U <= K; k += 32 * U) {
@@ -119,12 +127,7 @@ inline void tile(const bf16* w, const bf16* x, int64_t ldx, int64_t K, float sum
     for (int t = 0; t < T; ++t)
       acc[t][0] = _mm512_dpbf16_ps(acc[t][0], wv, (__m512bh)_mm512_maskz_loadu_epi16(m, x + t * ldx + k));
   }
-#pragma GCC unroll 16
-  for (int t = 0; t < T; ++t) {
-#pragma GCC unroll 16
-    for (int u = 1; u < U; ++u) acc[t][0] = _mm512_add_ps(acc[t][0], acc[t][u]);
-    sums[t] += _mm512_reduce_add_ps(acc[t][0]);
-  }
+  add_into(acc, sums);
 }
 #endif
 
