@@ -1,5 +1,6 @@
 """The continuous-batching core, without HTTP: per-row KV caches and the Batcher's scheduling."""
 import threading
+from contextlib import closing
 
 import pytest
 import torch
@@ -42,8 +43,7 @@ def test_batcher_interleaves_requests_and_matches_generate(hf_checkpoint):
     """Requests of different lengths arriving together share decode steps, leave when done, and each
     gets exactly engine.generate's greedy tokens."""
     model = Transformer.from_pretrained(hf_checkpoint("llama")[0]).eval()
-    batcher = Batcher(model, max_batch=3, max_len=64)
-    try:
+    with closing(Batcher(model, max_batch=3, max_len=64)) as batcher:
         g = torch.Generator().manual_seed(1)
         prompts = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (2, 7, 4, 11, 5)]
         lengths = [12, 3, 9, 6, 10]
@@ -63,14 +63,11 @@ def test_batcher_interleaves_requests_and_matches_generate(hf_checkpoint):
         assert 1 < batcher.stats["peak_batch"] <= 3
         assert batcher.stats["steps"] < sum(lengths)  # decoded together, not one after another
         assert batcher.load["active"] == 0
-    finally:
-        batcher.close()
 
 
 def test_batcher_stops_at_eos_and_seeded_sampling_repeats(hf_checkpoint):
     model = Transformer.from_pretrained(hf_checkpoint("llama")[0]).eval()
-    batcher = Batcher(model, max_batch=2, max_len=64)
-    try:
+    with closing(Batcher(model, max_batch=2, max_len=64)) as batcher:
         prompt = [5, 17, 42]
         greedy = generate(model, torch.tensor([prompt]), 5, eos_token_id=[])[0, 3:].tolist()
         tokens, finish = batcher.generate(prompt, SamplingParams(max_tokens=5, eos_ids=(greedy[2],)))
@@ -79,14 +76,11 @@ def test_batcher_stops_at_eos_and_seeded_sampling_repeats(hf_checkpoint):
         assert batcher.generate(prompt, sampled) == batcher.generate(prompt, sampled)
         with pytest.raises(ValueError, match="exceeds the context of 64 tokens"):
             batcher.generate(prompt, SamplingParams(max_tokens=62))
-    finally:
-        batcher.close()
 
 
 def test_cancelled_sequence_leaves_the_batch(hf_checkpoint):
     model = Transformer.from_pretrained(hf_checkpoint("llama")[0]).eval()
-    batcher = Batcher(model, max_batch=1, max_len=128)
-    try:
+    with closing(Batcher(model, max_batch=1, max_len=128)) as batcher:
         first, cancelled, ended = threading.Event(), threading.Event(), threading.Event()
         events = []
 
@@ -107,5 +101,3 @@ def test_cancelled_sequence_leaves_the_batch(hf_checkpoint):
         # The only row is free again: a second request runs to completion.
         assert batcher.generate([4, 5], SamplingParams(max_tokens=4))[1] == "length"
         assert batcher.stats["cancelled"] == 1
-    finally:
-        batcher.close()

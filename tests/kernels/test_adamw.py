@@ -82,27 +82,26 @@ def test_state_dict_round_trips_with_torch(backend):
         for a, b in zip(ours_p, torch_p):
             b.copy_(a)
     ref.load_state_dict(copy.deepcopy(sd))
-    for step in range(5, 10):
-        set_grads(ours_p, step)
-        set_grads(torch_p, step)
-        ours.step()
-        ref.step()
-    for a, b in zip(ours_p, torch_p):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    _step_both_and_compare(ours, ours_p, ref, torch_p, range(5, 10))
     # torch -> ours: a fresh kernels.AdamW continues from torch's state.
     again = kernels.AdamW(groups(ours_p, 0.05), backend=backend)
     again.load_state_dict(copy.deepcopy(ref.state_dict()))  # torch shares tensors otherwise
     with torch.no_grad():
         for a, b in zip(ours_p, torch_p):
             a.copy_(b)
-    for step in range(10, 15):
+    _step_both_and_compare(again, ours_p, ref, torch_p, range(10, 15))
+    assert all(again.state[a]["step"].item() == 15 for a in ours_p)
+
+
+def _step_both_and_compare(ours, ours_p, ref, torch_p, steps) -> None:
+    """Step both optimizers on the same grads, then their params must agree."""
+    for step in steps:
         set_grads(ours_p, step)
         set_grads(torch_p, step)
-        again.step()
+        ours.step()
         ref.step()
     for a, b in zip(ours_p, torch_p):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-        assert again.state[a]["step"].item() == 15
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
