@@ -198,22 +198,15 @@ def load_training_state(path, model, optimizer, scaler, group: Dist = SINGLE, mo
     return json.loads((path / "trainer_state.json").read_text())
 
 
-def load_checkpoint(path, model, optimizer, scaler) -> dict:
-    """One process: restore weights, optimizer, scaler and RNG states in place; return the trainer state."""
-    if not is_sharded(path):
-        load_model_weights(path, model)
-    return load_training_state(path, model, optimizer, scaler)
-
-
 def _shard_optimizer_state(optimizer) -> None:
     """A one-process optimizer state loaded under FSDP holds full tensors: cut them like their params."""
-    for p, state in optimizer.state.items():
-        if type(p).__name__ != "DTensor":
-            continue
-        from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
+    for p, state in optimizer.state.items():
+        if not isinstance(p, DTensor):
+            continue
         for key, value in state.items():
-            if isinstance(value, torch.Tensor) and type(value).__name__ != "DTensor" and value.shape == p.shape:
+            if isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and value.shape == p.shape:
                 state[key] = distribute_tensor(value, p.device_mesh, p.placements)
 
 

@@ -142,22 +142,21 @@ def wrap(module: nn.Module, blocks: nn.ModuleList, group: Dist, device: torch.de
 
 def unwrap(module: nn.Module) -> nn.Module:
     """The module DDP wraps (FSDP2 changes the module in place, so it is its own unwrapped self)."""
-    return getattr(module, "module", module) if type(module).__name__ == "DistributedDataParallel" else module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return module.module if isinstance(module, DistributedDataParallel) else module
 
 
 @contextlib.contextmanager
 def gradient_sync(module: nn.Module, group: Dist, sync: bool):
     """Skip the gradient all-reduce / reduce-scatter for a micro-batch that is not the step's last."""
-    if not group.enabled or sync:
-        if group.strategy == "fsdp" and group.enabled:
-            module.set_requires_gradient_sync(True)
+    if group.enabled and group.strategy == "fsdp":  # a module flag, so set it either way
+        module.set_requires_gradient_sync(sync)
         yield
-        return
-    if group.strategy == "ddp":
+    elif group.enabled and not sync:
         with module.no_sync():
             yield
     else:
-        module.set_requires_gradient_sync(False)
         yield
 
 

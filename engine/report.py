@@ -23,9 +23,14 @@ class MetricsLog:
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, row: dict, every: int = 1) -> None:
-        if row["step"] % every == 0 or "val_loss" in row:
+        if is_logged(row, every):
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+
+
+def is_logged(row: dict, every: int) -> bool:
+    """Rows kept with train.log_every: every `every`-th step, and every eval step."""
+    return row["step"] % every == 0 or "val_loss" in row
 
 
 def read_metrics(path) -> list[dict]:

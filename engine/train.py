@@ -180,7 +180,7 @@ def train(cfg: RunConfig, *, progress: bool = True, on_step: Optional[Callable[[
 
 
 def _train(cfg: RunConfig, group: Dist, device: torch.device, progress: bool, on_step) -> RunResult:
-    from engine.report import MetricsLog, ProgressBar
+    from engine.report import MetricsLog, ProgressBar, is_logged
     from engine.tracking import Trackers
 
     t = cfg.train
@@ -268,7 +268,7 @@ def _train(cfg: RunConfig, group: Dist, device: torch.device, progress: bool, on
                 row.update(val_loss=state["val_loss"], val_ppl=math.exp(min(state["val_loss"], 50.0)))
             if group.is_main:
                 metrics.write(row, every=t.log_every)
-                if row["step"] % t.log_every == 0 or "val_loss" in row:
+                if is_logged(row, t.log_every):
                     trackers.log(row)
             bar.update(row)
             if on_step is not None:
