@@ -175,3 +175,15 @@ def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_and_saves(tmp_path):
     step = json.loads((saved[0] / "trainer_state.json").read_text())["step"]
     assert step == len(metrics.read_text().splitlines()) >= 3  # the last step every rank finished
     assert out.count("interrupted at step") == 1 and "resume with --set resume=auto" in err
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_accumulation_on_two_ranks_syncs_once_per_step(strategy, tmp_path):
+    """2 ranks x grad_accum 2 (no_sync / set_requires_gradient_sync(False) on the first micro-batch)
+    = one process x grad_accum 4."""
+    train(from_dict(RunConfig, _run_dict(tmp_path / "one", grad_accum=4), where=""), progress=False)
+    config = {**_run_dict(tmp_path / "two", grad_accum=2), "distributed": {"strategy": strategy}}
+    result = _torchrun(config, tmp_path / "accum.json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.testing.assert_close(_losses(tmp_path / "two" / "run"), _losses(tmp_path / "one" / "run"),
+                               rtol=1e-5, atol=1e-6)
