@@ -1,8 +1,8 @@
 """Run by tests/test_plan.py under torchrun: one rank's peak training memory under DDP or FSDP, and the plan's.
 
-    torchrun --nproc_per_node=2 -m tests.plan_ranks {ddp,fsdp} {fp32,bf16}
+    torchrun --nproc_per_node=2 -m tests.plan_ranks {ddp,fsdp} {fp32,bf16} OUT_DIR
 
-Prints one JSON line per rank. Measured like tests/test_plan.py's one-process case: RSS growth above a
+Writes OUT_DIR/rank<R>.json per rank (files, not stdout: the ranks' prints can interleave). Measured like tests/test_plan.py's one-process case: RSS growth above a
 warmed-up runtime (here including the process group and a wrapped tiny model's steps).
 """
 import dataclasses
@@ -10,6 +10,7 @@ import gc
 import json
 import resource
 import sys
+from pathlib import Path
 
 import torch
 
@@ -35,7 +36,7 @@ def steps(cfg: RunConfig, mc: ModelConfig, group, batch_size: int, n: int) -> No
                    group=group)
 
 
-def main(strategy: str, precision: str) -> None:
+def main(strategy: str, precision: str, out_dir: str) -> None:
     cfg = from_dict(RunConfig, {**run_dict({"precision": precision}), "distributed": {"strategy": strategy}}, where="")
     mc = ModelConfig.from_dict(ARCH)
     group, _ = distributed.init_distributed(cfg, torch.device("cpu"))
@@ -46,10 +47,10 @@ def main(strategy: str, precision: str) -> None:
     baseline = _rss()
     steps(cfg, mc, group, cfg.train.batch_size, 2)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline  # KiB on Linux
-    print(json.dumps({"rank": group.rank, "measured": peak,
-                      "estimated": estimate_memory(mc, cfg, group.world_size, "cpu").peak}))
+    (Path(out_dir) / f"rank{group.rank}.json").write_text(json.dumps(
+        {"rank": group.rank, "measured": peak, "estimated": estimate_memory(mc, cfg, group.world_size, "cpu").peak}))
     distributed.shutdown(group)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])
