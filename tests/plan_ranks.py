@@ -2,13 +2,13 @@
 
     torchrun --nproc_per_node=2 -m tests.plan_ranks {ddp,fsdp} {fp32,bf16} OUT_DIR
 
-Writes OUT_DIR/rank<R>.json per rank (files, not stdout: the ranks' prints can interleave). Measured like tests/test_plan.py's one-process case: RSS growth above a
-warmed-up runtime (here including the process group and a wrapped tiny model's steps).
+Writes OUT_DIR/rank<R>.json per rank (files, not stdout: the ranks' prints can interleave). Measured like
+tests/test_plan.py's one-process case: the tensor peak of two steps (tests/peak_memory.py) after a warm-up that
+sets up the process group and runs a wrapped tiny model's steps, with RSS growth beside it.
 """
 import dataclasses
 import gc
 import json
-import resource
 import sys
 from pathlib import Path
 
@@ -19,7 +19,8 @@ from engine.config import ModelConfig, RunConfig, from_dict
 from engine.model import Transformer
 from engine.plan import estimate_memory
 from engine.train import AMP_DTYPES, TokenLoss, make_optimizer, train_step
-from tests.test_plan import ARCH, _rss, run_dict
+from tests.peak_memory import measure_peaks
+from tests.test_plan import ARCH, run_dict
 
 
 def steps(cfg: RunConfig, mc: ModelConfig, group, batch_size: int, n: int) -> None:
@@ -44,11 +45,9 @@ def main(strategy: str, precision: str, out_dir: str) -> None:
                                intermediate_size=64, num_layers=1)
     steps(cfg, tiny, group, 1, 2)  # warm-up: the runtime, gloo buffers, the wrappers' first allocations
     gc.collect()
-    baseline = _rss()
-    steps(cfg, mc, group, cfg.train.batch_size, 2)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline  # KiB on Linux
+    peaks = measure_peaks(lambda: steps(cfg, mc, group, cfg.train.batch_size, 2))
     (Path(out_dir) / f"rank{group.rank}.json").write_text(json.dumps(
-        {"rank": group.rank, "measured": peak, "estimated": estimate_memory(mc, cfg, group.world_size, "cpu").peak}))
+        {"rank": group.rank, **peaks, "estimated": estimate_memory(mc, cfg, group.world_size, "cpu").peak}))
     distributed.shutdown(group)
 
 
