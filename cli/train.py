@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import torch
@@ -71,5 +72,30 @@ def main(argv=None) -> None:
             print_sample(result.final_dir, cfg.train.sample_prompt, cfg.train.sample_tokens)
 
 
+def exit_without_teardown(argv=None) -> None:
+    """main(), then os._exit with its exit code: how a torchrun worker ends.
+
+    Once DDP or FSDP has used the gloo process group, torch 2.13 keeps it alive after
+    destroy_process_group (the DDP Reducer / FSDP state hold it from C++), so its socket threads still run
+    while a normal exit tears down the C++ runtime. Rarely the worker then dies with SIGABRT ("terminate
+    called without an active exception"; seen once in ~50 finished 2-rank test runs, on rank 1 as it left),
+    which turns a completed run into a failed job. Everything is written and closed by then (checkpoints,
+    metrics, trackers), so skipping the teardown loses nothing; output streams are flushed first.
+    """
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        if not isinstance(stop.code, (int, type(None))):
+            print(stop.code, file=sys.stderr)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
+    if world_from_env()[1] > 1:
+        exit_without_teardown()
     main()

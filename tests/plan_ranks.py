@@ -9,6 +9,7 @@ sets up the process group and runs a wrapped tiny model's steps, with RSS growth
 import dataclasses
 import gc
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -53,3 +54,5 @@ def main(strategy: str, precision: str, out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:4])
+    sys.stdout.flush()
+    os._exit(0)  # skip the C++ teardown under live gloo threads: see cli.train.exit_without_teardown

@@ -31,7 +31,8 @@ def _run_dict(tmp_path: Path, **extra) -> dict:
 
 
 def _torchrun(config: dict, path: Path, nproc: int = 2, script=("-m", "cli.train")) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "PYTHONFAULTHANDLER": "1"}  # a worker that aborts prints its Python stack
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *script,
            str(write_config_file(path, config)), "--no-progress"]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
