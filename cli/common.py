@@ -8,6 +8,7 @@ import torch
 
 from engine.config import ConfigError
 from engine.data import DataError
+from engine.distributed import RankZeroFailed
 from engine.report import MetricsError
 from engine.tokenizer import TokenizerError
 from engine.weights import WeightsError
@@ -25,6 +26,8 @@ def exit_on_user_error(prog: str):
     except USER_ERRORS as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RankZeroFailed as e:  # under torchrun: rank 0 printed the error; leave with its exit code
+        sys.exit(2 if isinstance(e.error, USER_ERRORS) else 1)
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)
         sys.exit(130)

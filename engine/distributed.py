@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import signal
 import threading
 from dataclasses import dataclass
@@ -68,6 +69,44 @@ class Dist:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+
+    def main_first(self, fn):
+        """fn() on rank 0, then on the other ranks, which reuse what it wrote (the BPE, the tokenized data).
+
+        An exception on rank 0 stops every rank: rank 0 raises it, the others raise RankZeroFailed with
+        it (the CLIs exit with rank 0's exit code and let rank 0 print the one error line), instead of
+        failing later with "connection closed" in their next collective."""
+        if not self.enabled:
+            return fn()
+        if self.is_main:
+            try:
+                result = fn()
+            except Exception as exc:
+                self.broadcast(exc if _picklable(exc) else RuntimeError(f"rank 0: {exc}"))
+                raise
+            self.broadcast(None)
+            return result
+        error = self.broadcast(None)
+        if error is not None:
+            raise RankZeroFailed(error)
+        return fn()
+
+
+class RankZeroFailed(Exception):
+    """Raised on ranks > 0 when rank 0 failed in `Dist.main_first`; `error` is rank 0's exception."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(f"rank 0 failed: {error}")
+        self.error = error
+
+
+def _picklable(obj) -> bool:
+    try:
+        pickle.dumps(obj)
+        return True
+    except Exception:
+        return False
 
 
 SINGLE = Dist()

@@ -185,13 +185,14 @@ def _train(cfg: RunConfig, group: Dist, device: torch.device, progress: bool, on
 
     t = cfg.train
     torch.manual_seed(t.seed)  # the same initial weights on every rank
-    if not group.is_main:
-        group.barrier()  # rank 0 trains the tokenizer and tokenizes the corpus once; the others reuse its cache
-    tokenizer, tokenizer_dir = build_tokenizer(cfg, progress)
-    model = build_model(cfg, tokenizer).to(device)
-    data = build_data(cfg, tokenizer, tokenizer_dir, progress)
-    if group.is_main:
-        group.barrier()
+
+    def prepare():
+        tokenizer, tokenizer_dir = build_tokenizer(cfg, progress)
+        model = build_model(cfg, tokenizer).to(device)
+        return tokenizer, model, build_data(cfg, tokenizer, tokenizer_dir, progress)
+
+    # rank 0 trains the tokenizer and tokenizes the corpus once; the others reuse its cache
+    tokenizer, model, data = group.main_first(prepare)
     if cfg.data.format == "sft":  # packed examples, sampled like windows
         train_windows, val_windows = data.train, data.val
     else:

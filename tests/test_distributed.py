@@ -188,3 +188,18 @@ def test_accumulation_on_two_ranks_syncs_once_per_step(strategy, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     torch.testing.assert_close(_losses(tmp_path / "two" / "run"), _losses(tmp_path / "one" / "run"),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_a_data_error_on_rank_0_stops_every_rank_with_its_message(tmp_path):
+    """Rank 0 tokenizes first; its error (here: an empty corpus) stops every rank: rank 0 prints one line and
+    every rank exits 2, instead of rank 1 failing in its next collective with a 'connection closed' traceback."""
+    config = {**_run_dict(tmp_path), "distributed": {"strategy": "ddp"}}
+    for f in (tmp_path / "corpus").glob("*.txt"):
+        f.write_text("")
+    result = _torchrun(config, tmp_path / "empty.json")
+    assert result.returncode != 0
+    assert result.stderr.count("cli.train: error: bpe files: the corpus (4 file(s)) is too small") == 1, \
+        result.stderr[-3000:]
+    workers = result.stderr.split("site-packages/torch/distributed/elastic")[0]  # before torchrun's own report
+    assert "Traceback" not in workers and "Connection closed" not in result.stderr
+    assert result.stderr.count("exitcode  : 2") == 2  # torchrun's summary: both ranks exited 2
