@@ -212,5 +212,6 @@ def test_client_that_disconnects_mid_stream_frees_its_row(demo):
             time.sleep(0.02)
         assert batcher.stats["tokens"] < 100
         # The single row is free: the next request runs at once.
-        r = httpx.post(url + "/v1/completions", json={"model": "demo", "prompt": "Hi", "max_tokens": 3}, timeout=10)
+        body = {"model": "demo", "prompt": "Hi", "max_tokens": 3, "temperature": 0}  # greedy: no early EOS
+        r = httpx.post(url + "/v1/completions", json=body, timeout=10)
         assert r.json()["usage"]["completion_tokens"] == 3
