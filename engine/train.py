@@ -176,6 +176,7 @@ def train(cfg: RunConfig, *, progress: bool = True, on_step: Optional[Callable[[
     try:
         return _train(cfg, group, device, progress and group.is_main, on_step)
     finally:
+        kernels.release_workspace()  # the loss's reusable logits buffer: not needed after training
         distributed.shutdown(group)
 
 

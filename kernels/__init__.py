@@ -31,10 +31,10 @@ from kernels.fused_adamw import FusedAdamW
 from kernels.fused_ce import DTYPE_CODES, CrossEntropyFunction, launch_rows
 from kernels.fused_norm_rope import RMSNormFunction, RopeFunction
 from kernels.fused_linear_ce import (LinearCrossEntropyFunction, default_chunk_size,
-                                     native_chunk_ce, torch_chunk_ce)
+                                     native_chunk_ce, release_logits_buffer, torch_chunk_ce)
 
 __all__ = ["cross_entropy", "linear_cross_entropy", "linear", "attention", "rms_norm", "rope", "AdamW", "info",
-           "reference"]
+           "release_workspace", "reference"]
 
 logger = logging.getLogger("kernels")
 
@@ -61,6 +61,12 @@ def _env_backend() -> str | None:
     if value not in ("", "torch", "native"):
         raise ValueError(f"ENGINE_KERNELS: expected 'torch' or 'native', got {value!r}")
     return value or None
+
+
+def release_workspace() -> None:
+    """Free the CPU logits buffer that linear_cross_entropy keeps across calls on this thread (up to
+    128 MiB); engine.train calls it when training ends."""
+    release_logits_buffer()
 
 
 def info() -> dict:

@@ -48,6 +48,11 @@ def logits_buffer(rows: int, vocab: int, like: torch.Tensor) -> torch.Tensor:
     return buf[:rows * vocab].view(rows, vocab)
 
 
+def release_logits_buffer() -> None:
+    """Free this thread's logits buffer (the next linear_cross_entropy call allocates a new one)."""
+    _workspace.buf = None
+
+
 def chunked_pass(hidden, weight, bias, targets, chunk_ce: ChunkCE, loss_rows, *, chunk_size: int,
                  scale: float, row_scale, need: tuple[bool, bool, bool]):
     """One sweep over token chunks; returns (grad_hidden, grad_weight, grad_bias) for the

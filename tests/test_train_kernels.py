@@ -4,6 +4,7 @@ import dataclasses
 import pytest
 
 import kernels
+from kernels import fused_linear_ce
 from engine.train import train
 from tests.train_fixtures import tiny_run_config
 
@@ -15,6 +16,7 @@ def test_native_kernels_and_torch_fallback_train_to_the_same_losses(tmp_path, mo
     cfg = tiny_run_config(tmp_path, max_steps=10, precision=precision, grad_accum=2, eval_every=0)
     monkeypatch.setenv("ENGINE_KERNELS", "native")
     native = train(dataclasses.replace(cfg, out_dir=str(tmp_path / "native")), progress=False)
+    assert getattr(fused_linear_ce._workspace, "buf", None) is None  # the loss's logits buffer is freed at the end
     monkeypatch.setenv("ENGINE_KERNELS", "torch")
     fallback = train(dataclasses.replace(cfg, out_dir=str(tmp_path / "torch")), progress=False)
     tol = 1e-4 if precision == "fp32" else 2e-2

@@ -138,3 +138,20 @@ def test_bf16_inputs_can_return_an_fp32_loss_with_the_same_gradients(backend):
     h.grad = w.grad = None
     kernels.linear_cross_entropy(h, w, t, reduction="sum", backend=backend).backward()
     assert torch.equal(g32[0], h.grad) and torch.equal(g32[1], w.grad)
+
+
+def test_cpu_logits_buffer_is_reused_across_calls_until_released():
+    from kernels import fused_linear_ce
+
+    hidden, weight, bias, targets = make(37, 16, 301, torch.float32)
+    kernels.release_workspace()
+    run(kernels.linear_cross_entropy, hidden, weight, bias, targets)
+    first = fused_linear_ce._workspace.buf
+    assert first is not None and first.numel() >= 37 * 301
+    run(kernels.linear_cross_entropy, hidden[:20], weight, bias, targets[:20])  # fewer rows: same buffer
+    assert fused_linear_ce._workspace.buf is first
+    kernels.release_workspace()
+    assert fused_linear_ce._workspace.buf is None
+    check(run(kernels.linear_cross_entropy, hidden, weight, bias, targets), expected(hidden, weight, bias, targets),
+          torch.float32)
+    kernels.release_workspace()
