@@ -8,6 +8,11 @@ name tables still apply) and adds `lora_A`/`lora_B`. Every other parameter is fr
 
 On disk an adapter is what `peft.PeftModel.save_pretrained` writes: adapter_config.json + adapter_model.safetensors
 with names `base_model.model.<HF module>.lora_A.weight`, so PEFT loads ours and we load PEFT's.
+
+GPT-2 keeps q, k and v in one Conv1D (`c_attn`), and PEFT adapts that module as a whole: one A [r, in] and one
+B [3 * out, r]. Here q_proj, k_proj and v_proj share one lora_A module and each holds its rows of B, which is
+the same function and the same gradients; on disk B is their concatenation. (With dropout > 0 the three draw
+separate dropout masks where PEFT draws one: the same in expectation, not bit for bit.)
 """
 from __future__ import annotations
 
@@ -28,6 +33,9 @@ from engine.weights import WeightsError, read_json
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+GPT2_TARGETS = {"c_attn": ("q_proj", "k_proj", "v_proj"), "attn.c_attn": ("q_proj", "k_proj", "v_proj"),
+                "c_proj": ("o_proj", "down_proj"), "attn.c_proj": ("o_proj",), "mlp.c_proj": ("down_proj",),
+                "c_fc": ("up_proj",), "mlp.c_fc": ("up_proj",)}  # PEFT target_modules -> our module names
 
 
 class LoRALinear(nn.Linear):
@@ -74,11 +82,12 @@ def is_lora(model) -> bool:
 
 
 def check_lora_supported(model_cfg, lora: LoraConfig) -> None:
-    """GPT-2 stores q/k/v fused in one transposed Conv1D (`c_attn`); a PEFT adapter on it cannot be split per head."""
-    if model_cfg.hf_model_type == "gpt2":
-        raise ConfigError("lora.targets: GPT-2's fused c_attn/c_fc (Conv1D) layout is not supported for LoRA; "
-                          "use a Llama-style family (llama, mistral, qwen2, qwen3, gemma)")
-    if "gate_proj" in lora.targets and not model_cfg.gated_mlp:
+    """Targets the model can adapt: GPT-2's fused c_attn (q, k, v) is adapted whole or not at all."""
+    fused = {"q_proj", "k_proj", "v_proj"}
+    if model_cfg.hf_model_type == "gpt2" and 0 < len(fused & set(lora.targets)) < 3:
+        raise ConfigError("lora.targets: GPT-2 stores q_proj, k_proj and v_proj in one module (c_attn), which an "
+                          "adapter covers whole: target all three or none")
+    if "gate_proj" in lora.targets and not model_cfg.gated_mlp and tuple(lora.targets) != LORA_TARGETS:
         raise ConfigError("lora.targets: 'gate_proj' is not in this model (its MLP is not gated)")
 
 
@@ -98,6 +107,10 @@ def apply_lora(model, lora: LoraConfig, base_name: str = "") -> list[str]:
                 wrapped.append(f"{name}.{child_name}" if name else child_name)
     if not wrapped:
         raise ConfigError(f"lora.targets: none of {list(lora.targets)} is a linear layer of this model")
+    modules = lora_modules(model)
+    for names in peft_modules(model).values():  # a fused HF module (GPT-2's c_attn): one A for all its parts
+        for name in names[1:]:
+            modules[name].lora_A = modules[names[0]].lora_A
     model.lora_config, model.lora_base = lora, str(base_name)
     return wrapped
 
@@ -120,27 +133,42 @@ def _split(model, name: str):
     return (model.get_submodule(parent) if parent else model), child
 
 
-def _peft_module_name(model, native_module: str) -> str:
-    """`layers.0.attn.q_proj` -> `base_model.model.model.layers.0.self_attn.q_proj` (PEFT's saved prefix)."""
-    hf = stored_as(weight_layout(model.config), native_module + ".weight").name
-    return PEFT_PREFIX + hf.removesuffix(".weight")
+def peft_modules(model) -> dict[str, list[str]]:
+    """PEFT module name -> the native LoRA modules stored in it, in storage order: one each, except a fused
+    module (`base_model.model.transformer.h.0.attn.c_attn` -> layers.0.attn.{q,k,v}_proj)."""
+    layout, groups = weight_layout(model.config), {}
+    for name in lora_modules(model):
+        stored = stored_as(layout, name + ".weight")
+        groups.setdefault(PEFT_PREFIX + stored.name.removesuffix(".weight"), []).append((stored.part, name))
+    return {peft: [name for _, name in sorted(parts)] for peft, parts in groups.items()}
 
 
 def adapter_state_dict(model) -> dict[str, torch.Tensor]:
-    """The adapters under PEFT's saved names: `...q_proj.lora_A.weight` [r, in], `...lora_B.weight` [out, r]."""
-    out = {}
-    for name, m in lora_modules(model).items():
-        peft = _peft_module_name(model, name)
-        out[f"{peft}.lora_A.weight"] = m.lora_A.weight.detach().contiguous()
-        out[f"{peft}.lora_B.weight"] = m.lora_B.weight.detach().contiguous()
+    """The adapters under PEFT's saved names: `...q_proj.lora_A.weight` [r, in], `...lora_B.weight` [out, r]
+    (a fused module's B: its parts' rows, concatenated)."""
+    modules, out = lora_modules(model), {}
+    for peft, names in peft_modules(model).items():
+        out[f"{peft}.lora_A.weight"] = modules[names[0]].lora_A.weight.detach().contiguous()
+        out[f"{peft}.lora_B.weight"] = torch.cat([modules[n].lora_B.weight.detach() for n in names]).contiguous()
     return out
 
 
-def adapter_config(lora: LoraConfig, base_name: str) -> dict:
+def _peft_targets(model) -> tuple[list[str], bool]:
+    """adapter_config.json's target_modules and fan_in_fan_out for the adapted model. Llama-style families
+    name the module (`q_proj`); GPT-2 names it from its block (`attn.c_proj` vs `mlp.c_proj`), and its
+    Conv1D weights are stored [in, out], which PEFT records as fan_in_fan_out."""
+    if model.config.hf_model_type != "gpt2":
+        return [t for t in model.lora_config.targets if any(n.endswith("." + t) for n in lora_modules(model))], False
+    blocks = {peft.split(".h.", 1)[1].split(".", 1)[1] for peft in peft_modules(model)}  # "0.attn.c_attn" -> "attn.c_attn"
+    return sorted(blocks), True
+
+
+def adapter_config(model) -> dict:
     """adapter_config.json as PEFT writes it (the fields PEFT needs to rebuild the same adapter)."""
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name or None,
-            "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "target_modules": list(lora.targets),
-            "use_rslora": lora.rslora, "bias": "none", "fan_in_fan_out": False, "use_dora": False,
+    lora, (targets, fan_in_fan_out) = model.lora_config, _peft_targets(model)
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": model.lora_base or None,
+            "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "target_modules": targets,
+            "use_rslora": lora.rslora, "bias": "none", "fan_in_fan_out": fan_in_fan_out, "use_dora": False,
             "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
             "alpha_pattern": {}, "init_lora_weights": True, "inference_mode": True, "lora_bias": False}
 
@@ -154,7 +182,7 @@ def save_adapter(model, directory) -> Path:
     tmp = directory / (ADAPTER_WEIGHTS + ".tmp")
     save_file(adapter_state_dict(model), str(tmp), metadata={"format": "pt"})
     os.replace(tmp, directory / ADAPTER_WEIGHTS)
-    text = json.dumps(adapter_config(model.lora_config, model.lora_base), indent=2, sort_keys=True)
+    text = json.dumps(adapter_config(model), indent=2, sort_keys=True)
     (directory / ADAPTER_CONFIG).write_text(text + "\n")
     return directory
 
@@ -165,7 +193,8 @@ def read_adapter_config(directory) -> tuple[LoraConfig, str | None]:
     raw = read_json(path, "expected a PEFT LoRA adapter directory")
     if raw.get("peft_type") != "LORA":
         raise WeightsError(f"{path}: peft_type {raw.get('peft_type')!r} is not supported (only 'LORA')")
-    unsupported = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "modules_to_save": None,
+    # fan_in_fan_out only says how the base stores its weights (PEFT sets it for GPT-2's Conv1D itself)
+    unsupported = {"use_dora": False, "bias": "none", "modules_to_save": None,
                    "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False,
                    "target_parameters": None, "layer_replication": None, "trainable_token_indices": None}
     for key, ok in unsupported.items():
@@ -174,6 +203,8 @@ def read_adapter_config(directory) -> tuple[LoraConfig, str | None]:
     targets = raw.get("target_modules")
     if isinstance(targets, str):  # PEFT also accepts a regex over full names, or "all-linear"
         targets = LORA_TARGETS if targets == "all-linear" else [t for t in LORA_TARGETS if t in targets]
+    else:  # PEFT matches name suffixes: "self_attn.q_proj" is q_proj; GPT-2's modules have their own names
+        targets = [n for t in targets or () for n in GPT2_TARGETS.get(t, (t.rsplit(".", 1)[-1],))]
     try:
         lora = LoraConfig(rank=raw["r"], alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout", 0.0)),
                           targets=tuple(targets or ()), rslora=bool(raw.get("use_rslora", False)))
@@ -187,10 +218,10 @@ def load_adapter_weights(model, directory) -> None:
     path = Path(directory) / ADAPTER_WEIGHTS
     if not path.is_file():
         raise WeightsError(f"{path}: missing (expected the adapter weights beside {ADAPTER_CONFIG})")
-    want = {}
-    for name, m in lora_modules(model).items():
-        peft = _peft_module_name(model, name)
-        want[f"{peft}.lora_A.weight"], want[f"{peft}.lora_B.weight"] = m.lora_A.weight, m.lora_B.weight
+    modules, want = lora_modules(model), {}  # PEFT tensor name -> the parameters it fills, split by rows
+    for peft, names in peft_modules(model).items():
+        want[f"{peft}.lora_A.weight"] = [modules[names[0]].lora_A.weight]
+        want[f"{peft}.lora_B.weight"] = [modules[n].lora_B.weight for n in names]
     try:
         f = safe_open(str(path), framework="pt")
     except (SafetensorError, OSError) as e:
@@ -203,11 +234,13 @@ def load_adapter_weights(model, directory) -> None:
             what = (f"missing {', '.join(missing[:4])}" if missing else f"unexpected {', '.join(unexpected[:4])}")
             raise WeightsError(f"{path}: adapter tensors do not match the model's LoRA layers ({what})")
         with torch.no_grad():
-            for name, param in want.items():
+            for name, params in want.items():
                 t = f.get_tensor(present[name])
-                if t.shape != param.shape:
-                    raise WeightsError(f"{path}: tensor '{name}' has shape {list(t.shape)}, expected {list(param.shape)}")
-                param.copy_(t)
+                shape = [sum(p.shape[0] for p in params), *params[0].shape[1:]]
+                if list(t.shape) != shape:
+                    raise WeightsError(f"{path}: tensor '{name}' has shape {list(t.shape)}, expected {shape}")
+                for param, rows in zip(params, t.split([p.shape[0] for p in params])):
+                    param.copy_(rows)
 
 
 def load_adapter(model, directory) -> LoraConfig:

@@ -217,12 +217,15 @@ def _walk(mc: ModelConfig, seq_len: int, amp: bool, param_bytes: int, full: bool
 
 
 def lora_params(mc: ModelConfig, lora: LoraConfig) -> int:
-    """Trainable adapter parameters: rank * (in + out) per targeted Linear per layer."""
+    """Trainable adapter parameters: rank * (in + out) per targeted Linear per layer (one A per fused module)."""
     C, F = mc.hidden_size, mc.intermediate_size
     q, kv = mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim
     shapes = {"q_proj": (C, q), "k_proj": (C, kv), "v_proj": (C, kv), "o_proj": (q, C),
               "gate_proj": (C, F) if mc.gated_mlp else None, "up_proj": (C, F), "down_proj": (F, C)}
-    return mc.num_layers * sum(lora.rank * sum(shapes[t]) for t in lora.targets if shapes[t])
+    per_layer = sum(lora.rank * sum(shapes[t]) for t in lora.targets if shapes[t])
+    if mc.hf_model_type == "gpt2" and "q_proj" in lora.targets:
+        per_layer -= 2 * lora.rank * C  # GPT-2's q, k, v share one A (engine.lora: fused c_attn)
+    return mc.num_layers * per_layer
 
 
 def _root_params(mc: ModelConfig) -> int:

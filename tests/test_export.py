@@ -70,3 +70,21 @@ def test_bad_inputs_exit_2_without_a_traceback(base_and_adapter, tmp_path):
     ]:
         result = _run(*args)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_gpt2_lora_run_exports_a_merged_model_transformers_loads(tmp_path):
+    """GPT-2 end to end: a LoRA run on its fused c_attn (PEFT layout), then the merged export."""
+    import transformers
+
+    from engine.train import train
+    from tests.finetune_fixtures import lora_run_config
+
+    base = pretrained_dir(tmp_path / "base", family="gpt2")
+    result = train(lora_run_config(tmp_path, base, max_steps=4), progress=False)
+    assert result.losses[-1][1] < result.losses[0][1]
+    export(result.final_dir, tmp_path / "merged")  # the adapter dir names its base
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    expected = load_with_adapter(result.final_dir)
+    ids = torch.randint(0, expected.config.vocab_size, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, expected(ids), rtol=1e-4, atol=1e-4)

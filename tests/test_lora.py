@@ -10,6 +10,7 @@ from engine import Transformer
 from engine.config import ConfigError, LoraConfig, TrainConfig
 from engine.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRALinear, apply_lora, load_with_adapter, lora_modules,
                          merge_lora, save_adapter)
+from engine.plan import lora_params
 from engine.train import make_optimizer, train, train_step
 from engine.weights import WeightsError
 from tests.finetune_fixtures import lora_run_config, pretrained_dir
@@ -25,7 +26,7 @@ def _randomize_adapters(model, seed=0):
             m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.1)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "gpt2"])
 def test_peft_loads_our_adapter_and_gives_the_same_logits(hf_checkpoint, tmp_path, family):
     import peft
 
@@ -37,6 +38,9 @@ def test_peft_loads_our_adapter_and_gives_the_same_logits(hf_checkpoint, tmp_pat
     save_adapter(ours, tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())
     assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == str(directory)
+    if family == "gpt2":  # its Conv1D modules, named from their block (attn.c_proj vs mlp.c_proj)
+        assert config["target_modules"] == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+        assert config["fan_in_fan_out"] is True
     peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
     ids = torch.randint(0, ours.config.vocab_size, (2, 12))
     with torch.no_grad():
@@ -129,10 +133,60 @@ def test_lora_checkpoint_holds_only_the_adapter_and_resume_is_bitwise_exact(tmp_
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
-def test_gpt2_fused_attention_is_rejected_with_a_clear_error(hf_checkpoint):
+def test_we_load_a_peft_saved_gpt2_adapter_on_its_fused_c_attn(tmp_path):
+    """PEFT adapts GPT-2's c_attn (q, k, v in one Conv1D) with one A and one B [3 * out, r]."""
+    import peft
+
+    from tests.hf_models import make_hf_model
+
+    hf = make_hf_model("gpt2")
+    hf.save_pretrained(tmp_path / "base")
+    peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
+                                                         task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ours = load_with_adapter(tmp_path / "base", tmp_path / "adapter")
+    assert sorted({n.rsplit(".", 1)[1] for n in lora_modules(ours)}) == ["down_proj", "k_proj", "o_proj", "q_proj",
+                                                                        "v_proj"]
+    attn = ours.layers[0].attn
+    assert attn.q_proj.lora_A is attn.k_proj.lora_A is attn.v_proj.lora_A  # one A, as in c_attn
+    ids = torch.randint(0, ours.config.vocab_size, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), peft_model.eval()(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_gpt2_lora_trains_its_shared_a_once_saves_loads_and_merges(hf_checkpoint, tmp_path):
     directory, _ = hf_checkpoint("gpt2")
-    with pytest.raises(ConfigError, match="GPT-2's fused c_attn"):
-        apply_lora(Transformer.from_pretrained(directory), LoraConfig())
+    model = Transformer.from_pretrained(directory).train()
+    apply_lora(model, LoraConfig(rank=4, alpha=8, targets="all-linear"), str(directory))
+    opt = make_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.0))
+    trained = [p for g in opt.param_groups for p in g["params"]]
+    attn = model.layers[0].attn
+    assert sum(p is attn.q_proj.lora_A.weight for p in trained) == 1 and len(trained) == len({id(p) for p in trained})
+    assert lora_params(model.config, model.lora_config) == sum(p.numel() for p in trained)  # the planner's count
+    x = torch.randint(0, model.config.vocab_size, (4, 16))
+    losses = [train_step(model, opt, [(x, torch.roll(x, -1, 1))], device=torch.device("cpu"))["loss"]
+              for _ in range(15)]
+    assert losses[-1] < losses[0] - 0.2
+    save_adapter(model, tmp_path / "adapter")
+    loaded = load_with_adapter(directory, tmp_path / "adapter")
+    ids = torch.randint(0, model.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        expected = model.eval()(ids)
+        torch.testing.assert_close(loaded(ids), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(merge_lora(loaded)(ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gpt2_fused_attention_is_adapted_whole_or_not_at_all(hf_checkpoint):
+    directory, _ = hf_checkpoint("gpt2")
+    with pytest.raises(ConfigError, match="GPT-2 stores q_proj, k_proj and v_proj in one module"):
+        apply_lora(Transformer.from_pretrained(directory), LoraConfig(targets=("q_proj", "v_proj")))
+    with pytest.raises(ConfigError, match="'gate_proj' is not in this model"):
+        apply_lora(Transformer.from_pretrained(directory), LoraConfig(targets=("gate_proj",)))
+    apply_lora(Transformer.from_pretrained(directory), LoraConfig(targets=("o_proj", "up_proj")))  # unfused: fine
 
 
 @pytest.mark.parametrize("edit,message", [
