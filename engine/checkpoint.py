@@ -116,9 +116,13 @@ def save_model(directory: Path, model, params=None) -> None:
 
 
 def _state_dict_options(model):
+    """A LoRA checkpoint holds the adapters only: frozen base weights are left out when saving, and are not
+    expected when loading (they come from the base model). dcp.load still fails on any adapter tensor missing
+    from the checkpoint."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(ignore_frozen_params=is_lora(model))  # a LoRA checkpoint holds the adapters only
+    lora = is_lora(model)
+    return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
 
 
 def _save_sharded(directory: Path, model, optimizer, module, group: Dist) -> None:

@@ -141,7 +141,8 @@ def test_crash_mid_save_leaves_the_previous_checkpoint_usable(one_process, tmp_p
 
 def test_lora_sft_on_two_ddp_ranks_matches_one_process(tmp_path):
     """Packed SFT rows carry different numbers of target tokens per rank: the step's loss is normalized
-    by the tokens of all ranks, so the steps still equal one process's; only the adapter is saved."""
+    by the tokens of all ranks, so the steps still equal one process's; only the adapter is saved, and the
+    run resumes from it (here in one process)."""
     from tests.finetune_fixtures import lora_run_dict, pretrained_dir
 
     model_dir = pretrained_dir(tmp_path / "base")
@@ -155,6 +156,10 @@ def test_lora_sft_on_two_ddp_ranks_matches_one_process(tmp_path):
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
     final = tmp_path / "two" / "run" / "final"
     assert (final / "adapter_model.safetensors").is_file() and not (final / "model.safetensors").exists()
+    # its step-2 checkpoint (dcp/ holds the adapters and their optimizer state only) resumes in one process
+    resumed = train(from_dict(RunConfig, {**one, "out_dir": str(tmp_path / "resumed"), "resume": str(
+        tmp_path / "two" / "run" / "checkpoints" / "step_000002")}, where=""), progress=False)
+    torch.testing.assert_close([loss for _, loss in resumed.losses], ref[0][2:], rtol=1e-5, atol=1e-6)
 
 
 def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_and_saves(tmp_path):
