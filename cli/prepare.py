@@ -1,7 +1,8 @@
 """python -m cli.prepare config.json [--set data.seq_len=1024 ...] : tokenize a run's corpus once.
 
 Reads the same run config as cli.train; builds (or trains) its tokenizer, then writes
-<data.processed_dir>/<hash>/{train,val}.bin + meta.json, or reuses them when nothing changed.
+<data.processed_dir>/<hash>/{train,val}.bin + meta.json, or reuses them when nothing changed. SFT data
+(data.format "sft") is tokenized into <data.processed_dir>/sft-<hash>/ the same way.
 """
 from __future__ import annotations
 
@@ -26,6 +27,12 @@ def main(argv=None) -> int:
         cfg = load_run_config(args.config, args.overrides)
         tokenizer, tokenizer_dir = build_tokenizer(cfg, progress=not args.no_progress)
         data = build_data(cfg, tokenizer, tokenizer_dir, progress=not args.no_progress)
+    if cfg.data.format == "sft":
+        print(f"data: {'reused' if data.reused else 'prepared'} {data.cache_dir}")
+        for split, packed in (("train", data.train), ("val", data.val)):
+            if packed is not None:
+                print("  " + packed.stats.line(split))
+        return 0
     m = data.meta
     print(f"data: {'reused' if data.reused else 'prepared'} {data.dir}\n"
           f"  files  train {len(m['train_files'])}, val {len(m['val_files'])} (val from {m['val_source']})\n"

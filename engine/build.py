@@ -102,5 +102,5 @@ def _load_initial_adapter(model, lora) -> None:
 def build_data(cfg: RunConfig, tokenizer: Tokenizer, tokenizer_dir: Path, progress: bool = True):
     """PreparedData (token windows) for data.format "text"; SFTData (packed examples) for "sft"."""
     if cfg.data.format == "sft":
-        return prepare_sft(cfg.data, tokenizer, seed=cfg.train.seed)
+        return prepare_sft(cfg.data, tokenizer, seed=cfg.train.seed, tokenizer_dir=tokenizer_dir)
     return prepare(cfg.data, tokenizer, tokenizer_dir, progress=progress)

@@ -112,7 +112,7 @@ def iter_jsonl(path: Path):
             yield record, where, len(raw)
 
 
-def _tokenizer_hash(tokenizer_dir) -> str:
+def tokenizer_hash(tokenizer_dir) -> str:
     h = hashlib.sha256()
     for name in TOKENIZER_FILES:
         if (Path(tokenizer_dir) / name).is_file():
@@ -177,7 +177,7 @@ def prepare(data_cfg: DataConfig, tokenizer: Tokenizer, tokenizer_dir, *, dtype=
     dtype = token_dtype(tokenizer.vocab_size) if dtype is None else np.dtype(dtype)
     key = {"format": FORMAT_VERSION, "train": fingerprint(train_files), "val": fingerprint(val_files),
            "val_fraction": data_cfg.val_fraction, "text_field": data_cfg.text_field, "dtype": dtype.name,
-           "tokenizer": _tokenizer_hash(tokenizer_dir)}
+           "tokenizer": tokenizer_hash(tokenizer_dir)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     out = Path(data_cfg.processed_dir) / digest
     if (out / "meta.json").is_file():

@@ -14,11 +14,19 @@ seq_len + 1 tokens (`truncation`); an example left with no supervised target is 
 Packing puts several examples in one row of seq_len positions (best-fit decreasing); each keeps its own
 positions (0, 1, ...) and attends only within itself, so its loss equals the loss of running it alone.
 Rows are sampled like TokenWindows: a fresh permutation per epoch, a pure function of (seed, step).
+Tokenized examples are cached in <processed_dir>/sft-<hash>/ (inputs' paths/sizes/mtimes, tokenizer files and
+chat templates, seq_len and data.sft): a run that changes none of them skips rendering and tokenizing.
 """
 from __future__ import annotations
 
 import bisect
+import dataclasses
+import hashlib
+import json
 import logging
+import os
+import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +34,7 @@ import numpy as np
 import torch
 
 from engine.config import DataConfig, SFTConfig
-from engine.data import DataError, expand_paths, iter_jsonl
+from engine.data import DataError, expand_paths, fingerprint, iter_jsonl, token_dtype, tokenizer_hash
 from engine.tokenizer import Tokenizer, TokenizerError
 
 logger = logging.getLogger("engine.sft")
@@ -270,6 +278,8 @@ class PackedExamples:
 class SFTData:
     train: PackedExamples
     val: PackedExamples | None
+    cache_dir: Path | None = None  # where the tokenized examples are cached (None: not cached)
+    reused: bool = False  # loaded from cache_dir rather than tokenized now
 
 
 def _packed(examples, cfg: DataConfig, pad_id: int, seed: int, stats: SFTStats) -> PackedExamples:
@@ -278,23 +288,47 @@ def _packed(examples, cfg: DataConfig, pad_id: int, seed: int, stats: SFTStats) 
     return PackedExamples(examples, rows, cfg.seq_len, pad_id, seed, stats)
 
 
-def prepare_sft(cfg: DataConfig, tokenizer: Tokenizer, seed: int = 0) -> SFTData:
-    """Read, render, tokenize and pack data.train (and data.val, else the last val_fraction of examples)."""
-    def records(patterns, where):
-        files = expand_paths(patterns, where)
-        for f in files:
-            if f.suffix != ".jsonl":
-                raise DataError(f"{f}: SFT data must be .jsonl (one JSON object per line)")
-        return [r for f in files for r in read_records(f)]
+def prepare_sft(cfg: DataConfig, tokenizer: Tokenizer, seed: int = 0, tokenizer_dir=None) -> SFTData:
+    """Read, render, tokenize and pack data.train (and data.val, else the last val_fraction of examples).
+    With `tokenizer_dir` the tokenized examples are cached under cfg.processed_dir (see the module doc)."""
+    train_files = _jsonl_files(cfg.train, "data.train")
+    val_files = _jsonl_files(cfg.val, "data.val") if cfg.val else []
+    cache = _cache_dir(cfg, tokenizer, tokenizer_dir, train_files, val_files) if tokenizer_dir is not None else None
+    reused = cache is not None and (cache / "meta.json").is_file()
+    if reused:
+        splits = _load_examples(cache)
+        logger.info("data: reusing %s (inputs, tokenizer and data.sft unchanged)", cache)
+    else:
+        splits = _tokenize_splits(cfg, tokenizer, train_files, val_files)
+        if cache is not None:
+            _save_examples(cache, splits, token_dtype(len(tokenizer)))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    out = []
+    for split in ("train", "val"):
+        examples, stats, n_records = splits[split]
+        out.append(_packed(examples, cfg, pad_id, seed if split == "train" else 0, stats) if examples else None)
+        if n_records:
+            logger.info(stats.line(split))
+    return SFTData(*out, cache_dir=cache, reused=reused)
 
-    train_records = records(cfg.train, "data.train")
-    if cfg.val:
-        val_records = records(cfg.val, "data.val")
+
+def _jsonl_files(patterns, where: str) -> list[Path]:
+    files = expand_paths(patterns, where)
+    for f in files:
+        if f.suffix != ".jsonl":
+            raise DataError(f"{f}: SFT data must be .jsonl (one JSON object per line)")
+    return files
+
+
+def _tokenize_splits(cfg: DataConfig, tokenizer: Tokenizer, train_files, val_files) -> dict:
+    """{"train"/"val": (examples, stats, records read)}; no usable training example is a DataError."""
+    train_records = [r for f in train_files for r in read_records(f)]
+    if val_files:
+        val_records = [r for f in val_files for r in read_records(f)]
     else:
         n_val = int(np.ceil(cfg.val_fraction * len(train_records))) if len(train_records) > 1 else 0
         train_records, val_records = train_records[:len(train_records) - n_val], train_records[len(train_records) - n_val:]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    out = []
+    splits = {}
     for split, recs in (("train", train_records), ("val", val_records)):
         stats = SFTStats()
         examples = tokenize_examples(recs, tokenizer, cfg, stats)
@@ -303,8 +337,53 @@ def prepare_sft(cfg: DataConfig, tokenizer: Tokenizer, seed: int = 0) -> SFTData
             raise DataError(f"data.train: {files}: no usable SFT examples ({stats.examples} read, "
                             f"{stats.dropped_too_long} longer than data.seq_len={cfg.seq_len}, "
                             f"{stats.dropped_unsupervised} with no supervised tokens)")
-        packed = _packed(examples, cfg, pad_id, seed if split == "train" else 0, stats) if examples else None
-        if recs:
-            logger.info(stats.line(split))
-        out.append(packed)
-    return SFTData(*out)
+        splits[split] = (examples, stats, len(recs))
+    return splits
+
+
+# ---------------------------------------------------------------------------- the on-disk cache
+
+SFT_CACHE_VERSION = 1
+
+
+def _cache_dir(cfg: DataConfig, tokenizer: Tokenizer, tokenizer_dir, train_files, val_files) -> Path:
+    key = {"format": f"sft-{SFT_CACHE_VERSION}", "train": fingerprint(train_files), "val": fingerprint(val_files),
+           "val_fraction": None if val_files else cfg.val_fraction, "seq_len": cfg.seq_len,
+           "sft": dataclasses.asdict(cfg.sft), "tokenizer": tokenizer_hash(tokenizer_dir),
+           "chat_templates": tokenizer.chat_templates}  # chat_template.jinja files are not in the hashed files
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cfg.processed_dir) / f"sft-{digest}"
+
+
+def _save_examples(cache: Path, splits: dict, dtype: np.dtype) -> None:
+    """One .npz per split (ids as `dtype`, supervised mask, lengths) plus meta.json with the stats; atomic
+    (temp dir, rename)."""
+    tmp = cache.parent / f".tmp-{cache.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        meta = {}
+        for split, (examples, stats, n_records) in splits.items():
+            lengths = np.array([len(ids) for ids, _ in examples], np.int64)
+            ids = np.concatenate([ids for ids, _ in examples]) if examples else np.zeros(0, np.int64)
+            sup = np.concatenate([sup for _, sup in examples]) if examples else np.zeros(0, bool)
+            np.savez(tmp / f"{split}.npz", ids=ids.astype(dtype), supervised=sup, lengths=lengths)
+            meta[split] = {"stats": dataclasses.asdict(stats), "records": n_records}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        try:
+            os.rename(tmp, cache)
+        except OSError:
+            if not (cache / "meta.json").is_file():  # another process (e.g. a DDP rank) won the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_examples(cache: Path) -> dict:
+    meta, splits = json.loads((cache / "meta.json").read_text()), {}
+    for split, info in meta.items():
+        with np.load(cache / f"{split}.npz") as f:
+            ids, sup, lengths = f["ids"].astype(np.int64), f["supervised"], f["lengths"]
+        bounds = np.cumsum(lengths)[:-1]
+        examples = list(zip(np.split(ids, bounds), np.split(sup, bounds))) if len(lengths) else []
+        splits[split] = (examples, SFTStats(**info["stats"]), info["records"])
+    return splits

@@ -45,7 +45,7 @@ def lora_run_dict(tmp_path: Path, model_dir: Path, sft: bool = False, lora: dict
     if sft:
         data = {"format": "sft", "train": str(write_jsonl(tmp_path / "sft" / "train.jsonl", arithmetic_records(64))),
                 "val": str(write_jsonl(tmp_path / "sft" / "val.jsonl", arithmetic_records(16, seed=1))),
-                "seq_len": 48}
+                "seq_len": 48, "processed_dir": str(tmp_path / "processed")}
     else:
         corpus = write_corpus(tmp_path / "corpus", n_files=2, words_per_file=600)
         data = {"train": str(corpus / "*.txt"), "seq_len": 32, "val_fraction": 0.1,

@@ -22,6 +22,18 @@ def test_prepare_prints_a_summary_then_reuses(tmp_path, capsys):
     assert (tmp_path / "processed" / "tokenizers" / "bpe300" / "tokenizer.json").is_file()  # BPE trained first
 
 
+def test_sft_data_is_tokenized_once_then_reused(tmp_path, capsys):
+    from tests.finetune_fixtures import lora_run_dict, pretrained_dir
+
+    config = write_config_file(tmp_path / "run.json", lora_run_dict(tmp_path, pretrained_dir(tmp_path / "base"),
+                                                                    sft=True))
+    assert main([str(config), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"data: prepared {tmp_path / 'processed'}/sft-" in out and "sft train: " in out and "sft val: " in out
+    assert main([str(config), "--no-progress"]) == 0
+    assert "data: reused" in capsys.readouterr().out
+
+
 def test_a_given_tokenizer_dir_is_used(tmp_path, capsys):
     config = tiny_run_dict(tmp_path)
     config["model"]["tokenizer"] = str(write_tokenizer_dir(tmp_path / "tok", "gpt2"))

@@ -165,3 +165,33 @@ def test_cli_train_exits_2_naming_the_bad_sft_line_and_writes_nothing(tmp_path):
                             text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 2 and "train.jsonl:65: expected a JSON object" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_tokenized_examples_are_cached_and_reused_until_an_input_changes(tmp_path, monkeypatch):
+    import dataclasses
+
+    import engine.sft
+
+    tok_dir = write_tokenizer_dir(tmp_path / "tok", style="llama")
+    tok = Tokenizer.from_pretrained(tok_dir)
+    cfg = dataclasses.replace(_data(tmp_path, chat_records(40)), val_fraction=0.25,
+                              processed_dir=str(tmp_path / "processed"))
+    first = prepare_sft(cfg, tok, seed=3, tokenizer_dir=tok_dir)
+    assert len(list((tmp_path / "processed").glob("sft-*"))) == 1
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("the cache should have been used")
+
+    monkeypatch.setattr(engine.sft, "tokenize_examples", no_tokenizing)
+    again = prepare_sft(cfg, tok, seed=3, tokenizer_dir=tok_dir)
+    for a, b in ((first.train, again.train), (first.val, again.val)):
+        assert a.rows == b.rows and a.stats == b.stats
+        for x, y in zip(a.batch(1, batch_size=4), b.batch(1, batch_size=4)):
+            assert torch.equal(x, y)
+    monkeypatch.undo()
+    # what the examples depend on gets a new cache: the loss mask, and the data itself
+    prepare_sft(dataclasses.replace(cfg, sft=SFTConfig(loss_on="all")), tok, tokenizer_dir=tok_dir)
+    write_jsonl(tmp_path / "train.jsonl", chat_records(41))
+    prepare_sft(cfg, tok, tokenizer_dir=tok_dir)
+    assert len(list((tmp_path / "processed").glob("sft-*"))) == 3
+    assert not list((tmp_path / "processed").glob(".tmp-*"))
