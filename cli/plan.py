@@ -12,7 +12,6 @@ import sys
 
 from cli.common import exit_on_user_error
 from engine.config import ConfigError, load_run_config
-from engine.distributed import check_distributed_config
 from engine.plan import alternatives, available_memory, estimate_memory, plan_device, plan_model_config
 
 EXAMPLE_NPROC = 4  # the rank count FSDP vs DDP is shown at when the plan itself is for one process
@@ -81,12 +80,10 @@ def savings(plan, alts, shard, cfg, world: int) -> list[str]:
         lora = alts["lora"]
         lines.append(f"LoRA (defaults: r=8 on q,k,v,o_proj, fp32 base; base_dtype bf16 halves the base): "
                      f"{fmt(lora.peak)} per rank (saves {fmt(plan.peak - lora.peak)} against full fine-tuning)")
-    if cfg.lora is not None:
-        lines.append("FSDP: not supported with LoRA (engine.distributed); DDP replicates the frozen base on every rank")
-    else:
-        ddp, fsdp, n = shard["ddp"].peak, shard["fsdp"].peak, shard["ddp"].world_size
-        where = f"at {n} ranks" if world > 1 else f"nothing to shard in one process; at --nproc {n}"
-        lines.append(f"FSDP vs DDP: {where}: DDP {fmt(ddp)}, FSDP {fmt(fsdp)} per rank (FSDP saves {fmt(ddp - fsdp)})")
+    ddp, fsdp, n = shard["ddp"].peak, shard["fsdp"].peak, shard["ddp"].world_size
+    where = f"at {n} ranks" if world > 1 else f"nothing to shard in one process; at --nproc {n}"
+    lines.append(f"FSDP vs DDP: {where}: DDP {fmt(ddp)}, FSDP {fmt(fsdp)} per rank (FSDP saves {fmt(ddp - fsdp)})"
+                 + ("; with LoRA, FSDP shards the frozen base too" if cfg.lora is not None else ""))
     return lines
 
 
@@ -95,7 +92,6 @@ def main(argv=None) -> None:
     with exit_on_user_error("cli.plan"):
         cfg = load_run_config(args.config, args.overrides)
         world = world_size(args.nproc)
-        check_distributed_config(cfg, world)  # what torchrun would refuse (FSDP with LoRA)
         device = args.device or plan_device(cfg.train.device)
         mc = plan_model_config(cfg)
         plan = estimate_memory(mc, cfg, world, device)

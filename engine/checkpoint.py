@@ -110,7 +110,7 @@ def save_model(directory: Path, model, params=None) -> None:
     """HF-layout weights (or the PEFT adapter of a LoRA model); `params` replace the model's own
     tensors (FSDP's gathered ones, see engine.distributed.full_params)."""
     if is_lora(model):
-        save_adapter(model, directory)
+        save_adapter(model, directory, params)
     else:
         save_pretrained(model, directory, params=params)
 

@@ -120,13 +120,6 @@ def world_from_env() -> tuple[int, int, int]:
         raise ConfigError(f"distributed: RANK/WORLD_SIZE/LOCAL_RANK must be integers ({exc})") from None
 
 
-def check_distributed_config(cfg: RunConfig, world_size: int) -> None:
-    """What this code cannot run, said before any process group exists."""
-    if world_size > 1 and cfg.distributed.strategy == "fsdp" and cfg.lora is not None:
-        raise ConfigError("distributed.strategy: fsdp with lora is not supported (FSDP2 needs one dtype per "
-                          "sharded group, and LoRA's trainable adapters are small): use \"ddp\"")
-
-
 def init_distributed(cfg: RunConfig, device: torch.device) -> tuple[Dist, torch.device]:
     """Join torchrun's process group when WORLD_SIZE > 1; return this rank's Dist and its device.
 
@@ -136,7 +129,6 @@ def init_distributed(cfg: RunConfig, device: torch.device) -> tuple[Dist, torch.
     rank, world_size, local_rank = world_from_env()
     if world_size <= 1:
         return SINGLE, device
-    check_distributed_config(cfg, world_size)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -200,13 +192,15 @@ def gradient_sync(module: nn.Module, group: Dist, sync: bool):
 
 
 def full_params(model: nn.Module, group: Dist):
-    """FSDP: the model's full tensors gathered on rank 0 (None elsewhere), with every rank taking part.
-    Otherwise None: the model's own parameters are already whole."""
+    """FSDP: the model's full tensors gathered on rank 0 (None elsewhere), with every rank taking part; a LoRA
+    model's adapters only (the frozen base is saved by nobody). Otherwise None: the parameters are whole."""
     if not (group.enabled and group.strategy == "fsdp"):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    lora = getattr(model, "lora_config", None) is not None
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                ignore_frozen_params=lora))
     return full if group.is_main else None
 
 

@@ -143,13 +143,16 @@ def peft_modules(model) -> dict[str, list[str]]:
     return {peft: [name for _, name in sorted(parts)] for peft, parts in groups.items()}
 
 
-def adapter_state_dict(model) -> dict[str, torch.Tensor]:
+def adapter_state_dict(model, params=None) -> dict[str, torch.Tensor]:
     """The adapters under PEFT's saved names: `...q_proj.lora_A.weight` [r, in], `...lora_B.weight` [out, r]
-    (a fused module's B: its parts' rows, concatenated)."""
-    modules, out = lora_modules(model), {}
+    (a fused module's B: its parts' rows, concatenated). `params` (native name -> tensor) replace the
+    model's own tensors: FSDP's gathered ones (engine.distributed.full_params)."""
+    if params is None:
+        params = {n: p.detach() for n, p in model.named_parameters(remove_duplicate=False) if ".lora_" in n}
+    out = {}
     for peft, names in peft_modules(model).items():
-        out[f"{peft}.lora_A.weight"] = modules[names[0]].lora_A.weight.detach().contiguous()
-        out[f"{peft}.lora_B.weight"] = torch.cat([modules[n].lora_B.weight.detach() for n in names]).contiguous()
+        out[f"{peft}.lora_A.weight"] = params[f"{names[0]}.lora_A.weight"].contiguous()
+        out[f"{peft}.lora_B.weight"] = torch.cat([params[f"{n}.lora_B.weight"] for n in names]).contiguous()
     return out
 
 
@@ -173,14 +176,15 @@ def adapter_config(model) -> dict:
             "alpha_pattern": {}, "init_lora_weights": True, "inference_mode": True, "lora_bias": False}
 
 
-def save_adapter(model, directory) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors (PEFT layout) into `directory`."""
+def save_adapter(model, directory, params=None) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors (PEFT layout) into `directory` (`params`: see
+    adapter_state_dict)."""
     if not is_lora(model):
         raise ValueError("save_adapter: the model has no LoRA adapters (apply_lora first)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / (ADAPTER_WEIGHTS + ".tmp")
-    save_file(adapter_state_dict(model), str(tmp), metadata={"format": "pt"})
+    save_file(adapter_state_dict(model, params), str(tmp), metadata={"format": "pt"})
     os.replace(tmp, directory / ADAPTER_WEIGHTS)
     text = json.dumps(adapter_config(model), indent=2, sort_keys=True)
     (directory / ADAPTER_CONFIG).write_text(text + "\n")

@@ -357,11 +357,11 @@ def estimate_memory(mc: ModelConfig, cfg: RunConfig, world_size: int = 1, device
 
 def alternatives(mc: ModelConfig, cfg: RunConfig, world_size: int, device: str = "cpu") -> dict[str, MemoryPlan]:
     """Plans to compare with: "full" (no LoRA), "lora" (the run's, or the defaults; pretrained models only),
-    "ddp" and "fsdp" at world_size (FSDP only without LoRA, as engine.distributed supports)."""
+    "ddp" and "fsdp" at world_size."""
     out = {"full": estimate_memory(mc, dataclasses.replace(cfg, lora=None), world_size, device)}
     if cfg.model.from_pretrained is not None:
         out["lora"] = estimate_memory(mc, dataclasses.replace(cfg, lora=cfg.lora or LoraConfig()), world_size, device)
-    for strategy in ("ddp", "fsdp") if cfg.lora is None else ("ddp",):
+    for strategy in ("ddp", "fsdp"):
         run = dataclasses.replace(cfg, distributed=dataclasses.replace(cfg.distributed, strategy=strategy))
         out[strategy] = estimate_memory(mc, run, world_size, device)
     return out

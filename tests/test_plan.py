@@ -237,7 +237,7 @@ def test_cli_lora_run_compares_with_full_fine_tuning(tmp_path, capsys):
     code, out, _ = _plan(capsys, str(config), "--nproc", "2", "--device", "cpu")
     assert code == 0
     assert "LoRA: r=8 on q_proj,k_proj,v_proj,o_proj" in out and "full fine-tuning would need" in out
-    assert "FSDP: not supported with LoRA" in out and "2 ranks (ddp)" in out
+    assert "FSDP vs DDP: at 2 ranks" in out and "FSDP shards the frozen base too" in out and "2 ranks (ddp)" in out
 
 
 def test_cli_fsdp_at_n_ranks(tmp_path, capsys):
