@@ -120,6 +120,24 @@ def tokenizer_hash(tokenizer_dir) -> str:
     return h.hexdigest()
 
 
+def publish_dir(out: Path, fill):
+    """Run fill(tmp) on a fresh temp dir beside `out`, then rename it to `out` and return fill's result. Atomic:
+    a crash before the rename leaves only a .tmp-* dir, which is never reused. If another process (a DDP
+    rank) published a complete `out` (one holding meta.json) first, that one stays."""
+    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        result = fill(tmp)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not (out / "meta.json").is_file():
+                raise
+        return result
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def fingerprint(files) -> list:
     """[[path, size, mtime_ns], ...]: what the caches key on (stat, not content)."""
     return [[str(p), (s := p.stat()).st_size, s.st_mtime_ns] for p in files]
@@ -186,21 +204,15 @@ def prepare(data_cfg: DataConfig, tokenizer: Tokenizer, tokenizer_dir, *, dtype=
         _check_sizes(data.meta, data_cfg.seq_len)
         return data
 
-    tmp = Path(data_cfg.processed_dir) / f".tmp-{digest}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    def fill(tmp: Path) -> dict:
         meta = _write_splits(tmp, train_files, val_files, data_cfg, tokenizer, bos, eos, dtype, progress)
         meta.update(hash=digest, vocab_size=tokenizer.vocab_size, tokenizer_hash=key["tokenizer"],
                     tokenizer_dir=str(Path(tokenizer_dir).resolve()), train_files=[str(p) for p in train_files],
                     val_files=[str(p) for p in val_files])
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        try:
-            os.rename(tmp, out)  # atomic: a crash before this leaves only a .tmp-* dir that is never reused
-        except OSError:
-            if not (out / "meta.json").is_file():  # another process (e.g. a DDP rank) won the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        return meta
+
+    meta = publish_dir(out, fill)
     _check_sizes(meta, data_cfg.seq_len)  # after saving: the tokens stay valid for a smaller seq_len
     return PreparedData(out, meta, reused=False)
 

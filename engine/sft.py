@@ -24,9 +24,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +31,8 @@ import numpy as np
 import torch
 
 from engine.config import DataConfig, SFTConfig
-from engine.data import DataError, expand_paths, fingerprint, iter_jsonl, token_dtype, tokenizer_hash
+from engine.data import (DataError, expand_paths, fingerprint, iter_jsonl, publish_dir, token_dtype,
+                         tokenizer_hash)
 from engine.tokenizer import Tokenizer, TokenizerError
 
 logger = logging.getLogger("engine.sft")
@@ -356,11 +354,8 @@ def _cache_dir(cfg: DataConfig, tokenizer: Tokenizer, tokenizer_dir, train_files
 
 
 def _save_examples(cache: Path, splits: dict, dtype: np.dtype) -> None:
-    """One .npz per split (ids as `dtype`, supervised mask, lengths) plus meta.json with the stats; atomic
-    (temp dir, rename)."""
-    tmp = cache.parent / f".tmp-{cache.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    """One .npz per split (ids as `dtype`, supervised mask, lengths) plus meta.json with the stats; atomic."""
+    def fill(tmp: Path) -> None:
         meta = {}
         for split, (examples, stats, n_records) in splits.items():
             lengths = np.array([len(ids) for ids, _ in examples], np.int64)
@@ -369,13 +364,8 @@ def _save_examples(cache: Path, splits: dict, dtype: np.dtype) -> None:
             np.savez(tmp / f"{split}.npz", ids=ids.astype(dtype), supervised=sup, lengths=lengths)
             meta[split] = {"stats": dataclasses.asdict(stats), "records": n_records}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        try:
-            os.rename(tmp, cache)
-        except OSError:
-            if not (cache / "meta.json").is_file():  # another process (e.g. a DDP rank) won the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    publish_dir(cache, fill)
 
 
 def _load_examples(cache: Path) -> dict:
