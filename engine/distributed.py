@@ -70,7 +70,6 @@ class Dist:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-
     def main_first(self, fn):
         """fn() on rank 0, then on the other ranks, which reuse what it wrote (the BPE, the tokenized data).
 
