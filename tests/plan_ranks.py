@@ -1,6 +1,8 @@
 """Run by tests/test_plan.py under torchrun: one rank's peak training memory under DDP or FSDP, and the plan's.
 
-    torchrun --nproc_per_node=2 -m tests.plan_ranks {ddp,fsdp} {fp32,bf16} OUT_DIR
+    torchrun --nproc_per_node=2 -m tests.plan_ranks {ddp,fsdp} {fp32,bf16} OUT_DIR [LORA_BASE_DTYPE]
+
+With LORA_BASE_DTYPE (fp32 or bf16) the model trains LoRA adapters (all-linear, r=8) on a frozen base of that dtype.
 
 Writes OUT_DIR/rank<R>.json per rank (files, not stdout: the ranks' prints can interleave). Measured like
 tests/test_plan.py's one-process case: the tensor peak of two steps (tests/peak_memory.py) after a warm-up that
@@ -17,6 +19,7 @@ import torch
 
 from engine import distributed
 from engine.config import ModelConfig, RunConfig, from_dict
+from engine.lora import apply_lora
 from engine.model import Transformer
 from engine.plan import estimate_memory
 from engine.train import AMP_DTYPES, TokenLoss, make_optimizer, train_step
@@ -27,7 +30,10 @@ from tests.test_plan import ARCH, run_dict
 def steps(cfg: RunConfig, mc: ModelConfig, group, batch_size: int, n: int) -> None:
     precision = cfg.train.precision
     torch.manual_seed(0)
-    model = Transformer(mc).train()
+    model = Transformer(mc)
+    if cfg.lora is not None:  # built as engine.build.build_model does
+        apply_lora(model.to(torch.bfloat16) if cfg.lora.base_dtype == "bf16" else model, cfg.lora)
+    model.train()
     module = distributed.wrap(TokenLoss(model, precision), model.layers, group, torch.device("cpu"),
                               AMP_DTYPES.get(precision))
     optimizer = make_optimizer(model, cfg.train)
@@ -38,8 +44,10 @@ def steps(cfg: RunConfig, mc: ModelConfig, group, batch_size: int, n: int) -> No
                    group=group)
 
 
-def main(strategy: str, precision: str, out_dir: str) -> None:
-    cfg = from_dict(RunConfig, {**run_dict({"precision": precision}), "distributed": {"strategy": strategy}}, where="")
+def main(strategy: str, precision: str, out_dir: str, lora_base: str | None = None) -> None:
+    lora = {"rank": 8, "targets": "all-linear", "base_dtype": lora_base} if lora_base else None
+    cfg = from_dict(RunConfig, {**run_dict({"precision": precision}, lora), "distributed": {"strategy": strategy}},
+                    where="")
     mc = ModelConfig.from_dict(ARCH)
     group, _ = distributed.init_distributed(cfg, torch.device("cpu"))
     tiny = dataclasses.replace(mc, vocab_size=64, hidden_size=32, num_heads=2, num_kv_heads=1, head_dim=16,
@@ -53,6 +61,6 @@ def main(strategy: str, precision: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])
     sys.stdout.flush()
     os._exit(0)  # skip the C++ teardown under live gloo threads: see cli.train.exit_without_teardown

@@ -122,19 +122,21 @@ def test_estimate_is_within_25_percent_of_measured_peak(measured, name):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads RSS from /proc; ru_maxrss units differ elsewhere")
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_per_rank_estimate_under_torchrun_is_within_25_percent(strategy, tmp_path):
-    """2 real gloo ranks, bf16 (FSDP: sharded weights, grads and state, bf16 gathers; DDP: gradient buckets)."""
+@pytest.mark.parametrize("strategy,lora_base", [("ddp", None), ("fsdp", None), ("fsdp", "bf16")])
+def test_per_rank_estimate_under_torchrun_is_within_25_percent(strategy, lora_base, tmp_path):
+    """2 real gloo ranks, bf16 (FSDP: sharded weights, grads and state, bf16 gathers; DDP: gradient buckets;
+    LoRA: a sharded bf16 base with fp32 adapters)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    args = [strategy, "bf16", str(tmp_path), *([lora_base] if lora_base else [])]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "tests.plan_ranks", strategy, "bf16", str(tmp_path)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
+                             "-m", "tests.plan_ranks", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("rank*.json"))]
     assert len(ranks) == 2
     for m in ranks:
         ratio = m["estimated"] / m["measured"]
-        print(f"{strategy} rank {m['rank']}: measured {m['measured'] / MiB:.1f} MiB (RSS growth "
+        print(f"{strategy}{' LoRA' if lora_base else ''} rank {m['rank']}: measured {m['measured'] / MiB:.1f} MiB (RSS growth "
               f"{m['rss_growth'] / MiB:.1f} MiB), estimated {m['estimated'] / MiB:.1f} MiB ({ratio:.2f}x)")
         assert abs(ratio - 1) <= TOLERANCE, (f"{strategy} rank {m['rank']}: estimated {m['estimated'] / MiB:.1f} "
                                              f"MiB vs measured {m['measured'] / MiB:.1f} MiB ({ratio:.2f}x)")
