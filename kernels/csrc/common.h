@@ -24,6 +24,14 @@ namespace kernels {
 struct bf16 { uint16_t bits; };
 struct f16 { uint16_t bits; };
 
+// f(T{}) with T the storage type of an fp32-or-bf16 dtype code. Kernels with several tensors of
+// independent dtypes (rms_norm, rope) nest one call per tensor to pick their template instance.
+template <typename F>
+inline void with_f32_or_bf16(int dtype, F&& f) {
+  if (dtype == kBF16) f(bf16{});
+  else f(float{});
+}
+
 inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 

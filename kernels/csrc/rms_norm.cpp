@@ -113,38 +113,23 @@ void backward(const RMSNormBackwardArgs& a) {
   }
 }
 
-// Dispatch on the (x, weight, out / grad) dtypes: fp32 or bf16 each (Python checks).
-template <typename X, typename W>
-void forward_out(const RMSNormArgs& a) {
-  if (a.out_dtype == kBF16) return forward<X, W, bf16>(a);
-  forward<X, W, float>(a);
-}
-template <typename X>
-void forward_w(const RMSNormArgs& a) {
-  if (a.w_dtype == kBF16) return forward_out<X, bf16>(a);
-  forward_out<X, float>(a);
-}
-template <typename X, typename W>
-void backward_g(const RMSNormBackwardArgs& a) {
-  if (a.g_dtype == kBF16) return backward<X, W, bf16>(a);
-  backward<X, W, float>(a);
-}
-template <typename X>
-void backward_w(const RMSNormBackwardArgs& a) {
-  if (a.w_dtype == kBF16) return backward_g<X, bf16>(a);
-  backward_g<X, float>(a);
-}
-
 }  // namespace
 
+// Dispatch on the (x, weight, out / grad) dtypes: fp32 or bf16 each (Python checks).
 void rms_norm_cpu(const RMSNormArgs& a) {
-  if (a.x_dtype == kBF16) return forward_w<bf16>(a);
-  forward_w<float>(a);
+  with_f32_or_bf16(a.x_dtype, [&](auto x) {
+    with_f32_or_bf16(a.w_dtype, [&](auto w) {
+      with_f32_or_bf16(a.out_dtype, [&](auto o) { forward<decltype(x), decltype(w), decltype(o)>(a); });
+    });
+  });
 }
 
 void rms_norm_backward_cpu(const RMSNormBackwardArgs& a) {
-  if (a.x_dtype == kBF16) return backward_w<bf16>(a);
-  backward_w<float>(a);
+  with_f32_or_bf16(a.x_dtype, [&](auto x) {
+    with_f32_or_bf16(a.w_dtype, [&](auto w) {
+      with_f32_or_bf16(a.g_dtype, [&](auto g) { backward<decltype(x), decltype(w), decltype(g)>(a); });
+    });
+  });
 }
 
 }  // namespace kernels

@@ -54,17 +54,12 @@ void run(const RopeArgs& a) {
   }
 }
 
-template <typename X>
-void run_out(const RopeArgs& a) {
-  if (a.out_dtype == kBF16) return run<X, bf16>(a);
-  run<X, float>(a);
-}
-
 }  // namespace
 
 void rope_cpu(const RopeArgs& a) {
-  if (a.x_dtype == kBF16) return run_out<bf16>(a);
-  run_out<float>(a);
+  with_f32_or_bf16(a.x_dtype, [&](auto x) {
+    with_f32_or_bf16(a.out_dtype, [&](auto o) { run<decltype(x), decltype(o)>(a); });
+  });
 }
 
 }  // namespace kernels
