@@ -26,6 +26,24 @@ def _randomize_adapters(model, seed=0):
             m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.1)
 
 
+def _peft_saved_adapter(tmp_path, family: str, config):
+    """A fresh transformers `family` model in tmp_path/base and PEFT's adapter (`config`, random B) in
+    tmp_path/adapter, written by PEFT itself; returns the PEFT model."""
+    import peft
+
+    from tests.hf_models import make_hf_model
+
+    hf = make_hf_model(family)
+    hf.save_pretrained(tmp_path / "base")
+    peft_model = peft.get_peft_model(hf, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    return peft_model
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "gpt2"])
 def test_peft_loads_our_adapter_and_gives_the_same_logits(hf_checkpoint, tmp_path, family):
     import peft
@@ -51,18 +69,8 @@ def test_peft_loads_our_adapter_and_gives_the_same_logits(hf_checkpoint, tmp_pat
 def test_we_load_a_peft_saved_adapter_and_give_the_same_logits(tmp_path):
     import peft
 
-    from tests.hf_models import make_hf_model
-
-    hf = make_hf_model("qwen2")
-    hf.save_pretrained(tmp_path / "base")
-    peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj",
-                                                                                              "down_proj"],
-                                                         use_rslora=True, task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model = _peft_saved_adapter(tmp_path, "qwen2", peft.LoraConfig(
+        r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True, task_type="CAUSAL_LM"))
     ours = load_with_adapter(tmp_path / "base", tmp_path / "adapter")
     assert sorted({n.rsplit(".", 1)[1] for n in lora_modules(ours)}) == ["down_proj", "q_proj", "v_proj"]
     ids = torch.randint(0, 211, (2, 10))
@@ -137,17 +145,8 @@ def test_we_load_a_peft_saved_gpt2_adapter_on_its_fused_c_attn(tmp_path):
     """PEFT adapts GPT-2's c_attn (q, k, v in one Conv1D) with one A and one B [3 * out, r]."""
     import peft
 
-    from tests.hf_models import make_hf_model
-
-    hf = make_hf_model("gpt2")
-    hf.save_pretrained(tmp_path / "base")
-    peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
-                                                         task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model = _peft_saved_adapter(tmp_path, "gpt2", peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, task_type="CAUSAL_LM"))
     ours = load_with_adapter(tmp_path / "base", tmp_path / "adapter")
     assert sorted({n.rsplit(".", 1)[1] for n in lora_modules(ours)}) == ["down_proj", "k_proj", "o_proj", "q_proj",
                                                                         "v_proj"]
