@@ -38,6 +38,17 @@ def _torchrun(config: dict, path: Path, nproc: int = 2, script=("-m", "cli.train
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+def _before_torchrun_report(stderr: str) -> str:
+    """The workers' stderr: everything before the first line torchrun's own agent logs. torch names its files
+    by absolute path ('.../site-packages/torch/...') or relative to sys.path ('torch/...') depending on the
+    venv, so the cut is on the module path inside torch, never on where torch is installed."""
+    lines = stderr.splitlines(keepends=True)
+    first = next((i for i, line in enumerate(lines)
+                  if "torch/distributed/elastic" in line.replace("\\", "/") or "torch.distributed.elastic" in line),
+                 len(lines))
+    return "".join(lines[:first])
+
+
 def _losses(run_dir: Path) -> tuple[list, list]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows], [r["val_loss"] for r in rows if "val_loss" in r]
@@ -206,6 +217,18 @@ def test_a_data_error_on_rank_0_stops_every_rank_with_its_message(tmp_path):
     assert result.returncode != 0
     assert result.stderr.count("cli.train: error: bpe files: the corpus (4 file(s)) is too small") == 1, \
         result.stderr[-3000:]
-    workers = result.stderr.split("site-packages/torch/distributed/elastic")[0]  # before torchrun's own report
+    workers = _before_torchrun_report(result.stderr)
+    assert "cli.train: error: bpe files" in workers  # the cut kept the workers' own lines
     assert "Traceback" not in workers and "Connection closed" not in result.stderr
     assert result.stderr.count("exitcode  : 2") == 2  # torchrun's summary: both ranks exited 2
+
+
+@pytest.mark.parametrize("torch_path", ["/venv/lib/python3.11/site-packages/torch", "torch", "C:\\venv\\torch"])
+def test_the_workers_stderr_ends_where_torchrun_reports_wherever_torch_is_installed(torch_path):
+    """torch logs its own files relative to sys.path in some venvs: the cut must not depend on the prefix."""
+    sep = "\\" if "\\" in torch_path else "/"
+    api = sep.join([torch_path, "distributed", "elastic", "multiprocessing", "api.py"])
+    stderr = ("cli.train: error: bad\n"
+              f"E1201 10:00:00.000 123 {api}:1002] failed (exitcode: 2)\n"
+              'Traceback (most recent call last):\n')
+    assert _before_torchrun_report(stderr) == "cli.train: error: bad\n"
