@@ -62,8 +62,8 @@ def run_one(name: str) -> dict:
     import torch
 
     from engine.config import LoraConfig, TrainConfig
-    from engine.lora import apply_lora
-    from engine.train import make_optimizer, train_step
+    from engine.adapters.lora import apply_lora
+    from engine.train.loop import make_optimizer, train_step
 
     model_name, method, base_dtype, batch, seq, ckpt = RUNS[name]
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[base_dtype]

@@ -48,7 +48,7 @@ def run_one(impl: str, precision: str) -> dict:
     if impl == "engine":
         from engine import Transformer
         from engine.config import TrainConfig
-        from engine.train import make_optimizer, train_step
+        from engine.train.loop import make_optimizer, train_step
 
         model = Transformer.from_pretrained(directory).train()
         opt = make_optimizer(model, TrainConfig(lr=3e-4, beta1=0.9, beta2=0.95, weight_decay=0.1, grad_clip=1.0))

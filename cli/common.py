@@ -7,11 +7,11 @@ from contextlib import contextmanager
 import torch
 
 from engine.config import ConfigError
-from engine.data import DataError
-from engine.distributed import RankZeroFailed
-from engine.report import MetricsError
-from engine.tokenizer import TokenizerError
-from engine.weights import WeightsError
+from engine.data.text import DataError
+from engine.train.distributed import RankZeroFailed
+from engine.train.metrics import MetricsError
+from engine.data.tokenizer import TokenizerError
+from engine.model.hf_format import WeightsError
 
 USER_ERRORS = (ConfigError, DataError, WeightsError, TokenizerError, MetricsError, FileNotFoundError)
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,

@@ -18,10 +18,10 @@ import torch
 
 from cli.common import exit_on_user_error
 from engine.config import SFTConfig
-from engine.generate import generate
-from engine.lora import load_with_adapter
-from engine.sft import prompt_ids, read_records
-from engine.tokenizer import Tokenizer
+from engine.infer.generate import generate
+from engine.adapters.lora import load_with_adapter
+from engine.data.sft import prompt_ids, read_records
+from engine.data.tokenizer import Tokenizer
 
 TASKS = ("max", "min", "len", "sorted", "sum")
 

@@ -14,8 +14,8 @@ import torch
 
 from cli.common import DTYPES, exit_on_user_error
 from engine.config import ConfigError
-from engine.lora import ADAPTER_CONFIG, is_lora, load_with_adapter, merge_lora, read_adapter_config
-from engine.tokenizer import Tokenizer
+from engine.adapters.lora import ADAPTER_CONFIG, is_lora, load_with_adapter, merge_lora, read_adapter_config
+from engine.data.tokenizer import Tokenizer
 
 
 def parse_args(argv=None):

@@ -10,8 +10,8 @@ import torch
 
 from cli.common import DTYPES, exit_on_user_error
 from engine import Tokenizer, generate_stream
-from engine.lora import load_with_adapter
-from engine.tokenizer import IncrementalDecoder
+from engine.adapters.lora import load_with_adapter
+from engine.data.tokenizer import IncrementalDecoder
 
 
 def parse_args(argv=None):

@@ -1,6 +1,6 @@
 """python -m cli.plan config.json [--nproc N] [--set KEY=VALUE ...] : estimated memory per rank, before anything is allocated.
 
-Prints weights / grads / optimizer state / activations / workspace and the peak per rank (engine/plan.py
+Prints weights / grads / optimizer state / activations / workspace and the peak per rank (engine/train/memory_plan.py
 explains the model), what LoRA saves against full fine-tuning and FSDP against DDP, and warns on stderr
 when the peak does not fit the available RAM (all ranks of a CPU run share it) or free VRAM.
 """
@@ -12,7 +12,7 @@ import sys
 
 from cli.common import exit_on_user_error
 from engine.config import ConfigError, load_run_config
-from engine.plan import alternatives, available_memory, estimate_memory, plan_device, plan_model_config
+from engine.train.memory_plan import alternatives, available_memory, estimate_memory, plan_device, plan_model_config
 
 EXAMPLE_NPROC = 4  # the rank count FSDP vs DDP is shown at when the plan itself is for one process
 

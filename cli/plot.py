@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from cli.common import exit_on_user_error
-from engine.report import MetricsError, load_run_metrics, plot_losses
+from engine.train.metrics import MetricsError, load_run_metrics, plot_losses
 
 
 def parse_args(argv=None):

@@ -10,7 +10,7 @@ import argparse
 import logging
 
 from cli.common import exit_on_user_error
-from engine.build import build_data, build_tokenizer
+from engine.train.run_factory import build_data, build_tokenizer
 from engine.config import load_run_config
 
 

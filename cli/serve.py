@@ -58,7 +58,7 @@ def load(args):
         model = Transformer.from_pretrained(args.model, dtype=dtype)
     else:
         try:
-            from engine.lora import load_with_adapter, merge_lora
+            from engine.adapters.lora import load_with_adapter, merge_lora
         except ImportError as e:
             print(f"{PROG}: error: --adapter: LoRA support is not available in this install ({e})", file=sys.stderr)
             sys.exit(2)
@@ -75,14 +75,14 @@ def main(argv=None) -> None:
     try:
         import uvicorn
 
-        from engine.serve.app import ServeLimits, create_app
+        from engine.infer.serve.app import ServeLimits, create_app
     except ImportError as e:
         print(f"{PROG}: error: serving needs FastAPI and uvicorn: pip install -e \".[serve]\" ({e})", file=sys.stderr)
         sys.exit(2)
-    from engine.serve.batcher import Batcher
+    from engine.infer.serve.batcher import Batcher
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
-    log = logging.getLogger("engine.serve")
+    log = logging.getLogger("engine.infer.serve")
     with exit_on_user_error(PROG):
         model, tokenizer = load(args)
     cfg = model.config

@@ -12,13 +12,13 @@ import sys
 import torch
 
 from cli.common import exit_on_user_error
-from engine.build import check_run_config
+from engine.train.run_factory import check_run_config
 from engine.config import load_run_config
-from engine.distributed import world_from_env
-from engine.generate import generate
-from engine.report import plot_losses
-from engine.tokenizer import Tokenizer
-from engine.train import train
+from engine.train.distributed import world_from_env
+from engine.infer.generate import generate
+from engine.train.metrics import plot_losses
+from engine.data.tokenizer import Tokenizer
+from engine.train.loop import train
 
 
 def parse_args(argv=None):
@@ -31,7 +31,7 @@ def parse_args(argv=None):
 
 
 def print_sample(model_dir, prompt: str, max_new_tokens: int) -> None:
-    from engine.lora import load_with_adapter
+    from engine.adapters.lora import load_with_adapter
 
     tokenizer = Tokenizer.from_pretrained(model_dir)
     model = load_with_adapter(model_dir)  # a LoRA run's final/ is an adapter: its base comes with it

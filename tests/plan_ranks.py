@@ -1,11 +1,11 @@
-"""Run by tests/test_plan.py under torchrun: one rank's peak training memory under DDP or FSDP, and the plan's.
+"""Run by tests/train/test_memory_plan.py under torchrun: one rank's peak training memory under DDP or FSDP, and the plan's.
 
     torchrun --nproc_per_node=2 -m tests.plan_ranks {ddp,fsdp} {fp32,bf16} OUT_DIR [LORA_BASE_DTYPE]
 
 With LORA_BASE_DTYPE (fp32 or bf16) the model trains LoRA adapters (all-linear, r=8) on a frozen base of that dtype.
 
 Writes OUT_DIR/rank<R>.json per rank (files, not stdout: the ranks' prints can interleave). Measured like
-tests/test_plan.py's one-process case: the tensor peak of two steps (tests/peak_memory.py) after a warm-up that
+tests/train/test_memory_plan.py's one-process case: the tensor peak of two steps (tests/peak_memory.py) after a warm-up that
 sets up the process group and runs a wrapped tiny model's steps, with RSS growth beside it.
 """
 import dataclasses
@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from engine import distributed
+from engine.train import distributed
 from engine.config import ModelConfig, RunConfig, from_dict
-from engine.lora import apply_lora
-from engine.model import Transformer
-from engine.plan import estimate_memory
-from engine.train import AMP_DTYPES, TokenLoss, make_optimizer, train_step
+from engine.adapters.lora import apply_lora
+from engine.model.transformer import Transformer
+from engine.train.memory_plan import estimate_memory
+from engine.train.loop import AMP_DTYPES, TokenLoss, make_optimizer, train_step
 from tests.peak_memory import measure_peaks
-from tests.test_plan import ARCH, run_dict
+from tests.train.test_memory_plan import ARCH, run_dict
 
 
 def steps(cfg: RunConfig, mc: ModelConfig, group, batch_size: int, n: int) -> None:

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from engine import ConfigError, ModelConfig, Transformer
-from engine.hf import config_from_hf, config_to_hf
+from engine.model.families import config_from_hf, config_to_hf
 from tests.hf_models import FAMILIES
 
 TINY = dict(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,

@@ -1,0 +1,82 @@
+"""JSON -> frozen dataclasses: every key and type checked, errors name the key path; `--set` overrides."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import MISSING, fields
+
+
+class ConfigError(ValueError):
+    """A config value is missing, of the wrong type or impossible; the message names the key."""
+
+
+def _check_int(where: str, value, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{where}: expected an integer >= {minimum}, got {value!r}")
+
+
+def from_dict(cls, data, where: str):
+    """Build dataclass `cls` from parsed JSON, checking every key and type; errors name the key path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in fields(cls) if f.init and f.name != "extra_hf"]
+    def path(key): return f"{where}.{key}" if where else key
+    for key in data:
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1)
+            raise ConfigError(f"{path(key)}: unknown key" + (f" (did you mean '{path(hint[0])}'?)" if hint else
+                                                             f"; valid keys: {', '.join(known)}"))
+    for f in fields(cls):
+        if f.name in known and f.name not in data and f.default is MISSING and f.default_factory is MISSING:
+            raise ConfigError(f"{path(f.name)}: required key is missing")
+    return cls(**{k: _coerce(hints[k], v, path(k)) for k, v in data.items()})
+
+
+def _coerce(tp, value, where: str):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if len(options := [a for a in args if a is not type(None)]) == 1:  # Optional[X]: X's error, key path intact
+            return _coerce(options[0], value, where)
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError as e:
+                errors.append(str(e).split(": ", 1)[1])
+        raise ConfigError(f"{where}: " + " or ".join(dict.fromkeys(errors)))
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is tuple:
+        if isinstance(value, str):  # a single path where a list is allowed
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    expected = {float: (int, float), int: (int,), bool: (bool,), str: (str,), dict: (dict,)}.get(origin or tp)
+    if expected is None:
+        return value
+    if not isinstance(value, expected) or (tp is not bool and isinstance(value, bool)):
+        names = {float: "a number", int: "an integer", bool: "true or false", str: "a string", dict: "an object"}
+        raise ConfigError(f"{where}: expected {names[origin or tp]}, got {json.dumps(value)}")
+    return float(value) if tp is float else value
+
+
+def _parse_override(text: str) -> tuple[list[str], object]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected key.path=value, e.g. train.lr=1e-4")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw  # bare strings need no quotes: --set out_dir=runs/x
+    return key.strip().split("."), value

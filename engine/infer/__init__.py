@@ -1,0 +1,1 @@
+"""Decoding (KV-cache generation, sampling) and the OpenAI-compatible server."""

@@ -1,0 +1,323 @@
+"""The whole decoder-only Transformer in one file.
+
+B = batch, T = time (new tokens), S = keys visible (cached + new), C = hidden_size,
+nh = query heads, nkv = key/value heads, hd = head_dim, V = vocab_size.
+
+Every family (Llama, Mistral, Qwen2/3, Gemma, GPT-2) is this one module with different ModelConfig
+fields; engine.model.families maps their weight names onto ours.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from functools import partial
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import kernels
+
+from engine.config import ModelConfig
+
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": partial(F.gelu, approximate="tanh"), "gelu": F.gelu, "relu": F.relu}
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose forward goes through `kernels.linear`: F.linear, except that batch-1 decoding
+    (a few rows, no autograd) takes a fused GEMV that reads the weight at DRAM speed when compiled."""
+
+    def forward(self, x):
+        return kernels.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * w, computed in fp32; Gemma's variant stores w - 1 (`weight_offset=1`).
+
+    feeds_linear: under autocast, write the output in the autocast dtype, as the Linears reading it
+    would cast it (once each) anyway; autocast's other consumers keep the natural dtype.
+    """
+
+    def __init__(self, dim: int, eps: float, weight_offset: float = 0.0, feeds_linear: bool = False):
+        super().__init__()
+        self.eps, self.weight_offset, self.feeds_linear = eps, weight_offset, feeds_linear
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - weight_offset))
+
+    def forward(self, x):
+        # Llama casts, then scales in the model dtype; Gemma scales in fp32, then casts (kernels.reference)
+        out_dtype = autocast_dtype(x) if self.feeds_linear else None
+        return kernels.rms_norm(x, self.weight, self.eps, self.weight_offset, out_dtype)
+
+
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast gives ops on x's device, or None when autocast is off."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+
+
+def make_norm(cfg: ModelConfig, dim: int, feeds_linear: bool = False) -> nn.Module:
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(dim, eps=cfg.norm_eps)
+    return RMSNorm(dim, cfg.norm_eps, cfg.norm_weight_offset, feeds_linear)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Per-pair rotation frequencies [hd/2] in fp32, rescaled for long context when the config asks."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    if s.kind == "linear":
+        return inv_freq / s.factor
+    # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, [L, B, nkv, max_len, hd]; `pos` tokens are filled.
+
+    With `per_row=True` rows hold different numbers of tokens, as continuous batching needs (engine.infer.serve):
+    `lengths` [B] counts each row's tokens, a step writes row b's new tokens at lengths[b] onwards, the
+    model masks every slot past a row's own length, and `pos` is the longest row (the slots a step reads).
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None,
+                 per_row: bool = False):
+        shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len, self.pos = max_len, 0
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device) if per_row else None
+
+    def update(self, layer: int, k, v):
+        """Write this step's k, v (B, nkv, T, hd) at `pos`; return all keys/values so far (B, nkv, S, hd)."""
+        end = self.pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {end} tokens do not fit in max_len={self.max_len}")
+        if self.lengths is None:
+            self.k[layer, :, :, self.pos:end] = k
+            self.v[layer, :, :, self.pos:end] = v
+        else:  # row b's T new tokens go to slots lengths[b] + arange(T)
+            slots = self.lengths[:, None] + torch.arange(k.shape[2], device=k.device)  # (B, T)
+            index = slots[:, None, :, None].expand_as(k)  # (B, nkv, T, hd)
+            self.k[layer].scatter_(2, index, k)
+            self.v[layer].scatter_(2, index, v)
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, T: int):
+        """Count T more tokens in every row (the model calls this after each forward)."""
+        self.pos += T
+        if self.lengths is not None:
+            self.lengths += T
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """Rows [start, stop) as a cache sharing this one's memory (and `lengths`): a slice of a serving batch."""
+        view = copy.copy(self)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        if self.lengths is not None:
+            view.lengths = self.lengths[start:stop]
+        return view
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        C, nh, nkv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.nh, self.nkv, self.hd = nh, nkv, hd
+        self.q_proj = Linear(C, nh * hd, bias=cfg.qkv_bias)
+        self.k_proj = Linear(C, nkv * hd, bias=cfg.qkv_bias)
+        self.v_proj = Linear(C, nkv * hd, bias=cfg.qkv_bias)
+        self.o_proj = Linear(nh * hd, C, bias=cfg.o_bias)
+        self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x, rope, mask, cache: Optional[KVCache], layer: int):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hd)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd)
+        if self.q_norm is not None:  # Qwen3 normalizes each head before rotating it
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:  # rotate-half (HF's layout, so q/k weights load without permutation)
+            q, k = kernels.rope(q, k, *rope, out_dtype=autocast_dtype(q))  # (B, nh|nkv, T, hd)
+        else:
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = v.transpose(1, 2)  # (B, nkv, T, hd)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nkv, S, hd)
+        # mask None: plain causal when T > 1; a single new token sees every cached key.
+        y = kernels.attention(q, k, v, mask)  # SDPA; a faster grouped path for bf16 CPU training
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        C, F_ = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(C, F_, bias=cfg.mlp_bias) if cfg.gated_mlp else None
+        self.up_proj = Linear(C, F_, bias=cfg.mlp_bias)
+        self.down_proj = Linear(F_, C, bias=cfg.mlp_bias)
+        self.act = ACTIVATIONS[cfg.activation]
+
+    def forward(self, x):
+        if self.gate_proj is not None:  # SwiGLU / GeGLU
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = make_norm(cfg, cfg.hidden_size, feeds_linear=True)
+        self.attn = Attention(cfg)
+        self.mlp_norm = make_norm(cfg, cfg.hidden_size, feeds_linear=True)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, mask, cache, layer):
+        x = x + self.attn(self.attn_norm(x), rope, mask, cache, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. `model(input_ids [B, T]) -> logits [B, T, V]`; `hidden_states` stops before the head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.pos_embed = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size) if cfg.position == "learned" else None
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = make_norm(cfg, cfg.hidden_size)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        self.gradient_checkpointing = False  # recompute each block in backward to save activation memory
+        self._rope_cache: dict = {}  # device -> (cos, sin) [max_pos, hd] in fp32; kept out of .to(dtype)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    def tie_weights(self):
+        """Share the embedding with the LM head when the config says so (again after `to_empty`)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def reset_parameters(self):
+        """GPT-2 style init: N(0, 0.02), residual projections scaled by 1/sqrt(2L), biases 0, norms 1."""
+        std = 0.02
+        for name, m in self.named_modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                residual = name.endswith(("o_proj", "down_proj"))  # keeps the residual stream's variance flat
+                nn.init.normal_(m.weight, 0.0, std / math.sqrt(2 * self.config.num_layers) if residual else std)
+            elif isinstance(m, RMSNorm):
+                nn.init.constant_(m.weight, 1.0 - m.weight_offset)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        self._rope_cache = {}
+
+    # ------------------------------------------------------------------ forward
+    def _rope(self, position_ids, dtype):
+        if self.config.position != "rope":
+            return None
+        device = position_ids.device
+        if device not in self._rope_cache:
+            t = torch.arange(self.config.max_position_embeddings, device=device, dtype=torch.float32)
+            freqs = torch.outer(t, rope_inv_freq(self.config).to(device))
+            emb = torch.cat((freqs, freqs), dim=-1)  # [max_pos, hd]
+            self._rope_cache[device] = (emb.cos(), emb.sin())
+        cos, sin = self._rope_cache[device]
+        return cos[position_ids].to(dtype), sin[position_ids].to(dtype)  # (B|1, T, hd)
+
+    def _mask(self, T: int, past: int, attn_mask, device, lengths=None):
+        """A bool mask (True = attend) of shape broadcastable to (B, nh, T, S), or None for plain causal.
+
+        lengths [B] (a per-row cache): row b's queries sit at slots lengths[b] + arange(T), so the slots
+        past them, padding up to the longest row, are masked too.
+        """
+        S, window = past + T, self.config.sliding_window
+        needs_window = window is not None and S > window
+        if attn_mask is None and lengths is None and (past == 0 or T == 1) and not needs_window:
+            return None
+        q_pos = torch.arange(past, S, device=device)[:, None]
+        if lengths is not None:
+            q_pos = (lengths[:, None] + torch.arange(T, device=device))[:, None, :, None]  # (B, 1, T, 1)
+        k_pos = torch.arange(S, device=device)[None, :]
+        mask = k_pos <= q_pos
+        if needs_window:
+            mask = mask & (k_pos > q_pos - window)
+        return mask if attn_mask is None else mask & attn_mask
+
+    def hidden_states(self, input_ids, *, position_ids=None, attn_mask=None, cache: Optional[KVCache] = None):
+        """Final-norm hidden states [B, T, C] (what the LM head reads; a fused loss can start here).
+
+        position_ids [B, T] default to past + arange(T); attn_mask is a bool mask broadcastable to
+        (B, 1, T, S) (True = attend) combined with the causal mask, e.g. for packed documents.
+        """
+        B, T = input_ids.shape
+        lengths = cache.lengths if cache is not None else None  # per-row lengths (continuous batching)
+        if lengths is not None:  # the batcher admits and evicts rows between steps: read up to the longest
+            cache.pos = int(lengths.max())
+        past = cache.pos if cache is not None else 0
+        limit = self.config.max_position_embeddings
+        if position_ids is None:
+            if past + T > limit:  # plain ints: no device sync, no graph break under torch.compile
+                raise ValueError(f"position {past + T - 1} exceeds max_position_embeddings={limit}")
+            position_ids = torch.arange(past, past + T, device=input_ids.device)[None]
+            if lengths is not None:  # (B, T): each row goes on from its own length
+                position_ids = lengths[:, None] + torch.arange(T, device=input_ids.device)
+        elif int(position_ids.max()) >= limit:
+            raise ValueError(f"position {int(position_ids.max())} exceeds max_position_embeddings={limit}")
+        x = self.embed(input_ids)  # (B, T, C)
+        if self.config.scale_embeddings:  # Gemma: the scale is rounded to the model dtype first
+            x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(position_ids)
+        rope = self._rope(position_ids, x.dtype)
+        mask = self._mask(T, past, attn_mask, input_ids.device, lengths)
+        for i, block in enumerate(self.layers):
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, rope, mask, cache, i, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        return self.norm(x)
+
+    def forward(self, input_ids, *, position_ids=None, attn_mask=None, cache: Optional[KVCache] = None):
+        """Logits [B, T, V] in the model dtype."""
+        return self.lm_head(self.hidden_states(input_ids, position_ids=position_ids, attn_mask=attn_mask, cache=cache))
+
+    # ------------------------------------------------------------------ helpers
+    def new_cache(self, batch_size: int, max_len: int, per_row: bool = False) -> KVCache:
+        """An empty KV cache on the model's device and dtype, for up to `max_len` tokens per sequence
+        (`per_row`: rows of different lengths, see KVCache)."""
+        max_len = min(max_len, self.config.max_position_embeddings)
+        w = self.embed.weight
+        return KVCache(self.config, batch_size, max_len, dtype=w.dtype, device=w.device, per_row=per_row)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The LM head weight [V, C] (the embedding when tied), for fused linear-cross-entropy."""
+        return self.lm_head.weight
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str, dtype=None, device=None) -> "Transformer":
+        """Load an HF checkpoint (local dir or hub id) straight into `dtype` (default fp32) on `device`."""
+        from engine.model.hf_format import load_pretrained
+
+        return load_pretrained(cls, path_or_hub_id, dtype=dtype, device=device)
+
+    def save_pretrained(self, directory, max_shard_size: int | str = "2GB") -> None:
+        """Write config.json and safetensors (sharded with an index above `max_shard_size`) in HF layout."""
+        from engine.model.hf_format import save_pretrained
+
+        save_pretrained(self, directory, max_shard_size=max_shard_size)

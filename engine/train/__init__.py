@@ -1,0 +1,1 @@
+"""The training run: setup, loop, objectives, checkpoints, distributed, metrics, trackers, memory planner."""

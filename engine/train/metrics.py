@@ -1,0 +1,111 @@
+"""What a run reports: metrics.jsonl (always), a tqdm progress bar, and a loss-curve PNG (if matplotlib)."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from tqdm import tqdm
+
+from engine.data.text import iter_jsonl
+
+logger = logging.getLogger("engine.train.metrics")
+
+
+class MetricsLog:
+    """Append one JSON object per optimizer step to metrics.jsonl (the run's permanent record)."""
+
+    def __init__(self, path, truncate_after: int = 0):
+        self.path = Path(path)
+        if self.path.exists():  # a resumed run drops rows past its checkpoint, so steps never repeat
+            rows = read_metrics(self.path)
+            kept = [r for r in rows if r.get("step", 0) <= truncate_after] if truncate_after else []
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, row: dict, every: int = 1) -> None:
+        if is_logged(row, every):
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def is_logged(row: dict, every: int) -> bool:
+    """Rows kept with train.log_every: every `every`-th step, and every eval step."""
+    return row["step"] % every == 0 or "val_loss" in row
+
+
+def read_metrics(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class MetricsError(ValueError):
+    """A run directory has no usable metrics.jsonl; the message names the path."""
+
+
+def load_run_metrics(run_dir) -> list[dict]:
+    """The rows of RUN_DIR/metrics.jsonl, checked: MetricsError naming the path when the directory or file is
+    missing, a line is not a JSON object with `step` and `loss`, or there are no rows yet."""
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.jsonl"
+    if not run_dir.is_dir():
+        raise MetricsError(f"{run_dir}: not a directory (expected a run's out_dir)")
+    if not path.is_file():
+        raise MetricsError(f"{path}: missing (is {run_dir} a run's out_dir? cli.train writes it at the first step)")
+    rows = []
+    for row, where, _ in iter_jsonl(path):  # a line that is not JSON: DataError naming file:line
+        if not (isinstance(row, dict) and isinstance(row.get("step"), int) and isinstance(row.get("loss"), (int, float))):
+            raise MetricsError(f"{where}: expected an object with a 'step' and a 'loss', got {str(row)[:80]!r}")
+        rows.append(row)
+    if not rows:
+        raise MetricsError(f"{path}: no rows yet (the run has not finished a step)")
+    return rows
+
+
+class ProgressBar:
+    """A tqdm bar over optimizer steps showing loss, lr, tokens/s (ETA comes with tqdm)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool = True):
+        self.bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+        self.val = None
+
+    def update(self, row: dict) -> None:
+        self.val = row.get("val_loss", self.val)
+        post = {"loss": f"{row['loss']:.3f}", "lr": f"{row['lr']:.2e}", "tok/s": f"{row['tokens_per_s']:.0f}"}
+        if self.val is not None:
+            post["val"] = f"{self.val:.3f}"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.update(1)
+
+    def write(self, text: str) -> None:
+        self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def plot_losses(run_dirs, png_path) -> Path | None:
+    """Train and val loss of one or more runs (their metrics.jsonl) into one PNG; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[plot]'): skipping the loss-curve PNG")
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for run_dir in run_dirs:
+        rows = read_metrics(Path(run_dir) / "metrics.jsonl")
+        name = Path(run_dir).name
+        line, = ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], alpha=0.6, label=f"{name} train")
+        val = [r for r in rows if r.get("val_loss") is not None]
+        if val:
+            ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", color=line.get_color(),
+                    label=f"{name} val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return Path(png_path)

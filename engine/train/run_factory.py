@@ -1,0 +1,106 @@
+"""Turn a RunConfig into the objects a run needs: device, tokenizer, model and tokenized data."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from engine.data.bpe import train_bpe
+from engine.config import ConfigError, ModelConfig, RunConfig
+from engine.data.text import expand_paths, prepare
+from engine.adapters.lora import DTYPES as LORA_DTYPES
+from engine.adapters.lora import apply_lora, check_lora_supported, load_adapter_weights, read_adapter_config
+from engine.model.transformer import Transformer
+from engine.data.sft import prepare_sft
+from engine.data.tokenizer import Tokenizer
+from engine.model.hf_format import read_config, resolve_model_dir
+
+logger = logging.getLogger("engine.train.run_factory")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: '{name}' requested but CUDA is not available")
+    return torch.device(name)
+
+
+def check_run_config(cfg: RunConfig) -> ModelConfig:
+    """Checks that need the model's shape, done before anything is written: returns the model config.
+
+    For from-scratch runs the vocab size is not known until the tokenizer exists; 1 stands in for it.
+    """
+    if cfg.model.from_pretrained is not None:
+        model_cfg = read_config(resolve_model_dir(cfg.model.from_pretrained))
+    else:
+        model_cfg = ModelConfig.from_dict({"vocab_size": 1, **cfg.model.architecture}, where="model.architecture")
+    if cfg.data.seq_len > model_cfg.max_position_embeddings:
+        raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds the model's max_position_embeddings "
+                          f"{model_cfg.max_position_embeddings}")
+    resolve_device(cfg.train.device)
+    if cfg.lora is not None:
+        check_lora_supported(model_cfg, cfg.lora)
+    return model_cfg
+
+
+def build_tokenizer(cfg: RunConfig, progress: bool = True) -> tuple[Tokenizer, Path]:
+    """The run's tokenizer and its directory: given, the pretrained model's, or a BPE trained on data.train."""
+    src = cfg.model
+    if src.tokenizer is not None:
+        directory = resolve_model_dir(src.tokenizer)
+    elif src.from_pretrained is not None:
+        directory = resolve_model_dir(src.from_pretrained)
+    else:
+        files = expand_paths(cfg.data.train)
+        # Cached beside the tokenized data; train_bpe reuses it while the files and vocab size are unchanged.
+        directory = Path(cfg.data.processed_dir) / "tokenizers" / f"bpe{src.bpe_vocab_size}"
+        train_bpe([str(f) for f in files], src.bpe_vocab_size, directory, text_field=cfg.data.text_field,
+                  progress=progress)
+    return Tokenizer.from_pretrained(directory), directory
+
+
+def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> Transformer:
+    """Load the pretrained model in fp32 (master weights), or build the configured architecture from scratch.
+
+    With `lora`, the base is loaded in lora.base_dtype, frozen, and adapters (fp32) are added to its target layers.
+    """
+    if cfg.model.from_pretrained is not None:
+        dtype = LORA_DTYPES[cfg.lora.base_dtype] if cfg.lora is not None else torch.float32
+        model = Transformer.from_pretrained(cfg.model.from_pretrained, dtype=dtype)
+        if len(tokenizer) > model.config.vocab_size:
+            raise ConfigError(f"model.tokenizer: {len(tokenizer)} tokens do not fit the model's vocab_size "
+                              f"{model.config.vocab_size}")
+    else:
+        arch = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+                **cfg.model.architecture}
+        if arch["vocab_size"] < len(tokenizer):
+            raise ConfigError(f"model.architecture.vocab_size: {arch['vocab_size']} is smaller than the "
+                              f"tokenizer's {len(tokenizer)} tokens")
+        model = Transformer(ModelConfig.from_dict(arch, where="model.architecture"))
+    if cfg.lora is not None:
+        apply_lora(model, cfg.lora, base_name=str(resolve_model_dir(cfg.model.from_pretrained).resolve()))
+        if cfg.lora.init_from is not None:
+            _load_initial_adapter(model, cfg.lora)
+    model.gradient_checkpointing = cfg.train.activation_checkpointing
+    return model
+
+
+def _load_initial_adapter(model, lora) -> None:
+    """Start from a saved adapter: its shape settings must be the run's (alpha and dropout may differ)."""
+    saved, _ = read_adapter_config(lora.init_from)
+    for key in ("rank", "targets", "rslora"):
+        ours, theirs = getattr(lora, key), getattr(saved, key)
+        if (set(ours) != set(theirs)) if key == "targets" else ours != theirs:
+            raise ConfigError(f"lora.{key}: {ours!r} differs from the adapter in lora.init_from "
+                              f"({lora.init_from}: {theirs!r})")
+    load_adapter_weights(model, lora.init_from)
+
+
+def build_data(cfg: RunConfig, tokenizer: Tokenizer, tokenizer_dir: Path, progress: bool = True):
+    """PreparedData (token windows) for data.format "text"; SFTData (packed examples) for "sft"."""
+    if cfg.data.format == "sft":
+        return prepare_sft(cfg.data, tokenizer, seed=cfg.train.seed, tokenizer_dir=tokenizer_dir)
+    return prepare(cfg.data, tokenizer, tokenizer_dir, progress=progress)

@@ -1,0 +1,86 @@
+"""python -m cli.serve: argument and model errors exit 2 without a traceback; a real process serves requests."""
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli.serve import load, main, parse_args
+from engine import Transformer
+from tests.hf_models import save_demo_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve_cli_demo")
+    save_demo_model(d)
+    return d
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/nonexistent/model"], "cli.serve: error:"),
+    (["--model", "DEMO", "--adapter", "/nonexistent/adapter"], "cli.serve: error:"),
+    (["--model", "DEMO", "--max-batch", "0"], "--max-batch: expected a positive integer"),
+    (["--model", "DEMO", "--port", "70000"], "--port: expected 0..65535"),
+])
+def test_bad_arguments_exit_2_with_one_clear_line(demo_dir, args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([str(demo_dir) if a == "DEMO" else a for a in args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_defaults_are_safe():
+    args = parse_args(["--model", "m"])
+    assert (args.host, args.port, args.api_key) == ("127.0.0.1", 8000, None)
+
+
+def test_adapter_is_merged_into_the_served_model(demo_dir, tmp_path):
+    lora_mod = pytest.importorskip("engine.adapters.lora")
+    from engine.config import LoraConfig
+
+    model = Transformer.from_pretrained(demo_dir)
+    lora_mod.apply_lora(model, LoraConfig(rank=4, alpha=8.0), str(demo_dir))
+    with torch.no_grad():
+        for m in lora_mod.lora_modules(model).values():
+            m.lora_B.weight.normal_(0, 0.5)  # a no-op adapter would prove nothing
+    lora_mod.save_adapter(model, tmp_path / "adapter")
+    served, _ = load(parse_args(["--model", str(demo_dir), "--adapter", str(tmp_path / "adapter")]))
+    assert not lora_mod.is_lora(served)  # merged: serving pays nothing for the adapter
+    prompt = torch.tensor([[1, 5, 9, 14]])
+    with torch.no_grad():
+        torch.testing.assert_close(served(prompt), model.eval()(prompt), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(served(prompt), Transformer.from_pretrained(demo_dir)(prompt), atol=1e-3)
+
+
+def test_server_process_answers_the_openai_client(demo_dir):
+    openai = pytest.importorskip("openai")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "cli.serve", "--model", str(demo_dir), "--port", str(port),
+                             "--api-key", "k", "--served-model-name", "tiny", "--log-level", "warning"],
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=10)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                assert [m.id for m in client.models.list().data] == ["tiny"]
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.monotonic() < deadline, "server did not come up"
+                time.sleep(0.2)
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=5)
+        assert r.usage.completion_tokens <= 5 and r.choices[0].finish_reason in ("stop", "length")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

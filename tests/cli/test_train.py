@@ -1,0 +1,56 @@
+"""`python -m cli.train`: a real end-to-end run, and every config error exits 2 having written nothing."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.train_fixtures import tiny_run_dict, write_config_file
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "cli.train", *args, "--no-progress"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_end_to_end_run_trains_saves_and_samples(tmp_path):
+    config = tiny_run_dict(tmp_path, max_steps=12, sample_prompt="the model", sample_tokens=8)
+    result = _run(str(write_config_file(tmp_path / "run.json", config)), "--set", "train.lr=5e-3")
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "run"
+    assert (run / "final" / "model.safetensors").exists() and (run / "final" / "tokenizer.json").exists()
+    assert json.loads((run / "run_config.json").read_text())["train"]["lr"] == 5e-3
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 12
+    assert "train loss" in result.stdout and "--- sample" in result.stdout
+    assert (run / "checkpoints" / "step_000012" / "optimizer.pt").exists()
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c["train"].update(lrr=1e-3), "train.lrr: unknown key (did you mean 'train.lr'?)"),
+    (lambda c: c["train"].update(lr=-1), "train.lr: expected a positive number, got -1.0"),
+    (lambda c: c["train"].update(batch_size=0), "train.batch_size: expected an integer >= 1, got 0"),
+    (lambda c: c["train"].update(max_steps="ten"), "train.max_steps: expected an integer"),
+    (lambda c: c["data"].update(seq_len=4096), "data.seq_len: 4096 exceeds the model's max_position_embeddings 64"),
+    (lambda c: c["model"]["architecture"].update(hiden_size=3),
+     "model.architecture.hiden_size: unknown key (did you mean 'hidden_size'?)"),
+    (lambda c: c.update(outdir="x"), "outdir: unknown key (did you mean 'out_dir'?)"),
+    (lambda c: c["data"].update(train=str(Path("/nonexistent") / "*.txt")), "matches no files"),
+])
+def test_config_errors_exit_2_and_write_nothing(tmp_path, edit, message):
+    config = tiny_run_dict(tmp_path)
+    edit(config)
+    result = _run(str(write_config_file(tmp_path / "bad.json", config)), timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_override_and_missing_file_exit_2(tmp_path):
+    result = _run(str(tmp_path / "missing.json"), timeout=120)
+    assert result.returncode == 2 and "config file not found" in result.stderr
+    config = write_config_file(tmp_path / "ok.json", tiny_run_dict(tmp_path))
+    result = _run(str(config), "--set", "train.lr", timeout=120)
+    assert result.returncode == 2 and "expected key.path=value" in result.stderr

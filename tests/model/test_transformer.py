@@ -1,0 +1,153 @@
+"""Parity with transformers: load what transformers wrote, compare logits and greedy generations."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from engine import Transformer
+from engine.infer.generate import generate
+from tests.hf_models import FAMILIES, save_hf_model
+
+FAMILY_NAMES = list(FAMILIES)
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_fp32_logits_match_transformers(hf_checkpoint, family, sharded):
+    directory, hf = hf_checkpoint(family, sharded=sharded)
+    if sharded:
+        assert (directory / "model.safetensors.index.json").exists()
+    model = Transformer.from_pretrained(directory)
+    ids = torch.randint(0, model.config.vocab_size, (2, 37))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_greedy_generation_matches_transformers(hf_checkpoint, family):
+    directory, hf = hf_checkpoint(family)
+    model = Transformer.from_pretrained(directory)
+    prompt = torch.randint(0, model.config.vocab_size, (2, 9))
+    expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)
+    assert torch.equal(generate(model, prompt, 24, eos_token_id=[]), expected)
+
+
+def test_sliding_window_matches_transformers_beyond_the_window(tmp_path):
+    hf = save_hf_model("mistral", tmp_path, sliding_window=6)
+    model = Transformer.from_pretrained(tmp_path)
+    assert model.config.sliding_window == 6
+    ids = torch.randint(0, 211, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, rtol=0, atol=1e-4)
+    expected = hf.generate(ids[:, :5], attention_mask=torch.ones(1, 5, dtype=torch.long), max_new_tokens=15,
+                           do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(generate(model, ids[:, :5], 15, eos_token_id=[]), expected)
+
+
+@pytest.mark.parametrize("family,tied", [("llama", False), ("llama3", True), ("qwen2", True), ("gpt2", True),
+                                         ("qwen3", False), ("gemma", True)])
+def test_tied_heads_share_the_embedding(hf_checkpoint, family, tied):
+    directory, _ = hf_checkpoint(family)
+    model = Transformer.from_pretrained(directory)
+    assert model.config.tie_word_embeddings is tied
+    assert (model.lm_head.weight is model.embed.weight) is tied
+
+
+def test_gqa_and_mqa_shapes_load(hf_checkpoint):
+    for family, kv in (("llama", 2), ("llama3", 1), ("gemma", 1)):
+        model = Transformer.from_pretrained(hf_checkpoint(family)[0])
+        assert model.config.num_kv_heads == kv < model.config.num_heads
+        assert model.layers[0].attn.k_proj.weight.shape[0] == kv * model.config.head_dim
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma", "gpt2"])
+def test_bf16_loading_stays_close_to_transformers_bf16(hf_checkpoint, family):
+    directory, _ = hf_checkpoint(family)
+    model = Transformer.from_pretrained(directory, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        ours, theirs = model(ids).float(), hf(ids).logits.float()
+    assert ours.dtype == torch.float32 and (ours - theirs).abs().max() < 0.05
+    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_save_pretrained_round_trips_through_transformers(hf_checkpoint, tmp_path, family, sharded):
+    import transformers
+
+    directory, hf = hf_checkpoint(family)
+    Transformer.from_pretrained(directory).save_pretrained(tmp_path, max_shard_size="30KB" if sharded else "2GB")
+    assert (tmp_path / "model.safetensors.index.json").exists() is sharded
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 211, (2, 21))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, hf(ids).logits)
+
+
+def test_tied_weights_are_stored_once(hf_checkpoint, tmp_path):
+    model = Transformer.from_pretrained(hf_checkpoint("qwen2")[0])
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] is True
+
+
+def test_resaving_with_fewer_shards_removes_stale_files(hf_checkpoint, tmp_path):
+    model = Transformer.from_pretrained(hf_checkpoint("llama")[0])
+    model.save_pretrained(tmp_path, max_shard_size="30KB")
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    Transformer.from_pretrained(tmp_path)
+
+
+def test_hidden_states_feed_the_head(hf_checkpoint):
+    model = Transformer.from_pretrained(hf_checkpoint("llama")[0])
+    ids = torch.randint(0, 211, (3, 11))
+    with torch.no_grad():
+        h = model.hidden_states(ids)
+        assert h.shape == (3, 11, model.config.hidden_size)
+        torch.testing.assert_close(h @ model.output_weight.T, model(ids))
+
+
+def test_kv_cache_decoding_equals_full_recompute(hf_checkpoint):
+    model = Transformer.from_pretrained(hf_checkpoint("qwen3")[0])
+    ids = torch.randint(0, 211, (2, 30))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(2, 30)
+        chunks = [model(ids[:, :12], cache=cache), model(ids[:, 12:20], cache=cache)]  # chunked prefill too
+        chunks += [model(ids[:, t:t + 1], cache=cache) for t in range(20, 30)]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_packed_documents_with_mask_and_reset_positions_match_separate_runs(hf_checkpoint):
+    model = Transformer.from_pretrained(hf_checkpoint("llama")[0])
+    a, b = torch.randint(0, 211, (1, 7)), torch.randint(0, 211, (1, 5))
+    doc = torch.tensor([0] * 7 + [1] * 5)
+    same_doc = (doc[:, None] == doc[None, :])[None, None]  # (1, 1, T, T)
+    positions = torch.cat([torch.arange(7), torch.arange(5)])[None]
+    with torch.no_grad():
+        packed = model(torch.cat([a, b], dim=1), position_ids=positions, attn_mask=same_doc)
+        torch.testing.assert_close(packed[:, :7], model(a), rtol=0, atol=1e-5)
+        torch.testing.assert_close(packed[:, 7:], model(b), rtol=0, atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(hf_checkpoint):
+    model = Transformer.from_pretrained(hf_checkpoint("gemma")[0]).train()
+    ids = torch.randint(0, 211, (2, 10))
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = ckpt
+        model(ids).float().logsumexp(-1).mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g0, g1)
