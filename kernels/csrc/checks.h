@@ -136,14 +136,19 @@ class Checker {
 };
 
 // torch's objects, looked up once (torch is imported before kernels._C is used).
+// Attribute names are interned once: these reads run on every decoding step (kernels.linear).
 struct TorchRefs {
   py::handle tensor_type, f32, bf16, f16, i64;
+  py::handle dtype, shape, stride, is_cpu, is_cuda, get_device, device, data_ptr;
   static const TorchRefs& get() {
     static const TorchRefs refs = [] {
       py::module_ torch = py::module_::import("torch");
       // Leaked on purpose: they live as long as torch, and must not be released at exit.
       auto keep = [&](const char* n) { return py::object(torch.attr(n)).release(); };
-      return TorchRefs{keep("Tensor"), keep("float32"), keep("bfloat16"), keep("float16"), keep("int64")};
+      auto name = [](const char* n) { return py::handle(PyUnicode_InternFromString(n)); };
+      return TorchRefs{keep("Tensor"), keep("float32"), keep("bfloat16"), keep("float16"), keep("int64"),
+                       name("dtype"), name("shape"), name("stride"), name("is_cpu"), name("is_cuda"),
+                       name("get_device"), name("device"), name("data_ptr")};
     }();
     return refs;
   }
@@ -156,22 +161,25 @@ inline TensorArg Checker::read(py::handle obj, const std::string& name) {
   if (!py::isinstance(obj, torch.tensor_type))
     fail(name, "a torch.Tensor", std::string(py::str(py::type::of(obj).attr("__name__"))));
   t.present = true;
-  py::object dtype = obj.attr("dtype");
+  py::object dtype = obj.attr(torch.dtype);
   t.dtype = dtype.is(torch.f32) ? kF32 : dtype.is(torch.bf16) ? kBF16 : dtype.is(torch.f16) ? kF16
           : dtype.is(torch.i64) ? kI64 : kOther;
   t.dtype_name = t.dtype == kOther ? std::string(py::str(dtype)) : dtype_name(t.dtype);
   if (t.dtype_name.rfind("torch.", 0) == 0) t.dtype_name = t.dtype_name.substr(6);
-  for (py::handle s : obj.attr("shape")) t.shape.push_back(s.cast<int64_t>());
-  for (py::handle s : obj.attr("stride")()) t.stride.push_back(s.cast<int64_t>());
-  if (obj.attr("is_cuda").cast<bool>()) {
-    t.device = obj.attr("get_device")().cast<int>();
-    t.device_name = "cuda:" + std::to_string(t.device);
-  } else if (obj.attr("is_cpu").cast<bool>()) {
+  py::tuple shape = obj.attr(torch.shape), stride = obj.attr(torch.stride)();
+  t.shape.reserve(shape.size());
+  t.stride.reserve(stride.size());
+  for (py::handle s : shape) t.shape.push_back(PyLong_AsLongLong(s.ptr()));
+  for (py::handle s : stride) t.stride.push_back(PyLong_AsLongLong(s.ptr()));
+  if (obj.attr(torch.is_cpu).ptr() == Py_True) {
     t.device = kCPU;
     t.device_name = "cpu";
+  } else if (obj.attr(torch.is_cuda).ptr() == Py_True) {
+    t.device = obj.attr(torch.get_device)().cast<int>();
+    t.device_name = "cuda:" + std::to_string(t.device);
   } else {
     t.device = kOtherDevice;
-    t.device_name = std::string(py::str(obj.attr("device")));
+    t.device_name = std::string(py::str(obj.attr(torch.device)));
   }
   if (cuda_) {
     if (device_ == kOtherDevice && t.device >= 0) device_ = t.device;
@@ -182,7 +190,7 @@ inline TensorArg Checker::read(py::handle obj, const std::string& name) {
   }
   for (int64_t s : t.stride)
     if (s < 0) fail(name, "non-negative strides", t.describe());
-  t.data = reinterpret_cast<void*>(obj.attr("data_ptr")().cast<intptr_t>());
+  t.data = reinterpret_cast<void*>(obj.attr(torch.data_ptr)().cast<intptr_t>());
   return t;
 }
 
