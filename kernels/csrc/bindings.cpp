@@ -1,12 +1,14 @@
-// pybind11 bindings: thin wrappers that turn Python ints (tensor.data_ptr()) into pointers and
-// fill the argument structs of ops.h. No tensor types cross this boundary, so the module builds
-// without torch headers; kernels/__init__.py validates shapes, dtypes and devices first.
+// pybind11 bindings: each entry takes torch tensors, checks every one it will take a pointer from
+// (checks.h: dtype, device, shape, strides; a ValueError otherwise, never a crash), and fills the
+// argument structs of ops.h. Tensors are read through their Python attributes, so the module
+// builds without torch headers. kernels/ decides when to call these; they trust nothing it says.
 #include <omp.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <string>
 
+#include "checks.h"
 #include "ops.h"
 
 namespace py = pybind11;
@@ -46,161 +48,273 @@ py::dict build_info() {
   return d;
 }
 
-CrossEntropyArgs ce_args(int64_t logits, int dtype, int64_t n_rows, int64_t vocab,
-                         int64_t row_stride, int64_t targets, int64_t ignore_index,
-                         float label_smoothing, float z_loss, float softcap, int64_t loss,
-                         int64_t grad, int64_t grad_row_stride, float scale, int64_t row_scale,
-                         int n_threads, int64_t stream) {
-  return {reinterpret_cast<const void*>(logits), dtype, n_rows, vocab, row_stride,
-          reinterpret_cast<const int64_t*>(targets), ignore_index, label_smoothing, z_loss,
-          softcap, reinterpret_cast<float*>(loss), reinterpret_cast<void*>(grad),
-          grad_row_stride, scale, reinterpret_cast<const float*>(row_scale), n_threads, stream};
+// Every entry checks each tensor (checks.h) before it takes a pointer, then releases the GIL:
+// the kernels are long-running and touch no Python objects.
+
+template <void (*Fn)(const CrossEntropyArgs&), bool kCuda>
+void cross_entropy_entry(py::handle logits, py::handle targets, py::handle loss, py::handle grad,
+                         py::handle row_scale, int64_t ignore_index, float label_smoothing,
+                         float z_loss, float softcap, float scale, int n_threads, int64_t stream) {
+  Checker c(kCuda ? "cross_entropy_cuda" : "cross_entropy_cpu", kCuda);
+  const TensorArg z = c.tensor(logits, "logits");
+  c.dtype_in(z, {kF32, kBF16, kF16});
+  c.expect(z.dim() == 2 && z.unit_last_stride(), z, "logits [N, V] with unit column stride");
+  const int64_t n = z.shape[0], v = z.shape[1];
+  const TensorArg t = c.tensor(targets, "targets");
+  c.dense(t, kI64, {n}, " (one per row of logits)");
+  const TensorArg l = c.tensor(loss, "loss");
+  c.dense(l, kF32, {n}, " (one per row of logits)");
+  const TensorArg g = c.optional(grad, "grad");
+  if (g.present)  // rows may be strided (a chunk of a bigger buffer) but must not overlap
+    c.expect(g.dtype == z.dtype && g.shape == z.shape && g.unit_last_stride() &&
+                 (n <= 1 || g.stride[0] >= v), g,
+             std::string(dtype_name(z.dtype)) + " " + shape_str(z.shape) +
+                 " (as logits) with unit column stride and non-overlapping rows");
+  const TensorArg rs = c.optional(row_scale, "row_scale");
+  if (rs.present) c.dense(rs, kF32, {n}, " (one per row of logits)");
+  if (!kCuda) c.threads(n_threads);
+  CrossEntropyArgs a{z.data, z.dtype, n, v, n > 1 ? z.stride[0] : v,
+                     static_cast<const int64_t*>(t.data), ignore_index, label_smoothing, z_loss,
+                     softcap, static_cast<float*>(l.data), g.data,
+                     g.present && n > 1 ? g.stride[0] : v, scale,
+                     static_cast<const float*>(rs.data), n_threads, stream};
+  py::gil_scoped_release release;
+  Fn(a);
 }
 
-AdamWArgs adamw_args(std::vector<int64_t> params, std::vector<int64_t> grads,
-                     std::vector<int64_t> exp_avgs, std::vector<int64_t> exp_avg_sqs,
-                     std::vector<int64_t> masters, std::vector<int64_t> steps,
-                     std::vector<int64_t> sizes, std::vector<int> dtypes, double lr,
-                     double beta1, double beta2, double eps, double weight_decay,
-                     float clip_coef, int64_t clip_sumsq, double max_grad_norm, int n_threads,
-                     int64_t stream) {
+// Pointers, sizes and dtype codes of a list of grads, all of a kernel storage dtype and dense.
+struct GradList {
+  std::vector<int64_t> ptrs, sizes;
+  std::vector<int> dtypes;
+};
+
+GradList grad_list(Checker& c, const py::list& grads) {
+  GradList out;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const TensorArg g = c.tensor(grads[i], "grads[" + std::to_string(i) + "]");
+    c.dtype_in(g, {kF32, kBF16, kF16});
+    c.contiguous(g);
+    out.ptrs.push_back(reinterpret_cast<int64_t>(g.data));
+    out.sizes.push_back(g.numel());
+    out.dtypes.push_back(g.dtype);
+  }
+  return out;
+}
+
+double grad_sumsq_cpu_entry(py::list grads, int n_threads) {
+  Checker c("grad_sumsq_cpu", false);
+  c.threads(n_threads);
+  const GradList g = grad_list(c, grads);
+  py::gil_scoped_release release;
+  return grad_sumsq_cpu(g.ptrs, g.sizes, g.dtypes, n_threads);
+}
+
+// Per tensor i: params[i] fp32/bf16/fp16 dense; grads[i] the same dtype and shape; exp_avgs[i],
+// exp_avg_sqs[i] fp32 of that shape; masters[i] None or fp32 of that shape; steps[i] one fp32.
+template <void (*Fn)(const AdamWArgs&), bool kCuda>
+void adamw_entry(py::list params, py::list grads, py::list exp_avgs, py::list exp_avg_sqs,
+                 py::list masters, py::list steps, double lr, double beta1, double beta2,
+                 double eps, double weight_decay, float clip_coef, py::handle clip_sumsq,
+                 double max_grad_norm, int n_threads, int64_t stream) {
+  Checker c(kCuda ? "adamw_cuda" : "adamw_cpu", kCuda);
   const size_t n = params.size();
-  for (const auto* v : {&grads, &exp_avgs, &exp_avg_sqs, &masters, &steps, &sizes})
-    if (v->size() != n) throw std::invalid_argument("adamw: pointer lists differ in length");
-  if (dtypes.size() != n) throw std::invalid_argument("adamw: dtypes length differs");
-  return {std::move(params), std::move(grads), std::move(exp_avgs), std::move(exp_avg_sqs),
-          std::move(masters), std::move(steps), std::move(sizes), std::move(dtypes),
-          lr, beta1, beta2, eps, weight_decay, clip_coef, clip_sumsq, max_grad_norm,
-          n_threads, stream};
-}
-
-#define CE_ARGS                                                                          \
-  py::arg("logits"), py::arg("dtype"), py::arg("n_rows"), py::arg("vocab"),              \
-      py::arg("row_stride"), py::arg("targets"), py::arg("ignore_index"),                \
-      py::arg("label_smoothing"), py::arg("z_loss"), py::arg("softcap"), py::arg("loss"), \
-      py::arg("grad"), py::arg("grad_row_stride"), py::arg("scale"), py::arg("row_scale"), \
-      py::arg("n_threads"), py::arg("stream") = 0
-
-#define ADAMW_ARGS                                                                           \
-  py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),          \
-      py::arg("masters"), py::arg("steps"), py::arg("sizes"), py::arg("dtypes"), py::arg("lr"), \
-      py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),           \
-      py::arg("clip_coef"), py::arg("clip_sumsq"), py::arg("max_grad_norm"),                 \
-      py::arg("n_threads"), py::arg("stream") = 0
-
-template <void (*Fn)(const CrossEntropyArgs&)>
-void ce_entry(int64_t logits, int dtype, int64_t n_rows, int64_t vocab, int64_t row_stride,
-              int64_t targets, int64_t ignore_index, float label_smoothing, float z_loss,
-              float softcap, int64_t loss, int64_t grad, int64_t grad_row_stride, float scale,
-              int64_t row_scale, int n_threads, int64_t stream) {
-  CrossEntropyArgs a = ce_args(logits, dtype, n_rows, vocab, row_stride, targets, ignore_index,
-                               label_smoothing, z_loss, softcap, loss, grad, grad_row_stride,
-                               scale, row_scale, n_threads, stream);
-  py::gil_scoped_release release;  // kernels are long-running and touch no Python objects
-  Fn(a);
-}
-
-template <void (*Fn)(const AdamWArgs&)>
-void adamw_entry(std::vector<int64_t> params, std::vector<int64_t> grads,
-                 std::vector<int64_t> exp_avgs, std::vector<int64_t> exp_avg_sqs,
-                 std::vector<int64_t> masters, std::vector<int64_t> steps,
-                 std::vector<int64_t> sizes, std::vector<int> dtypes, double lr, double beta1,
-                 double beta2, double eps, double weight_decay, float clip_coef,
-                 int64_t clip_sumsq, double max_grad_norm, int n_threads, int64_t stream) {
-  AdamWArgs a = adamw_args(std::move(params), std::move(grads), std::move(exp_avgs),
-                           std::move(exp_avg_sqs), std::move(masters), std::move(steps),
-                           std::move(sizes), std::move(dtypes), lr, beta1, beta2, eps,
-                           weight_decay, clip_coef, clip_sumsq, max_grad_norm, n_threads, stream);
+  const std::pair<const char*, const py::list*> lists[] = {
+      {"grads", &grads}, {"exp_avgs", &exp_avgs}, {"exp_avg_sqs", &exp_avg_sqs},
+      {"masters", &masters}, {"steps", &steps}};
+  for (const auto& [name, list] : lists)
+    if (list->size() != n)
+      c.fail(name, std::to_string(n) + " entries (one per param)", std::to_string(list->size()));
+  if (!kCuda) c.threads(n_threads);
+  AdamWArgs a;
+  auto ptr = [](const TensorArg& t) { return reinterpret_cast<int64_t>(t.data); };
+  for (size_t i = 0; i < n; ++i) {
+    const std::string at = "[" + std::to_string(i) + "]";
+    const TensorArg p = c.tensor(params[i], "params" + at);
+    c.dtype_in(p, {kF32, kBF16, kF16});
+    c.contiguous(p);
+    const TensorArg g = c.tensor(grads[i], "grads" + at);
+    c.dense_like(g, p, p.dtype);
+    const TensorArg m = c.tensor(exp_avgs[i], "exp_avgs" + at);
+    c.dense_like(m, p, kF32);
+    const TensorArg v = c.tensor(exp_avg_sqs[i], "exp_avg_sqs" + at);
+    c.dense_like(v, p, kF32);
+    const TensorArg w = c.optional(masters[i], "masters" + at);
+    if (w.present) c.dense_like(w, p, kF32);
+    const TensorArg s = c.tensor(steps[i], "steps" + at);
+    c.expect(s.dtype == kF32 && s.numel() == 1, s, "one float32 (the step count)");
+    a.params.push_back(ptr(p));
+    a.grads.push_back(ptr(g));
+    a.exp_avgs.push_back(ptr(m));
+    a.exp_avg_sqs.push_back(ptr(v));
+    a.masters.push_back(ptr(w));
+    a.steps.push_back(ptr(s));
+    a.sizes.push_back(p.numel());
+    a.dtypes.push_back(p.dtype);
+  }
+  const TensorArg cs = c.optional(clip_sumsq, "clip_sumsq");
+  if (cs.present) c.expect(cs.dtype == kF32 && cs.numel() == 1, cs, "None or one float32");
+  if (cs.present && !kCuda) c.fail("clip_sumsq", "None on the CPU (pass clip_coef)", cs.describe());
+  a.lr = lr, a.beta1 = beta1, a.beta2 = beta2, a.eps = eps, a.weight_decay = weight_decay;
+  a.clip_coef = clip_coef, a.clip_sumsq = ptr(cs), a.max_grad_norm = max_grad_norm;
+  a.n_threads = n_threads, a.stream = stream;
   py::gil_scoped_release release;
   Fn(a);
 }
 
-double sumsq_entry(std::vector<int64_t> grads, std::vector<int64_t> sizes,
-                   std::vector<int> dtypes, int n_threads) {
-  py::gil_scoped_release release;
-  return grad_sumsq_cpu(grads, sizes, dtypes, n_threads);
-}
-
-void linear_entry(int64_t x, int64_t weight, int64_t bias, int64_t out, int dtype, int64_t m,
-                  int64_t n, int64_t k, int n_threads) {
-  if (dtype != kF32 && dtype != kBF16) throw std::invalid_argument("linear: dtype must be fp32 or bf16");
-  LinearArgs a{reinterpret_cast<const void*>(x), reinterpret_cast<const void*>(weight),
-               reinterpret_cast<const void*>(bias), reinterpret_cast<void*>(out), dtype, m, n, k,
-               n_threads};
+// out [..., N] = x [..., K] @ weight [N, K]^T (+ bias [N]); all dense, one dtype (fp32 or bf16).
+void linear_entry(py::handle x, py::handle weight, py::handle bias, py::handle out, int n_threads) {
+  Checker c("linear_cpu", false);
+  c.threads(n_threads);
+  const TensorArg w = c.tensor(weight, "weight");
+  c.dtype_in(w, {kF32, kBF16});
+  c.expect(w.dim() == 2 && w.contiguous(), w, "a contiguous [N, K]");
+  const int64_t n = w.shape[0], k = w.shape[1];
+  const TensorArg xa = c.tensor(x, "x");
+  c.expect(xa.dtype == w.dtype && xa.dim() >= 1 && xa.shape.back() == k && xa.contiguous(), xa,
+           std::string("a contiguous ") + dtype_name(w.dtype) + " [..., K=" + std::to_string(k) + "]");
+  std::vector<int64_t> out_shape(xa.shape.begin(), xa.shape.end() - 1);
+  int64_t m = 1;
+  for (int64_t s : out_shape) m *= s;
+  out_shape.push_back(n);
+  const TensorArg o = c.tensor(out, "out");
+  c.expect(o.dtype == w.dtype && o.shape == out_shape && o.contiguous(), o,
+           std::string("a contiguous ") + dtype_name(w.dtype) + " " + shape_str(out_shape));
+  const TensorArg b = c.optional(bias, "bias");
+  if (b.present) c.dense(b, w.dtype, {n}, " (one per row of weight)");
+  LinearArgs a{xa.data, w.data, b.data, o.data, w.dtype, m, n, k, n_threads};
   py::gil_scoped_release release;
   linear_cpu(a);
 }
 
-void rms_norm_entry(int64_t x, int x_dtype, int64_t x_row_stride, int64_t weight, int w_dtype,
-                    int64_t out, int out_dtype, int64_t rstd, int64_t n_rows, int64_t dim, float eps,
+// x [N, C] (rows strided, unit column stride) with weight [C] -> out (N * C, dense), rstd [N].
+void rms_norm_entry(py::handle x, py::handle weight, py::handle out, py::handle rstd, float eps,
                     float weight_offset, int n_threads) {
-  RMSNormArgs a{reinterpret_cast<const void*>(x), x_dtype, x_row_stride,
-                reinterpret_cast<const void*>(weight), w_dtype, reinterpret_cast<void*>(out),
-                out_dtype, reinterpret_cast<float*>(rstd), n_rows, dim, eps, weight_offset,
-                n_threads};
+  Checker c("rms_norm_cpu", false);
+  c.threads(n_threads);
+  const TensorArg xa = c.tensor(x, "x");
+  c.dtype_in(xa, {kF32, kBF16});
+  c.expect(xa.dim() == 2 && xa.unit_last_stride(), xa, "x [N, C] with unit column stride");
+  const int64_t n = xa.shape[0], dim = xa.shape[1];
+  const TensorArg w = c.tensor(weight, "weight");
+  c.dtype_in(w, {kF32, kBF16});
+  c.expect(w.shape == std::vector<int64_t>{dim} && w.contiguous(), w, "a contiguous [C] = " + shape_str({dim}));
+  const TensorArg o = c.tensor(out, "out");
+  c.dtype_in(o, {kF32, kBF16});
+  c.expect(o.contiguous() && o.numel() == n * dim && o.dim() >= 1 && o.shape.back() == dim, o,
+           "a contiguous [..., C] of N * C = " + std::to_string(n * dim) + " elements");
+  const TensorArg r = c.tensor(rstd, "rstd");
+  c.dense(r, kF32, {n}, " (one per row of x)");
+  RMSNormArgs a{xa.data, xa.dtype, n > 1 ? xa.stride[0] : dim, w.data, w.dtype, o.data, o.dtype,
+                static_cast<float*>(r.data), n, dim, eps, weight_offset, n_threads};
   py::gil_scoped_release release;
   rms_norm_cpu(a);
 }
 
-void rms_norm_backward_entry(int64_t grad_out, int g_dtype, int64_t x, int x_dtype,
-                             int64_t x_row_stride, int64_t weight, int w_dtype, int64_t rstd,
-                             int64_t grad_x, int64_t grad_weight, int64_t n_rows, int64_t dim,
-                             float weight_offset, int n_threads) {
-  RMSNormBackwardArgs a{reinterpret_cast<const void*>(grad_out), g_dtype,
-                        reinterpret_cast<const void*>(x), x_dtype, x_row_stride,
-                        reinterpret_cast<const void*>(weight), w_dtype,
-                        reinterpret_cast<const float*>(rstd), reinterpret_cast<void*>(grad_x),
-                        reinterpret_cast<float*>(grad_weight), n_rows, dim, weight_offset,
-                        n_threads};
+// grad_out (N * C, dense), x [N, C], weight [C], rstd [N] -> grad_x [N, C] in x's dtype (or
+// None), grad_weight [C] fp32 (or None).
+void rms_norm_backward_entry(py::handle grad_out, py::handle x, py::handle weight, py::handle rstd,
+                             py::handle grad_x, py::handle grad_weight, float weight_offset,
+                             int n_threads) {
+  Checker c("rms_norm_backward_cpu", false);
+  c.threads(n_threads);
+  const TensorArg xa = c.tensor(x, "x");
+  c.dtype_in(xa, {kF32, kBF16});
+  c.expect(xa.dim() == 2 && xa.unit_last_stride(), xa, "x [N, C] with unit column stride");
+  const int64_t n = xa.shape[0], dim = xa.shape[1];
+  const TensorArg g = c.tensor(grad_out, "grad_out");
+  c.dtype_in(g, {kF32, kBF16});
+  c.expect(g.contiguous() && g.numel() == n * dim && g.dim() >= 1 && g.shape.back() == dim, g,
+           "a contiguous [..., C] of N * C = " + std::to_string(n * dim) + " elements");
+  const TensorArg w = c.tensor(weight, "weight");
+  c.dtype_in(w, {kF32, kBF16});
+  c.expect(w.shape == std::vector<int64_t>{dim} && w.contiguous(), w, "a contiguous [C] = " + shape_str({dim}));
+  const TensorArg r = c.tensor(rstd, "rstd");
+  c.dense(r, kF32, {n}, " (one per row of x)");
+  const TensorArg gx = c.optional(grad_x, "grad_x");
+  if (gx.present) c.dense(gx, xa.dtype, {n, dim}, " (as x)");
+  const TensorArg gw = c.optional(grad_weight, "grad_weight");
+  if (gw.present) c.dense_like(gw, w, kF32);
+  RMSNormBackwardArgs a{g.data, g.dtype, xa.data, xa.dtype, n > 1 ? xa.stride[0] : dim, w.data,
+                        w.dtype, static_cast<const float*>(r.data), gx.data,
+                        static_cast<float*>(gw.data), n, dim, weight_offset, n_threads};
   py::gil_scoped_release release;
   rms_norm_backward_cpu(a);
 }
 
-void rope_entry(int64_t x, int x_dtype, std::vector<int64_t> in_stride, int64_t out, int out_dtype,
-                std::vector<int64_t> out_stride, int64_t cos, int64_t sin, int64_t table_batch,
-                int64_t batch, int64_t seq, int64_t heads, int64_t head_dim, bool inverse,
+// x [B, T, H, D] -> out [B, T, H, D] (any strides, unit stride within a head) rotated by fp32
+// tables cos, sin [B|1, T, D] (dense); inverse rotates back (backward).
+void rope_entry(py::handle x, py::handle out, py::handle cos, py::handle sin, bool inverse,
                 int n_threads) {
-  if (in_stride.size() != 3 || out_stride.size() != 3)
-    throw std::invalid_argument("rope: in_stride and out_stride need 3 entries (batch, seq, head)");
-  RopeArgs a{reinterpret_cast<const void*>(x), x_dtype, {in_stride[0], in_stride[1], in_stride[2]},
-             reinterpret_cast<void*>(out), out_dtype,
-             {out_stride[0], out_stride[1], out_stride[2]}, reinterpret_cast<const float*>(cos),
-             reinterpret_cast<const float*>(sin), table_batch, batch, seq, heads, head_dim,
+  Checker c("rope_cpu", false);
+  c.threads(n_threads);
+  const TensorArg xa = c.tensor(x, "x");
+  c.dtype_in(xa, {kF32, kBF16});
+  c.expect(xa.dim() == 4 && xa.unit_last_stride() && xa.shape[3] % 2 == 0, xa,
+           "x [B, T, H, D] with D even and unit stride within a head");
+  const TensorArg o = c.tensor(out, "out");
+  c.dtype_in(o, {kF32, kBF16});
+  c.expect(o.shape == xa.shape && o.unit_last_stride(), o,
+           shape_str(xa.shape) + " (as x) with unit stride within a head");
+  const int64_t b = xa.shape[0], t = xa.shape[1], d = xa.shape[3];
+  const TensorArg co = c.tensor(cos, "cos");
+  c.expect(co.dtype == kF32 && co.dim() == 3 && (co.shape[0] == 1 || co.shape[0] == b) &&
+               co.shape[1] == t && co.shape[2] == d && co.contiguous(), co,
+           "a contiguous float32 [B|1, T, D] = [" + std::to_string(b) + "|1, " + std::to_string(t) +
+               ", " + std::to_string(d) + "]");
+  const TensorArg si = c.tensor(sin, "sin");
+  c.dense_like(si, co, kF32);
+  RopeArgs a{xa.data, xa.dtype, {xa.stride[0], xa.stride[1], xa.stride[2]}, o.data, o.dtype,
+             {o.stride[0], o.stride[1], o.stride[2]}, static_cast<const float*>(co.data),
+             static_cast<const float*>(si.data), co.shape[0], b, t, xa.shape[2], d,
              inverse ? 1 : 0, n_threads};
   py::gil_scoped_release release;
   rope_cpu(a);
 }
 
+#ifdef ENGINE_WITH_CUDA
+void grad_sumsq_cuda_entry(py::list grads, py::handle out, int64_t stream) {
+  Checker c("grad_sumsq_cuda", true);
+  const GradList g = grad_list(c, grads);
+  const TensorArg o = c.tensor(out, "out");
+  c.expect(o.dtype == kF32 && o.numel() == 1, o, "one float32");
+  py::gil_scoped_release release;
+  grad_sumsq_cuda(g.ptrs, g.sizes, g.dtypes, reinterpret_cast<int64_t>(o.data), stream);
+}
+#endif
+
 }  // namespace
+
+#define CE_ARGS                                                                            \
+  py::arg("logits"), py::arg("targets"), py::arg("loss"), py::arg("grad"), py::arg("row_scale"), \
+      py::kw_only(), py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("z_loss"),   \
+      py::arg("softcap"), py::arg("scale"), py::arg("n_threads") = 1, py::arg("stream") = 0
+
+#define ADAMW_ARGS                                                                            \
+  py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),           \
+      py::arg("masters"), py::arg("steps"), py::kw_only(), py::arg("lr"), py::arg("beta1"),   \
+      py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("clip_coef") = 1.0f, \
+      py::arg("clip_sumsq") = py::none(), py::arg("max_grad_norm") = 0.0,                     \
+      py::arg("n_threads") = 1, py::arg("stream") = 0
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "Compiled kernels for the `kernels` package; call them through kernels/__init__.py.";
   m.def("build_info", &build_info);
-  m.def("cross_entropy_cpu", &ce_entry<cross_entropy_cpu>, CE_ARGS);
-  m.def("grad_sumsq_cpu", &sumsq_entry, py::arg("grads"), py::arg("sizes"), py::arg("dtypes"),
-        py::arg("n_threads"));
-  m.def("adamw_cpu", &adamw_entry<adamw_cpu>, ADAMW_ARGS);
+  m.def("cross_entropy_cpu", &cross_entropy_entry<cross_entropy_cpu, false>, CE_ARGS);
+  m.def("grad_sumsq_cpu", &grad_sumsq_cpu_entry, py::arg("grads"), py::arg("n_threads"));
+  m.def("adamw_cpu", &adamw_entry<adamw_cpu, false>, ADAMW_ARGS);
   m.def("linear_cpu", &linear_entry, py::arg("x"), py::arg("weight"), py::arg("bias"),
-        py::arg("out"), py::arg("dtype"), py::arg("m"), py::arg("n"), py::arg("k"),
-        py::arg("n_threads"));
-  m.def("rms_norm_cpu", &rms_norm_entry, py::arg("x"), py::arg("x_dtype"), py::arg("x_row_stride"),
-        py::arg("weight"), py::arg("w_dtype"), py::arg("out"), py::arg("out_dtype"),
-        py::arg("rstd"), py::arg("n_rows"), py::arg("dim"), py::arg("eps"),
+        py::arg("out"), py::arg("n_threads"));
+  m.def("rms_norm_cpu", &rms_norm_entry, py::arg("x"), py::arg("weight"), py::arg("out"),
+        py::arg("rstd"), py::arg("eps"), py::arg("weight_offset"), py::arg("n_threads"));
+  m.def("rms_norm_backward_cpu", &rms_norm_backward_entry, py::arg("grad_out"), py::arg("x"),
+        py::arg("weight"), py::arg("rstd"), py::arg("grad_x"), py::arg("grad_weight"),
         py::arg("weight_offset"), py::arg("n_threads"));
-  m.def("rms_norm_backward_cpu", &rms_norm_backward_entry, py::arg("grad_out"), py::arg("g_dtype"),
-        py::arg("x"), py::arg("x_dtype"), py::arg("x_row_stride"), py::arg("weight"),
-        py::arg("w_dtype"), py::arg("rstd"), py::arg("grad_x"), py::arg("grad_weight"),
-        py::arg("n_rows"), py::arg("dim"), py::arg("weight_offset"), py::arg("n_threads"));
-  m.def("rope_cpu", &rope_entry, py::arg("x"), py::arg("x_dtype"), py::arg("in_stride"),
-        py::arg("out"), py::arg("out_dtype"), py::arg("out_stride"), py::arg("cos"),
-        py::arg("sin"), py::arg("table_batch"), py::arg("batch"), py::arg("seq"),
-        py::arg("heads"), py::arg("head_dim"), py::arg("inverse"), py::arg("n_threads"));
+  m.def("rope_cpu", &rope_entry, py::arg("x"), py::arg("out"), py::arg("cos"), py::arg("sin"),
+        py::arg("inverse"), py::arg("n_threads"));
 #ifdef ENGINE_WITH_CUDA
-  m.def("cross_entropy_cuda", &ce_entry<cross_entropy_cuda>, CE_ARGS);
-  m.def("grad_sumsq_cuda", [](std::vector<int64_t> grads, std::vector<int64_t> sizes,
-                              std::vector<int> dtypes, int64_t out, int64_t stream) {
-    grad_sumsq_cuda(grads, sizes, dtypes, out, stream);
-  }, py::arg("grads"), py::arg("sizes"), py::arg("dtypes"), py::arg("out"), py::arg("stream"));
-  m.def("adamw_cuda", &adamw_entry<adamw_cuda>, ADAMW_ARGS);
+  m.def("cross_entropy_cuda", &cross_entropy_entry<cross_entropy_cuda, true>, CE_ARGS);
+  m.def("grad_sumsq_cuda", &grad_sumsq_cuda_entry, py::arg("grads"), py::arg("out"),
+        py::arg("stream"));
+  m.def("adamw_cuda", &adamw_entry<adamw_cuda, true>, ADAMW_ARGS);
 #endif
 }

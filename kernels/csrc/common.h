@@ -1,10 +1,12 @@
 // Shared helpers for the CPU kernels: dtype codes, bf16/fp16 <-> fp32 conversion and a
 // branch-free exp that GCC/Clang auto-vectorize inside `#pragma omp simd` loops.
 //
-// Why auto-vectorization instead of intrinsics: the same source becomes AVX-512, AVX2 or NEON
-// code depending on -march (chosen at build time, see CMakeLists.txt), and stays readable.
-// Every hot loop below is written so the compiler can vectorize it (no calls into libm, no
-// data-dependent branches; selects instead of ifs).
+// Portable code first: every hot loop is written so the compiler can vectorize it for the -march
+// chosen at build time (AVX-512, AVX2 or NEON from one source; no calls into libm, no
+// data-dependent branches, selects instead of ifs). Intrinsics are used only where measured
+// auto-vectorization falls short, each behind its ISA macro with the portable loop as the
+// fallback: here load16/vexp16 (AVX-512) and store_row<bf16> (AVX512-BF16), and the AVX-512
+// paths of cross_entropy.cpp and linear.cpp that build on them.
 #pragma once
 
 #include <cstdint>

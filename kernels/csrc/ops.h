@@ -1,6 +1,7 @@
 // Entry points of the compiled kernels, shared by the CPU sources, the CUDA sources and
-// bindings.cpp. Everything is raw pointers + sizes: allocation and validation live in Python
-// (kernels/__init__.py), so this library never links against libtorch.
+// bindings.cpp. Everything is raw pointers + sizes, so this library never links against
+// libtorch: bindings.cpp fills these structs from torch tensors only after checking each one
+// (checks.h), and allocation stays in Python (kernels/ops/).
 #pragma once
 
 #include <cstdint>
@@ -8,7 +9,7 @@
 
 namespace kernels {
 
-// Dtype codes shared with kernels/fused_ce.py (DTYPE_CODES).
+// Storage dtype codes; bindings.cpp derives them from each tensor's dtype (checks.h).
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
 // Row-wise cross-entropy over logits [N, V] (row stride `row_stride`, unit column stride).

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import reference
-from kernels.grouped_attention import MAX_KEYS
+from kernels.ops.attention import MAX_KEYS
 
 from .conftest import assert_close
 

@@ -164,21 +164,25 @@ def test_gradient_is_scaled_by_non_uniform_grad_output():
 
 
 @needs_native
-def test_inplace_only_when_nothing_else_sees_the_logits():
+def test_logits_are_overwritten_only_with_inplace_true():
     hidden = torch.randn(8, 16, requires_grad=True)
     weight = torch.randn(100, 16)
     targets = torch.randint(0, 100, (8,))
     F.cross_entropy(hidden @ weight.T, targets).backward()
     grad_ref, hidden.grad = hidden.grad, None
-    kernels.cross_entropy(hidden @ weight.T, targets).backward()  # temporary: overwritten
+    kernels.cross_entropy(hidden @ weight.T, targets, inplace=True).backward()  # temporary: overwritten
     torch.testing.assert_close(hidden.grad, grad_ref)
+    hidden.grad = None
     logits = hidden @ weight.T
     before = logits.detach().clone()
-    kernels.cross_entropy(logits, targets).backward()  # named: left alone
+    kernels.cross_entropy(logits, targets).backward()  # default inplace=False: left alone
     assert torch.equal(logits.detach(), before)
+    torch.testing.assert_close(hidden.grad, grad_ref)
     logits = hidden @ weight.T
-    kernels.cross_entropy(logits.view(8, 100), targets).backward()  # view of named: left alone
+    kernels.cross_entropy(logits.view(8, 100), targets).backward()  # a view: left alone too
     assert torch.equal(logits.detach(), before)
+    with pytest.raises(ValueError, match="inplace must be True or False"):
+        kernels.cross_entropy(logits, targets, inplace=None)
 
 
 @needs_native

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 
 import kernels
-from kernels import fused_linear_ce
+from kernels.ops import linear_cross_entropy as fused_linear_ce
 from engine.train.loop import train
 from tests.train_fixtures import tiny_run_config
 

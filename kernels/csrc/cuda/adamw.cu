@@ -101,6 +101,18 @@ __global__ void sumsq_kernel(TensorList tl, float* out) {
   if (threadIdx.x == 0) atomicAdd(out, s);
 }
 
+// The lists a caller hands in must describe the same n tensors with known dtype codes
+// (bindings.cpp builds them from checked tensors; this guards other callers of the library).
+void check_lists(const char* what, size_t n, const std::vector<int64_t>& sizes,
+                 const std::vector<int>& dtypes) {
+  if (sizes.size() != n || dtypes.size() != n)
+    throw std::invalid_argument(std::string(what) + ": pointer, size and dtype lists differ in length");
+  for (size_t t = 0; t < n; ++t)
+    if (sizes[t] < 0 || (dtypes[t] != kF32 && dtypes[t] != kBF16 && dtypes[t] != kF16))
+      throw std::invalid_argument(std::string(what) + ": tensor " + std::to_string(t) +
+                                  " has a negative size or an unknown dtype code");
+}
+
 // Calls launch(list, n_blocks) for consecutive batches of up to kMaxTensors tensors.
 template <typename Fill, typename Launch>
 void for_each_batch(size_t n, const std::vector<int64_t>& sizes, Fill fill, Launch launch) {
@@ -123,6 +135,7 @@ void for_each_batch(size_t n, const std::vector<int64_t>& sizes, Fill fill, Laun
 
 void grad_sumsq_cuda(const std::vector<int64_t>& grads, const std::vector<int64_t>& sizes,
                      const std::vector<int>& dtypes, int64_t out, int64_t stream) {
+  check_lists("grad_sumsq_cuda", grads.size(), sizes, dtypes);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   for_each_batch(grads.size(), sizes,
       [&](TensorList& tl, int k, size_t t) {
@@ -136,6 +149,10 @@ void grad_sumsq_cuda(const std::vector<int64_t>& grads, const std::vector<int64_
 }
 
 void adamw_cuda(const AdamWArgs& a) {
+  const size_t n = a.params.size();
+  check_lists("adamw_cuda", n, a.sizes, a.dtypes);
+  for (const auto* v : {&a.grads, &a.exp_avgs, &a.exp_avg_sqs, &a.masters, &a.steps})
+    if (v->size() != n) throw std::invalid_argument("adamw_cuda: pointer lists differ in length");
   auto s = reinterpret_cast<cudaStream_t>(a.stream);
   const Hyper h{float(a.lr), float(a.beta1), float(a.beta2), float(a.eps), float(a.weight_decay),
                 float(a.max_grad_norm), reinterpret_cast<const float*>(a.clip_sumsq)};

@@ -82,6 +82,8 @@ __global__ void cross_entropy_kernel(RowParams p) {
 }  // namespace
 
 void cross_entropy_cuda(const CrossEntropyArgs& a) {
+  if (a.n_rows < 0 || a.vocab < 0)
+    throw std::invalid_argument("cross_entropy_cuda: negative n_rows or vocab");
   if (a.n_rows == 0) return;
   RowParams p{a.logits, a.vocab, a.row_stride, a.targets, a.ignore_index, a.label_smoothing,
               a.z_loss, a.softcap, a.loss, a.grad, a.grad_row_stride, a.scale, a.row_scale};

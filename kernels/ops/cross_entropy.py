@@ -1,17 +1,48 @@
-"""Fused cross-entropy as a torch.autograd.Function around the compiled row kernel.
+"""kernels.cross_entropy: fused loss + gradient over logits [N, V] (kernels/csrc/cross_entropy.cpp,
+cuda/cross_entropy.cu), as a torch.autograd.Function around the compiled row kernel.
 
 Forward computes the loss AND the gradient in one pass over the logits (the kernel's job);
 backward only multiplies the stored gradient by grad_output, and skips even that when
-grad_output is exactly 1 (the usual `loss.backward()`). The compiled module is handed in by
-kernels/__init__.py, which is the only place that imports it.
+grad_output is exactly 1 (the usual `loss.backward()`).
 """
 from __future__ import annotations
 
 import torch
 
 from kernels import reference
+from kernels.ops.common import check_reduction, check_targets, desc, device_problems, is_one
 
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+NAME = "kernels.cross_entropy"
+
+
+def check(logits, targets, ignore_index, reduction, label_smoothing, z_loss, softcap, inplace) -> None:
+    if not (isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.is_floating_point()):
+        raise ValueError(f"{NAME}: logits must be a floating tensor [N, V], got {desc(logits)}")
+    check_targets(NAME, targets, logits.shape[0], logits.shape[1], logits.device, ignore_index)
+    check_reduction(NAME, reduction)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{NAME}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if z_loss < 0:
+        raise ValueError(f"{NAME}: z_loss must be >= 0, got {z_loss}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"{NAME}: softcap must be None or > 0, got {softcap}")
+    if not isinstance(inplace, bool):
+        raise ValueError(f"{NAME}: inplace must be True or False, got {inplace!r}")
+    if inplace and logits.is_leaf and logits.requires_grad:
+        raise ValueError(f"{NAME}: inplace=True would overwrite a leaf tensor that requires grad")
+
+
+def problems(build, logits, *_) -> tuple[list[str], list[str]]:
+    return device_problems(build, "logits", logits), []
+
+
+def native(ext, logits, targets, ignore_index, reduction, label_smoothing, z_loss, softcap, inplace):
+    return CrossEntropyFunction.apply(logits, targets, ext, ignore_index, reduction,
+                                      label_smoothing, z_loss, softcap, inplace)
+
+
+def fallback(logits, targets, ignore_index, reduction, label_smoothing, z_loss, softcap, inplace):
+    return reference.cross_entropy(logits, targets, ignore_index, reduction, label_smoothing, z_loss, softcap)
 
 
 def launch_rows(ext, logits: torch.Tensor, targets: torch.Tensor, loss_rows: torch.Tensor,
@@ -20,24 +51,16 @@ def launch_rows(ext, logits: torch.Tensor, targets: torch.Tensor, loss_rows: tor
                 z_loss: float = 0.0, softcap: float | None = None) -> None:
     """Run the native kernel on logits [N, V] (unit column stride): fills loss_rows [N] fp32 and,
     if given, grad [N, V] (may be `logits` itself) = d loss_i / d logits_i * scale * row_scale[i]."""
-    n_rows, vocab = logits.shape
-    on_cuda = logits.device.type == "cuda"
-    fn = ext.cross_entropy_cuda if on_cuda else ext.cross_entropy_cpu
-    fn(logits=logits.data_ptr(), dtype=DTYPE_CODES[logits.dtype], n_rows=n_rows, vocab=vocab,
-       row_stride=logits.stride(0), targets=targets.data_ptr(), ignore_index=ignore_index,
-       label_smoothing=float(label_smoothing), z_loss=float(z_loss),
-       softcap=float(softcap) if softcap is not None else 0.0, loss=loss_rows.data_ptr(),
-       grad=grad.data_ptr() if grad is not None else 0,
-       grad_row_stride=grad.stride(0) if grad is not None else 0, scale=float(scale),
-       row_scale=row_scale.data_ptr() if row_scale is not None else 0,
-       n_threads=torch.get_num_threads(),
-       stream=torch.cuda.current_stream(logits.device).cuda_stream if on_cuda else 0)
-
-
-def is_one(t: torch.Tensor) -> bool:
-    """True when a CPU scalar grad_output is exactly 1 (then scaling the gradient is a no-op).
-    On CUDA we don't ask: .item() would synchronize."""
-    return t.device.type == "cpu" and t.numel() == 1 and t.item() == 1.0
+    if logits.device.type == "cuda":
+        ext.cross_entropy_cuda(logits, targets, loss_rows, grad, row_scale, ignore_index=ignore_index,
+                               label_smoothing=float(label_smoothing), z_loss=float(z_loss),
+                               softcap=float(softcap or 0.0), scale=float(scale),
+                               stream=torch.cuda.current_stream(logits.device).cuda_stream)
+    else:
+        ext.cross_entropy_cpu(logits, targets, loss_rows, grad, row_scale, ignore_index=ignore_index,
+                              label_smoothing=float(label_smoothing), z_loss=float(z_loss),
+                              softcap=float(softcap or 0.0), scale=float(scale),
+                              n_threads=torch.get_num_threads())
 
 
 class CrossEntropyFunction(torch.autograd.Function):

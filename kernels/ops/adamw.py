@@ -1,4 +1,5 @@
-"""AdamW whose step is one fused pass per element, with global-norm clipping folded in.
+"""kernels.AdamW: an AdamW whose step is one fused pass per element (kernels/csrc/adamw.cpp,
+cuda/adamw.cu: _C.adamw_cpu/_cuda, _C.grad_sumsq_cpu/_cuda), with global-norm clipping folded in.
 
 State layout is torch.optim.AdamW's (`step` float32 0-dim tensor, `exp_avg`, `exp_avg_sq`; the
 same param_group keys), so state_dicts move between the two in both directions. Differences,
@@ -12,7 +13,9 @@ elementwise, so each rank updates its own shard, and only the clipping norm need
 (their shards' sums of squares are all-reduced). The moments are DTensors like the params, so
 torch.distributed.checkpoint saves and reshards them.
 
-kernels/__init__.py subclasses this to plug in the backend choice (_native_ext).
+kernels/__init__.py subclasses this to plug in the backend choice (_native_ext). The state is
+checked against each param before every step (_state_for): a checkpoint whose moments don't
+match its params is refused with a ValueError on both backends (the compiled entries check again).
 """
 from __future__ import annotations
 
@@ -21,14 +24,29 @@ import math
 import torch
 
 from kernels import reference
-from kernels.fused_ce import DTYPE_CODES
+from kernels.ops.common import device_problems
+
+NAME = "kernels.AdamW"
 
 _TORCH_GROUP_FLAGS = dict(amsgrad=False, maximize=False, foreach=None, capturable=False,
                           differentiable=False, fused=None, decoupled_weight_decay=True)
 
 
+def problems(build, params: list[torch.Tensor], grads: list[torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Why the compiled step can't run these (local) params and grads."""
+    out = []
+    devices = {p.device for p in params}
+    if len(devices) > 1:
+        out.append(f"params span several devices {sorted(map(str, devices))}")
+    for p, g in zip(params, grads):
+        out += device_problems(build, "param", p)
+        if not (p.is_contiguous() and g.is_contiguous()):
+            out.append("params and grads must be contiguous")
+    return out, []
+
+
 class FusedAdamW(torch.optim.Optimizer):
-    name = "kernels.AdamW"
+    name = NAME
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  max_grad_norm=None, backend=None):
@@ -52,18 +70,33 @@ class FusedAdamW(torch.optim.Optimizer):
         """The compiled module if it should run these (local) params and grads, else None (fallback)."""
         raise NotImplementedError
 
-    def _state_for(self, p: torch.Tensor) -> dict:
+    def _state_for(self, index: int, p: torch.Tensor) -> dict:
+        """The state of param `index` (its position in the optimizer), created on its first step;
+        torch's layout converted to ours (fp32 moments, `step` on the param's device); and
+        checked: moments of another shape (a checkpoint of another model) raise ValueError."""
         state = self.state[p]
         math_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
         if not state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device)
             for key in ("exp_avg", "exp_avg_sq"):
                 state[key] = torch.zeros_like(p, dtype=math_dtype, memory_format=torch.contiguous_format)
-        if state["step"].device != p.device:  # torch keeps `step` on CPU for unfused AdamW
-            state["step"] = state["step"].to(p.device)
-        for key in ("exp_avg", "exp_avg_sq"):  # torch's bf16 state -> fp32
-            if state[key].dtype != math_dtype:
-                state[key] = state[key].to(math_dtype).contiguous()
+        step = state.get("step")
+        if not (isinstance(step, torch.Tensor) and step.numel() == 1 and step.is_floating_point()):
+            raise ValueError(f"{self.name}: state of param {index} {list(p.shape)}: step must be one "
+                             f"floating-point tensor, got {_desc(step)}")
+        if step.device != p.device or step.dtype != torch.float32:  # torch keeps `step` on CPU for unfused AdamW
+            state["step"] = step.to(p.device, torch.float32).reshape(())
+        for key in ("exp_avg", "exp_avg_sq", "master_param"):
+            t = state.get(key)
+            if t is None and key == "master_param":
+                continue
+            if not (isinstance(t, torch.Tensor) and t.shape == p.shape):
+                raise ValueError(f"{self.name}: state of param {index}: {key} must have the param's "
+                                 f"shape {list(p.shape)}, got {_desc(t)} (a checkpoint of another model?)")
+            dtype = torch.float32 if key == "master_param" else math_dtype
+            if t.dtype != dtype or t.device != p.device or not _local(t).is_contiguous():
+                # torch's bf16 moments, or a state moved by hand: ours are fp32, dense, beside the param
+                state[key] = t.to(p.device, dtype).contiguous()
         if math_dtype != p.dtype and "master_param" not in state:
             state["master_param"] = p.detach().float().contiguous()
         return state
@@ -83,17 +116,12 @@ class FusedAdamW(torch.optim.Optimizer):
         """Global pre-clip norm (0-dim fp32 tensor) and the clip coefficient (float or tensor)."""
         ext = self._native_ext(params, grads) if params else None
         if ext is not None and params[0].device.type == "cpu":
-            sumsq = ext.grad_sumsq_cpu(grads=[g.data_ptr() for g in grads],
-                                       sizes=[g.numel() for g in grads],
-                                       dtypes=[DTYPE_CODES[g.dtype] for g in grads],
-                                       n_threads=torch.get_num_threads())
+            sumsq = ext.grad_sumsq_cpu(grads, n_threads=torch.get_num_threads())
             norm = math.sqrt(sumsq)
             return torch.tensor(norm, dtype=torch.float32), min(1.0, self.max_grad_norm / (norm + 1e-6))
         if ext is not None:  # CUDA: stays on device, no sync
             sumsq = torch.zeros(1, dtype=torch.float32, device=params[0].device)
-            ext.grad_sumsq_cuda(grads=[g.data_ptr() for g in grads], sizes=[g.numel() for g in grads],
-                                dtypes=[DTYPE_CODES[g.dtype] for g in grads], out=sumsq.data_ptr(),
-                                stream=torch.cuda.current_stream(sumsq.device).cuda_stream)
+            ext.grad_sumsq_cuda(grads, sumsq, stream=torch.cuda.current_stream(sumsq.device).cuda_stream)
             norm = sumsq.sqrt().squeeze(0)
             return norm, reference.clip_coefficient(norm, self.max_grad_norm)
         norm = reference.grad_norm(grads)
@@ -117,11 +145,12 @@ class FusedAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         groups, sharded, mesh_group = [], [], None
+        self._index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         for group in self.param_groups:
             with_grad = [p for p in group["params"] if p.grad is not None]
             params, grads = [_local(p) for p in with_grad], [_local(p.grad) for p in with_grad]
             self._check_group(group, params, grads)
-            states = [{k: _local(v) for k, v in self._state_for(p).items()} for p in with_grad]
+            states = [{k: _local(v) for k, v in self._state_for(self._index[p], p).items()} for p in with_grad]
             groups.append((group, params, grads, states))
             for p in with_grad:
                 sharded.append(_is_dtensor(p))
@@ -156,14 +185,8 @@ class FusedAdamW(torch.optim.Optimizer):
         if on_cuda and isinstance(clip, torch.Tensor):
             clip_sumsq = (self.last_grad_norm.float() ** 2).reshape(1).contiguous()
         fn = ext.adamw_cuda if on_cuda else ext.adamw_cpu
-        fn(params=[p.data_ptr() for p in params], grads=[g.data_ptr() for g in grads],
-           exp_avgs=[s["exp_avg"].data_ptr() for s in states],
-           exp_avg_sqs=[s["exp_avg_sq"].data_ptr() for s in states],
-           masters=[m.data_ptr() if m is not None else 0 for m in masters],
-           steps=[t.data_ptr() for t in steps], sizes=[p.numel() for p in params],
-           dtypes=[DTYPE_CODES[p.dtype] for p in params], **hyper,
-           clip_coef=float(clip) if not on_cuda else 1.0,
-           clip_sumsq=clip_sumsq.data_ptr() if clip_sumsq is not None else 0,
+        fn(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], masters, steps,
+           **hyper, clip_coef=float(clip) if not on_cuda else 1.0, clip_sumsq=clip_sumsq,
            max_grad_norm=float(self.max_grad_norm or 0.0), n_threads=torch.get_num_threads(),
            stream=torch.cuda.current_stream(params[0].device).cuda_stream if on_cuda else 0)
 
@@ -179,6 +202,10 @@ class FusedAdamW(torch.optim.Optimizer):
                 for key in ("exp_avg", "exp_avg_sq", "master_param"):
                     if key in saved[i]:
                         self.state[p][key] = saved[i][key].to(p.device, torch.float32, copy=True)
+
+
+def _desc(x) -> str:
+    return f"{x.dtype} {list(x.shape)}" if isinstance(x, torch.Tensor) else repr(x)
 
 
 def _is_dtensor(t) -> bool:

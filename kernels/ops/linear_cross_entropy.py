@@ -1,4 +1,5 @@
-"""Linear + cross-entropy without materializing the [N, V] logits or their gradient.
+"""kernels.linear_cross_entropy: linear + cross-entropy without materializing the [N, V] logits or
+their gradient (the row kernel of kernels/csrc/cross_entropy.cpp on each chunk).
 
 Tokens are processed in chunks of C rows: logits_c = hidden_c @ weight.T (+ bias) via torch's
 GEMM (MKL/oneDNN), then one row-kernel call turns logits_c into its loss and, in place, its
@@ -18,7 +19,11 @@ from typing import Callable
 
 import torch
 
-from kernels.fused_ce import is_one
+from kernels import reference
+from kernels.ops.common import check_reduction, check_targets, desc, device_problems, is_one
+from kernels.ops.cross_entropy import launch_rows
+
+NAME = "kernels.linear_cross_entropy"
 
 # chunk_ce(logits_c, targets_c, loss_rows_c, want_grad, scale, row_scale_c): fills loss_rows_c
 # and, if want_grad, overwrites logits_c with scale * row_scale_c[i] * d loss_i / d logits_c.
@@ -141,19 +146,17 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return grads[0], grads[1], grads[2], None, None, None, None, None, None
 
 
-def native_chunk_ce(ext, ignore_index: int, launch) -> ChunkCE:
+def native_chunk_ce(ext, ignore_index: int) -> ChunkCE:
     """Chunk step on the compiled row kernel: gradient written in place into the chunk's logits
     (safe: the chunk is our own temporary)."""
     def run(logits, targets, loss_rows, want_grad, scale, row_scale):
-        launch(ext, logits, targets, loss_rows, logits if want_grad else None,
-               ignore_index=ignore_index, scale=scale, row_scale=row_scale)
+        launch_rows(ext, logits, targets, loss_rows, logits if want_grad else None,
+                    ignore_index=ignore_index, scale=scale, row_scale=row_scale)
     return run
 
 
 def torch_chunk_ce(ignore_index: int) -> ChunkCE:
     """Chunk step in pure PyTorch (kernels/reference.py), same contract as native_chunk_ce."""
-    from kernels import reference
-
     def run(logits, targets, loss_rows, want_grad, scale, row_scale):
         rows, grad = reference.cross_entropy_rows_with_grad(logits, targets, ignore_index, scale,
                                                             row_scale, want_grad)
@@ -161,3 +164,41 @@ def torch_chunk_ce(ignore_index: int) -> ChunkCE:
         if want_grad:
             logits.copy_(grad)
     return run
+
+
+def check(hidden, weight, targets, bias, ignore_index, reduction, chunk_size, out_dtype) -> None:
+    if not (isinstance(hidden, torch.Tensor) and hidden.dim() == 2 and hidden.is_floating_point()):
+        raise ValueError(f"{NAME}: hidden must be a floating tensor [N, d], got {desc(hidden)}")
+    n_rows, d = hidden.shape
+    if not (isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[1] == d
+            and weight.dtype == hidden.dtype and weight.device == hidden.device):
+        raise ValueError(f"{NAME}: weight must be [V, d=({d})] {hidden.dtype} on {hidden.device} "
+                         f"(nn.Linear layout), got {desc(weight)}")
+    vocab = weight.shape[0]
+    if bias is not None and not (isinstance(bias, torch.Tensor) and tuple(bias.shape) == (vocab,)
+                                 and bias.dtype == hidden.dtype and bias.device == hidden.device):
+        raise ValueError(f"{NAME}: bias must be None or [V]=[{vocab}] {hidden.dtype}, got {desc(bias)}")
+    check_targets(NAME, targets, n_rows, vocab, hidden.device, ignore_index)
+    check_reduction(NAME, reduction)
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"{NAME}: chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def problems(build, hidden, *_) -> tuple[list[str], list[str]]:
+    return device_problems(build, "hidden", hidden), []
+
+
+def _apply(chunk_ce, hidden, weight, targets, bias, ignore_index, reduction, chunk_size, out_dtype):
+    """Both backends chunk; they differ only in the per-chunk loss/gradient (chunk_ce)."""
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    return LinearCrossEntropyFunction.apply(
+        hidden.contiguous(), weight.contiguous(), bias, targets, chunk_ce, ignore_index, reduction,
+        chunk_size or default_chunk_size(n_rows, vocab, hidden.element_size()), out_dtype or hidden.dtype)
+
+
+def native(ext, hidden, weight, targets, bias, ignore_index, *rest):
+    return _apply(native_chunk_ce(ext, ignore_index), hidden, weight, targets, bias, ignore_index, *rest)
+
+
+def fallback(hidden, weight, targets, bias, ignore_index, *rest):
+    return _apply(torch_chunk_ce(ignore_index), hidden, weight, targets, bias, ignore_index, *rest)
