@@ -8,8 +8,8 @@ import torch
 
 from engine import Transformer
 from engine.config import ConfigError, LoraConfig, TrainConfig
-from engine.adapters.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRALinear, apply_lora, load_with_adapter, lora_modules,
-                         merge_lora, save_adapter)
+from engine.adapters.lora import LoRALinear, adapter_state, apply_lora, lora_modules, merge_lora
+from engine.adapters.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_with_adapter, save_adapter
 from engine.train.memory_plan import lora_params
 from engine.train.loop import make_optimizer, train, train_step
 from engine.model.hf_format import WeightsError
@@ -104,7 +104,7 @@ def test_only_adapters_train_and_the_base_stays_bitwise_unchanged(hf_checkpoint)
     losses = [train_step(model, opt, [(x, torch.roll(x, -1, 1))], device=torch.device("cpu"))["loss"]
               for _ in range(15)]
     assert losses[-1] < losses[0] - 0.5
-    params = dict(model.named_parameters())
+    params = {n.replace(".base_layer.", "."): p for n, p in model.named_parameters()}  # wrapped: q_proj.base_layer.weight
     assert all(torch.equal(params[n], p) for n, p in base.items())
 
 
@@ -165,7 +165,7 @@ def test_gpt2_lora_trains_its_shared_a_once_saves_loads_and_merges(hf_checkpoint
     trained = [p for g in opt.param_groups for p in g["params"]]
     attn = model.layers[0].attn
     assert sum(p is attn.q_proj.lora_A.weight for p in trained) == 1 and len(trained) == len({id(p) for p in trained})
-    assert lora_params(model.config, model.lora_config) == sum(p.numel() for p in trained)  # the planner's count
+    assert lora_params(model.config, adapter_state(model).config) == sum(p.numel() for p in trained)  # the planner's count
     x = torch.randint(0, model.config.vocab_size, (4, 16))
     losses = [train_step(model, opt, [(x, torch.roll(x, -1, 1))], device=torch.device("cpu"))["loss"]
               for _ in range(15)]
