@@ -99,6 +99,7 @@ def adapter_state(model) -> LoraState | None:
 
 
 def is_lora(model) -> bool:
+    """True while the model carries LoRA adapters (between apply_lora and merge_lora)."""
     return adapter_state(model) is not None
 
 
