@@ -19,7 +19,7 @@ import torch
 from cli.common import exit_on_user_error
 from engine.config import SFTConfig
 from engine.infer.generate import generate
-from engine.adapters.lora import load_with_adapter
+from engine.adapters.peft_format import load_with_adapter
 from engine.data.sft import prompt_ids, read_records
 from engine.data.tokenizer import Tokenizer
 

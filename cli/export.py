@@ -14,7 +14,8 @@ import torch
 
 from cli.common import DTYPES, exit_on_user_error
 from engine.config import ConfigError
-from engine.adapters.lora import ADAPTER_CONFIG, is_lora, load_with_adapter, merge_lora, read_adapter_config
+from engine.adapters.lora import is_lora, merge_lora
+from engine.adapters.peft_format import ADAPTER_CONFIG, load_with_adapter, read_adapter_config
 from engine.data.tokenizer import Tokenizer
 
 

@@ -10,7 +10,7 @@ import torch
 
 from cli.common import DTYPES, exit_on_user_error
 from engine import Tokenizer, generate_stream
-from engine.adapters.lora import load_with_adapter
+from engine.adapters.peft_format import load_with_adapter
 from engine.data.tokenizer import IncrementalDecoder
 
 

@@ -58,7 +58,8 @@ def load(args):
         model = Transformer.from_pretrained(args.model, dtype=dtype)
     else:
         try:
-            from engine.adapters.lora import load_with_adapter, merge_lora
+            from engine.adapters.lora import merge_lora
+            from engine.adapters.peft_format import load_with_adapter
         except ImportError as e:
             print(f"{PROG}: error: --adapter: LoRA support is not available in this install ({e})", file=sys.stderr)
             sys.exit(2)

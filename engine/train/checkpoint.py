@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from engine.train.distributed import SINGLE, Dist, full_params
-from engine.adapters.lora import is_lora, load_adapter_weights, save_adapter
+from engine.adapters.lora import is_lora
+from engine.adapters.peft_format import load_adapter_weights, save_adapter
 from engine.model.hf_format import load_weights, save_pretrained, weight_files
 
 PREFIX = "step_"

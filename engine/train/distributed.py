@@ -197,7 +197,9 @@ def full_params(model: nn.Module, group: Dist):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    lora = getattr(model, "lora_config", None) is not None
+    from engine.adapters.lora import is_lora
+
+    lora = is_lora(model)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                 ignore_frozen_params=lora))
     return full if group.is_main else None

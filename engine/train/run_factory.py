@@ -10,7 +10,8 @@ from engine.data.bpe import train_bpe
 from engine.config import ConfigError, ModelConfig, RunConfig
 from engine.data.text import expand_paths, prepare
 from engine.adapters.lora import DTYPES as LORA_DTYPES
-from engine.adapters.lora import apply_lora, check_lora_supported, load_adapter_weights, read_adapter_config
+from engine.adapters.lora import apply_lora, check_lora_supported
+from engine.adapters.peft_format import load_adapter_weights, read_adapter_config
 from engine.model.transformer import Transformer
 from engine.data.sft import prepare_sft
 from engine.data.tokenizer import Tokenizer

@@ -1,88 +1,30 @@
-"""LoRA: PEFT-compatible adapters both ways, merging, frozen base, bf16 base, exact resume, clear errors."""
+"""LoRA layers: they wrap and call the base layer, switch off to the exact base model, hold their state in one
+object; merging, frozen base, bf16 base, exact resume, clear errors."""
 import dataclasses
-import json
 import re
 
 import pytest
 import torch
 
+import kernels
 from engine import Transformer
 from engine.config import ConfigError, LoraConfig, TrainConfig
-from engine.adapters.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRALinear, apply_lora, load_with_adapter, lora_modules,
-                         merge_lora, save_adapter)
+from engine.adapters.lora import (LoRALinear, LoraState, adapter_state, adapters_disabled, apply_lora, is_lora,
+                                  lora_modules, merge_lora)
+from engine.adapters.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_with_adapter, save_adapter
 from engine.train.memory_plan import lora_params
 from engine.train.loop import make_optimizer, train, train_step
-from engine.model.hf_format import WeightsError
+from tests.adapters.helpers import randomize_adapters
 from tests.finetune_fixtures import lora_run_config, pretrained_dir
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def _randomize_adapters(model, seed=0):
-    """B starts at zero (a no-op adapter), which would hide a wrong name or scale: make both factors random."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in lora_modules(model).values():
-            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.1)
-
-
-def _peft_saved_adapter(tmp_path, family: str, config):
-    """A fresh transformers `family` model in tmp_path/base and PEFT's adapter (`config`, random B) in
-    tmp_path/adapter, written by PEFT itself; returns the PEFT model."""
-    import peft
-
-    from tests.hf_models import make_hf_model
-
-    hf = make_hf_model(family)
-    hf.save_pretrained(tmp_path / "base")
-    peft_model = peft.get_peft_model(hf, config)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    peft_model.save_pretrained(tmp_path / "adapter")
-    return peft_model
-
-
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "gpt2"])
-def test_peft_loads_our_adapter_and_gives_the_same_logits(hf_checkpoint, tmp_path, family):
-    import peft
-
-    directory, hf = hf_checkpoint(family)
-    ours = Transformer.from_pretrained(directory)
-    apply_lora(ours, LoraConfig(rank=4, alpha=8, targets=ALL if family != "gemma" else ("q_proj", "down_proj")),
-               str(directory))
-    _randomize_adapters(ours)
-    save_adapter(ours, tmp_path / "adapter")
-    config = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())
-    assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == str(directory)
-    if family == "gpt2":  # its Conv1D modules, named from their block (attn.c_proj vs mlp.c_proj)
-        assert config["target_modules"] == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
-        assert config["fan_in_fan_out"] is True
-    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
-    ids = torch.randint(0, ours.config.vocab_size, (2, 12))
-    with torch.no_grad():
-        torch.testing.assert_close(ours.eval()(ids), peft_model(ids).logits, rtol=1e-4, atol=1e-4)
-        peft_model.unload()  # restore the session-cached HF model for other tests
-
-
-def test_we_load_a_peft_saved_adapter_and_give_the_same_logits(tmp_path):
-    import peft
-
-    peft_model = _peft_saved_adapter(tmp_path, "qwen2", peft.LoraConfig(
-        r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True, task_type="CAUSAL_LM"))
-    ours = load_with_adapter(tmp_path / "base", tmp_path / "adapter")
-    assert sorted({n.rsplit(".", 1)[1] for n in lora_modules(ours)}) == ["down_proj", "q_proj", "v_proj"]
-    ids = torch.randint(0, 211, (2, 10))
-    with torch.no_grad():
-        torch.testing.assert_close(ours(ids), peft_model.eval()(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_merged_model_equals_base_plus_adapter(hf_checkpoint):
     directory, _ = hf_checkpoint("llama")
     model = Transformer.from_pretrained(directory)
     apply_lora(model, LoraConfig(rank=2, alpha=4, targets=ALL))
-    _randomize_adapters(model)
+    randomize_adapters(model)
     ids = torch.randint(0, 211, (1, 9))
     with torch.no_grad():
         expected = model(ids)
@@ -104,7 +46,7 @@ def test_only_adapters_train_and_the_base_stays_bitwise_unchanged(hf_checkpoint)
     losses = [train_step(model, opt, [(x, torch.roll(x, -1, 1))], device=torch.device("cpu"))["loss"]
               for _ in range(15)]
     assert losses[-1] < losses[0] - 0.5
-    params = dict(model.named_parameters())
+    params = {n.replace(".base_layer.", "."): p for n, p in model.named_parameters()}  # wrapped: q_proj.base_layer.weight
     assert all(torch.equal(params[n], p) for n, p in base.items())
 
 
@@ -141,22 +83,6 @@ def test_lora_checkpoint_holds_only_the_adapter_and_resume_is_bitwise_exact(tmp_
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
-def test_we_load_a_peft_saved_gpt2_adapter_on_its_fused_c_attn(tmp_path):
-    """PEFT adapts GPT-2's c_attn (q, k, v in one Conv1D) with one A and one B [3 * out, r]."""
-    import peft
-
-    peft_model = _peft_saved_adapter(tmp_path, "gpt2", peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, task_type="CAUSAL_LM"))
-    ours = load_with_adapter(tmp_path / "base", tmp_path / "adapter")
-    assert sorted({n.rsplit(".", 1)[1] for n in lora_modules(ours)}) == ["down_proj", "k_proj", "o_proj", "q_proj",
-                                                                        "v_proj"]
-    attn = ours.layers[0].attn
-    assert attn.q_proj.lora_A is attn.k_proj.lora_A is attn.v_proj.lora_A  # one A, as in c_attn
-    ids = torch.randint(0, ours.config.vocab_size, (2, 10))
-    with torch.no_grad():
-        torch.testing.assert_close(ours(ids), peft_model.eval()(ids).logits, rtol=1e-4, atol=1e-4)
-
-
 def test_gpt2_lora_trains_its_shared_a_once_saves_loads_and_merges(hf_checkpoint, tmp_path):
     directory, _ = hf_checkpoint("gpt2")
     model = Transformer.from_pretrained(directory).train()
@@ -165,7 +91,7 @@ def test_gpt2_lora_trains_its_shared_a_once_saves_loads_and_merges(hf_checkpoint
     trained = [p for g in opt.param_groups for p in g["params"]]
     attn = model.layers[0].attn
     assert sum(p is attn.q_proj.lora_A.weight for p in trained) == 1 and len(trained) == len({id(p) for p in trained})
-    assert lora_params(model.config, model.lora_config) == sum(p.numel() for p in trained)  # the planner's count
+    assert lora_params(model.config, adapter_state(model).config) == sum(p.numel() for p in trained)  # the planner's count
     x = torch.randint(0, model.config.vocab_size, (4, 16))
     losses = [train_step(model, opt, [(x, torch.roll(x, -1, 1))], device=torch.device("cpu"))["loss"]
               for _ in range(15)]
@@ -186,33 +112,6 @@ def test_gpt2_fused_attention_is_adapted_whole_or_not_at_all(hf_checkpoint):
     with pytest.raises(ConfigError, match="'gate_proj' is not in this model"):
         apply_lora(Transformer.from_pretrained(directory), LoraConfig(targets=("gate_proj",)))
     apply_lora(Transformer.from_pretrained(directory), LoraConfig(targets=("o_proj", "up_proj")))  # unfused: fine
-
-
-@pytest.mark.parametrize("edit,message", [
-    (lambda c: c.update(use_dora=True), "use_dora=True is not supported"),
-    (lambda c: c.update(peft_type="IA3"), "peft_type 'IA3' is not supported"),
-    (lambda c: c.pop("r"), "cannot read the LoRA settings"),
-])
-def test_unsupported_adapter_configs_name_the_key(hf_checkpoint, tmp_path, edit, message):
-    directory, _ = hf_checkpoint("llama")
-    model = Transformer.from_pretrained(directory)
-    apply_lora(model, LoraConfig(rank=2, alpha=2))
-    save_adapter(model, tmp_path)
-    config = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
-    edit(config)
-    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps(config))
-    with pytest.raises(WeightsError, match=message):
-        load_with_adapter(directory, tmp_path)
-
-
-def test_adapter_of_another_shape_is_rejected(hf_checkpoint, tmp_path):
-    directory, _ = hf_checkpoint("llama")
-    model = Transformer.from_pretrained(directory)
-    apply_lora(model, LoraConfig(rank=2, alpha=2))
-    save_adapter(model, tmp_path)
-    other, _ = hf_checkpoint("llama", hidden_size=32, intermediate_size=48)
-    with pytest.raises(WeightsError, match="has shape"):
-        load_with_adapter(other, tmp_path)
 
 
 def test_lora_config_errors_name_the_key():
@@ -261,3 +160,110 @@ def test_cli_generate_applies_an_adapter(tmp_path):
                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("the model")
+
+
+
+def test_lora_linear_wraps_and_calls_the_models_own_linear(hf_checkpoint, monkeypatch):
+    """The base matmul is the base layer's own forward (kernels.linear, as without LoRA), so the base
+    could be any layer, e.g. a quantized one."""
+    directory, _ = hf_checkpoint("llama")
+    model = Transformer.from_pretrained(directory)
+    plain = model.layers[0].attn.q_proj
+    apply_lora(model, LoraConfig(rank=2, alpha=4, targets=ALL))
+    q = model.layers[0].attn.q_proj
+    assert isinstance(q, LoRALinear) and q.base_layer is plain and type(plain) is type(model.lm_head)
+    assert not any(p.requires_grad for p in q.base_layer.parameters())
+    calls = []
+    real = kernels.linear
+    monkeypatch.setattr(kernels, "linear", lambda x, w, b=None: calls.append(w) or real(x, w, b))
+    with torch.no_grad():
+        model(torch.randint(0, 211, (1, 5)))
+    bases = [m.base_layer.weight for m in lora_modules(model).values()]
+    assert len(calls) == len(bases) + 1 and all(any(w is c for c in calls) for w in bases)  # + the LM head
+
+    class Doubled(torch.nn.Module):  # a stand-in for a layer that holds its weight in another form
+        in_features, out_features = plain.in_features, plain.out_features
+
+        def forward(self, x):
+            return 2 * plain(x)
+
+    q.base_layer = Doubled()
+    x = torch.randn(3, plain.in_features)
+    with torch.no_grad(), adapters_disabled(model):
+        assert torch.equal(q(x), 2 * plain(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_disabled_adapters_give_the_base_models_logits_bitwise(hf_checkpoint, dtype):
+    directory, _ = hf_checkpoint("llama")
+    base = Transformer.from_pretrained(directory, dtype=dtype).eval()
+    model = Transformer.from_pretrained(directory, dtype=dtype).eval()
+    apply_lora(model, LoraConfig(rank=4, alpha=8, targets=ALL))
+    randomize_adapters(model)
+    ids = torch.randint(0, 211, (2, 11))
+    with torch.no_grad():
+        expected, adapted = base(ids), model(ids)
+        assert not torch.allclose(adapted, expected, atol=1e-3)  # the adapter changes the logits
+        with adapters_disabled(model):
+            assert torch.equal(model(ids), expected)
+        assert torch.equal(model(ids), adapted)  # re-enabled: the adapted logits again, bit for bit
+    adapted = model(ids)  # with autograd on, as in training (the kernels may take another path than no_grad's)
+    with adapters_disabled(model):  # a reference pass next to a trained one
+        reference = model(ids)
+    assert torch.equal(reference, expected) and not reference.requires_grad
+    again = model(ids)
+    assert again.requires_grad and torch.equal(again, adapted)
+
+
+def test_a_reference_pass_with_disabled_adapters_inside_a_training_step(hf_checkpoint):
+    """DPO's pattern: policy logits with gradients, reference logits from the same weights with adapters off."""
+    directory, _ = hf_checkpoint("llama")
+    base = Transformer.from_pretrained(directory).eval()
+    model = Transformer.from_pretrained(directory).train()
+    apply_lora(model, LoraConfig(rank=4, alpha=8, targets=ALL, dropout=0.1))
+    randomize_adapters(model)
+    ids = torch.randint(0, 211, (2, 9))
+    policy = model(ids)
+    with adapters_disabled(model):
+        reference = model(ids)  # dropout sits on the adapter path only: train mode changes nothing here
+    with torch.no_grad():
+        assert torch.equal(reference, base(ids))
+    (policy - reference).pow(2).mean().backward()
+    grads = [m.lora_B.weight.grad for m in lora_modules(model).values()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_disabled_blocks_nest_and_restore_after_an_error(hf_checkpoint):
+    directory, _ = hf_checkpoint("llama")
+    model = Transformer.from_pretrained(directory)
+    apply_lora(model, LoraConfig(rank=2, alpha=4))
+    layers = lora_modules(model).values()
+    state = adapter_state(model)
+    with state.disabled():
+        with adapters_disabled(model):
+            pass
+        assert all(m.disabled for m in layers)  # the outer block still holds
+    assert not any(m.disabled for m in layers)
+    with pytest.raises(RuntimeError, match="boom"):
+        with state.disabled():
+            raise RuntimeError("boom")
+    assert not any(m.disabled for m in layers)
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        adapters_disabled(Transformer.from_pretrained(directory))
+
+
+def test_adapter_state_is_one_object_the_model_holds(hf_checkpoint):
+    directory, _ = hf_checkpoint("gpt2")
+    model = Transformer.from_pretrained(directory, dtype=torch.bfloat16)
+    before = set(vars(model))
+    lora = LoraConfig(rank=2, alpha=4, targets="all-linear", base_dtype="bf16")
+    wrapped = apply_lora(model, lora, str(directory))
+    assert set(vars(model)) - before == {"lora_state"}  # one attribute, nothing else sprinkled on the model
+    state = adapter_state(model)
+    assert isinstance(state, LoraState) and state.config is lora and state.base_name == str(directory)
+    assert state.base_dtype == torch.bfloat16 and list(state.modules) == wrapped == list(lora_modules(model))
+    assert all(state.modules[n] is model.get_submodule(n) for n in wrapped)
+    with pytest.raises(ValueError, match="already has LoRA adapters"):
+        apply_lora(model, lora)
+    merge_lora(model)
+    assert adapter_state(model) is None and not is_lora(model) and set(vars(model)) == before
