@@ -5,11 +5,16 @@ Unknown fields are rejected rather than ignored, so a client asking for somethin
 """
 from __future__ import annotations
 
+import re
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_STOP = 4  # as the OpenAI API
+# json.loads joins an escaped surrogate pair into one code point, so any surrogate left in a str is a lone one:
+# it cannot be encoded to UTF-8 (the tokenizer and our own JSON responses would fail on it).
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class APIError(Exception):
@@ -22,6 +27,25 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def lone_surrogate(value, path: str = "") -> Optional[tuple[str, str]]:
+    """(JSON path, code point) of the first string (key or value) in `value` holding a lone surrogate, else None."""
+    if isinstance(value, str):
+        found = _SURROGATE.search(value)
+        return (path or "body", f"U+{ord(found.group()):04X}") if found else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, int):
+            where = f"{path}[{key}]"
+        else:  # a bad key is named as \udXXX: the error message itself must be valid Unicode
+            name = key.encode("utf-8", "backslashreplace").decode("utf-8")
+            where = f"{path}.{name}" if path else name
+            if found := _SURROGATE.search(key):
+                return where, f"U+{ord(found.group()):04X}"
+        if hit := lone_surrogate(item, where):
+            return hit
+    return None
 
 
 class StreamOptions(BaseModel):
@@ -43,6 +67,14 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None  # accepted and ignored, as an end-user id for abuse tracking is
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        if hit := lone_surrogate(data):
+            raise PydanticCustomError("lone_surrogate", "{path}: contains a lone UTF-16 surrogate ({code}); strings "
+                                      "must be valid Unicode", {"path": hit[0], "code": hit[1]})
+        return data
 
     @field_validator("n")
     @classmethod
