@@ -133,11 +133,16 @@ def create_app(batcher: Batcher, tokenizer: Tokenizer, model_name: str, *, api_k
     max_prompt = min(limits.max_prompt_tokens, batcher.max_len - 1)
     no_chat = _chat_template_problem(tokenizer)
     renderer = ChatRenderer(tokenizer, limits.template_timeout_s, limits.max_template_chars)
-    # Tokenizing (the Rust tokenizer releases the GIL) and waiting on renders happen here, off the event loop.
+    # Tokenizing and waiting on renders happen here, off the event loop.
     pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="engine-serve-tokenize")
 
     async def off_loop(fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args, **kwargs))
+
+    async def encode(text: str, add_special_tokens: bool = True) -> list[int]:
+        # encode_batch, not encode: `tokenizers` releases the GIL only in its batch call, and a thread holding
+        # the GIL for the ~1 s a 1 MB prompt takes would stall the event loop as much as running it there.
+        return (await off_loop(tokenizer.encode_batch, [text], add_special_tokens=add_special_tokens))[0]
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -243,7 +248,7 @@ def create_app(batcher: Batcher, tokenizer: Tokenizer, model_name: str, *, api_k
                 raise APIError(400, f"prompt: one prompt per request, got a batch of {len(prompt)}", param="prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            ids = await off_loop(tokenizer.encode, prompt)
+            ids = await encode(prompt)
         else:
             ids = list(prompt)
             bad = [t for t in ids if not 0 <= t < batcher.model.config.vocab_size]
@@ -281,7 +286,7 @@ def create_app(batcher: Batcher, tokenizer: Tokenizer, model_name: str, *, api_k
         except TemplateFailed as e:
             raise APIError(500, str(e), type="server_error", code="chat_template_failed") from None
         # As apply_chat_template(tokenize=True): the template already wrote any BOS text.
-        ids = await off_loop(tokenizer.encode, text, add_special_tokens=False)
+        ids = await encode(text, add_special_tokens=False)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         gen = Generation(batcher, tokenizer, ids, sampling(body, len(ids), max_tokens), body.stop)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
