@@ -153,6 +153,7 @@ def create_app(batcher: Batcher, tokenizer: Tokenizer, model_name: str, *, api_k
 
     app = FastAPI(title="engine", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.limits = limits  # guards.server_config reads the header timeout and connection cap from here
+    app.state.batcher, app.state.renderer = batcher, renderer
     app.add_middleware(RequestGuard, max_body_bytes=limits.max_body_bytes, body_timeout_s=limits.body_timeout_s,
                        max_requests=limits.max_connections)
 

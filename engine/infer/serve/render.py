@@ -53,7 +53,7 @@ class ChatRenderer:
         self.restarts = 0  # children killed for running past timeout_s (tests and logs)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The template text for `messages`; raises TemplateRejected (bad messages) or TemplateFailed (a bound, a bug)."""
+        """The template text for `messages`; TemplateRejected (bad messages) or TemplateFailed (a bound, a bug)."""
         with self._lock:
             conn = self._child()
             conn.send((messages, add_generation_prompt))
@@ -106,7 +106,7 @@ class ChatRenderer:
 
 
 def _limit_memory(extra_bytes: int) -> None:
-    """Cap the child's address space at what it inherited plus `extra_bytes` (Linux; elsewhere the timeout bounds it)."""
+    """Cap the address space at what the child inherited + `extra_bytes` (Linux; elsewhere only the timeout)."""
     try:
         import resource
 
