@@ -5,6 +5,7 @@ Stalled clients are raw sockets: they send part of a request and then nothing.
 import copy
 import json
 import logging
+import os
 import socket
 import sys
 import threading
@@ -19,6 +20,7 @@ from engine import Tokenizer, Transformer  # noqa: E402
 from engine.infer.serve.app import ServeLimits, create_app  # noqa: E402
 from engine.infer.serve.batcher import Batcher  # noqa: E402
 from engine.infer.serve.guards import HEALTH_RESERVE  # noqa: E402
+from engine.infer.serve.render import ChatRenderer  # noqa: E402
 from tests.hf_models import save_demo_model  # noqa: E402
 from tests.infer.test_serve import running  # noqa: E402
 
@@ -87,6 +89,11 @@ def test_stalled_bodies_fill_the_cap_get_408_after_the_body_timeout_and_health_a
     assert busy.status_code == 503 and busy.json()["error"]["code"] == "server_busy"
     health, seconds = timed_get(url)  # answered from the connections kept for /health
     assert health.status_code == 200 and seconds < 0.5
+    more = [stalled_body(url) for _ in range(40)]  # beyond the cap: answered 503 and closed at once
+    for sock in more:
+        data, seconds = until_closed(sock)
+        assert data.startswith(b"HTTP/1.1 503") and seconds < 1, data
+        sock.close()
     for sock in stalled:
         data, seconds = until_closed(sock)
         assert data.startswith(b"HTTP/1.1 408") and b"did not arrive within 1 s" in data, data
@@ -108,6 +115,8 @@ def test_stalled_headers_are_closed_after_the_header_timeout(server):
         response += kept_alive.recv(65536)
     assert response.startswith(b"HTTP/1.1 200")
     kept_alive.sendall(b"GET /health HTTP/1.1\r\nHo")  # the next request on the connection stalls
+    health, seconds = timed_get(url)
+    assert health.status_code == 200 and seconds < 0.5
     for sock in (fresh, kept_alive):
         data, seconds = until_closed(sock)
         assert data == b"" and seconds < 3
@@ -246,3 +255,19 @@ def test_a_model_without_a_chat_template_says_so_at_start_up_and_chat_gets_400(d
         assert r.status_code == 400 and "no chat template" in r.json()["error"]["message"]
         r = httpx.post(url + "/v1/completions", json={"model": "demo", "prompt": "hi", "max_tokens": 1})
         assert r.status_code == 200
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists descriptors through /proc")
+def test_the_render_process_holds_none_of_the_servers_sockets(demo):
+    """A client socket the child kept open would stay connected after the server closed it."""
+    renderer = ChatRenderer(demo[1])
+    try:
+        with socket.socket() as listening:
+            listening.bind(("127.0.0.1", 0))
+            listening.listen()
+            assert renderer.render([{"role": "user", "content": "hi"}]) == demo[1].apply_chat_template(
+                [{"role": "user", "content": "hi"}], add_generation_prompt=True)
+            fds = sorted(int(fd) for fd in os.listdir(f"/proc/{renderer.pid}/fd"))
+    finally:
+        renderer.close()
+    assert fds[:3] == [0, 1, 2] and len(fds) == 4, fds  # stdio and its pipe to the server

@@ -72,6 +72,11 @@ class ChatRenderer:
             return value
         raise (TemplateRejected if kind == "template_error" else TemplateFailed)(value)
 
+    @property
+    def pid(self) -> Optional[int]:
+        """The render process's id; None before the first render and after a kill."""
+        return self._pid
+
     def close(self) -> None:
         """Stop the child process, if any."""
         with self._lock:
@@ -85,8 +90,7 @@ class ChatRenderer:
             if pid == 0:  # the child: never returns
                 try:
                     keep = child_end.fileno()
-                    os.closerange(3, keep)  # sockets of the server's clients must close when the server closes them
-                    os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+                    _close_inherited_fds(keep)
                     _serve_renders(Connection(keep), self.tokenizer, self.max_chars, self.max_memory_bytes)
                 finally:
                     os._exit(0)
@@ -103,6 +107,18 @@ class ChatRenderer:
                 os.kill(self._pid, signal.SIGKILL)
                 os.waitpid(self._pid, 0)
             self._pid = None
+
+
+def _close_inherited_fds(keep: int) -> None:
+    """Close every fd but stdio and `keep`: a client socket the child held open would outlive the server's close."""
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]  # Linux: only the open ones
+    except OSError:
+        fds = [*range(3, keep), *range(keep + 1, min(os.sysconf("SC_OPEN_MAX"), 1 << 16))]
+    for fd in fds:
+        if fd > 2 and fd != keep:
+            with contextlib.suppress(OSError):  # e.g. the fd listdir itself used, already closed
+                os.close(fd)
 
 
 def _limit_memory(extra_bytes: int) -> None:
