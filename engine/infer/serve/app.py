@@ -133,23 +133,27 @@ def create_app(batcher: Batcher, tokenizer: Tokenizer, model_name: str, *, api_k
     max_prompt = min(limits.max_prompt_tokens, batcher.max_len - 1)
     no_chat = _chat_template_problem(tokenizer)
     renderer = ChatRenderer(tokenizer, limits.template_timeout_s, limits.max_template_chars)
-    # Tokenizing and waiting on renders happen here, off the event loop.
-    pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="engine-serve-tokenize")
+    # Off the event loop: tokenizing, and (apart, so that renders waiting out a looping template never hold up
+    # tokenizing for /v1/completions) waiting on the render process, which renders one conversation at a time.
+    tokenize_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="engine-serve-tokenize")
+    render_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-serve-render")
 
-    async def off_loop(fn, *args, **kwargs):
+    async def off_loop(pool, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args, **kwargs))
 
     async def encode(text: str, add_special_tokens: bool = True) -> list[int]:
-        # encode_batch, not encode: `tokenizers` releases the GIL only in its batch call, and a thread holding
-        # the GIL for the ~1 s a 1 MB prompt takes would stall the event loop as much as running it there.
-        return (await off_loop(tokenizer.encode_batch, [text], add_special_tokens=add_special_tokens))[0]
+        # encode_batch, not encode: `tokenizers` releases the GIL in its batch call, while encode, even on a worker
+        # thread, kept the event loop waiting ~2 s on a 0.9 MB prompt (test_a_huge_prompt_is_tokenized_off_...).
+        return (await off_loop(tokenize_pool, tokenizer.encode_batch, [text],
+                               add_special_tokens=add_special_tokens))[0]
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         batcher.close()
         renderer.close()
-        pool.shutdown(wait=False, cancel_futures=True)
+        tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        render_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="engine", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.limits = limits  # guards.server_config reads the header timeout and connection cap from here
@@ -281,7 +285,7 @@ def create_app(batcher: Batcher, tokenizer: Tokenizer, model_name: str, *, api_k
                 message["content"] = "".join(part.text for part in m.content)
             messages.append(message)
         try:
-            text = await off_loop(renderer.render, messages, add_generation_prompt=True)
+            text = await off_loop(render_pool, renderer.render, messages, add_generation_prompt=True)
         except TemplateRejected as e:
             raise APIError(400, f"messages: cannot apply the chat template: {e}", param="messages") from None
         except TemplateFailed as e:
