@@ -224,6 +224,15 @@ def test_lone_surrogates_get_400_naming_the_field(server, body, param):
     assert error["param"] == param and "lone UTF-16 surrogate" in error["message"], error
 
 
+def test_a_deeply_nested_body_gets_400_not_a_recursion_error(server):
+    url, _ = server
+    body = ('{"model": "demo", "messages": [{"role": "user", "content": "x", "extra": ' + "[" * 900 + "]" * 900
+            + "}]}")
+    r = httpx.post(url + "/v1/chat/completions", content=body.encode(), timeout=10)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"].endswith("nested more than 32 arrays/objects deep"), r.text
+
+
 def test_a_valid_surrogate_pair_is_text(server):
     url, _ = server
     body = '{"model": "demo", "prompt": "\\ud83d\\ude00", "max_tokens": 1, "temperature": 0}'

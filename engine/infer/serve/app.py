@@ -169,7 +169,7 @@ def create_app(batcher: Batcher, tokenizer: Tokenizer, model_name: str, *, api_k
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, e: RequestValidationError):
         err = e.errors()[0]
-        if err.get("type") == "lone_surrogate":
+        if err.get("type") in ("lone_surrogate", "too_deep"):  # schemas.body_problem
             return await _api_error(request, APIError(400, err["msg"], param=err["ctx"]["path"]))
         if err.get("type") == "json_invalid":
             detail = err.get("ctx", {}).get("error", "")

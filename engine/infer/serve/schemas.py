@@ -15,6 +15,7 @@ MAX_STOP = 4  # as the OpenAI API
 # json.loads joins an escaped surrogate pair into one code point, so any surrogate left in a str is a lone one:
 # it cannot be encoded to UTF-8 (the tokenizer and our own JSON responses would fail on it).
 _SURROGATE = re.compile("[\ud800-\udfff]")
+MAX_DEPTH = 32  # arrays/objects within each other; a chat request needs ~5 (messages[0].content[0].text)
 
 
 class APIError(Exception):
@@ -29,22 +30,31 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def lone_surrogate(value, path: str = "") -> Optional[tuple[str, str]]:
-    """(JSON path, code point) of the first string (key or value) in `value` holding a lone surrogate, else None."""
-    if isinstance(value, str):
-        found = _SURROGATE.search(value)
-        return (path or "body", f"U+{ord(found.group()):04X}") if found else None
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        if isinstance(key, int):
-            where = f"{path}[{key}]"
-        else:  # a bad key is named as \udXXX: the error message itself must be valid Unicode
-            name = key.encode("utf-8", "backslashreplace").decode("utf-8")
-            where = f"{path}.{name}" if path else name
-            if found := _SURROGATE.search(key):
-                return where, f"U+{ord(found.group()):04X}"
-        if hit := lone_surrogate(item, where):
-            return hit
+def body_problem(data) -> Optional[tuple[str, str, str]]:
+    """The first (kind, JSON path, detail) wrong with a parsed body, else None: kind "lone_surrogate" for a string
+    (key or value) holding one (detail: the code point), "too_deep" for arrays/objects nested past MAX_DEPTH."""
+    stack = [(data, "", 0)]  # "" is the body itself
+    while stack:  # a loop, not recursion: a body nested 900 deep must get a 400, not a RecursionError
+        value, path, depth = stack.pop()
+        if isinstance(value, str):
+            if found := _SURROGATE.search(value):
+                return "lone_surrogate", path or "body", f"U+{ord(found.group()):04X}"
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth >= MAX_DEPTH:
+            return "too_deep", path or "body", str(MAX_DEPTH)
+        children = []
+        for key, item in (value.items() if isinstance(value, dict) else enumerate(value)):
+            if isinstance(key, int):
+                where = f"{path}[{key}]"
+            else:  # a bad key is named as \udXXX: the error message itself must be valid Unicode
+                name = key.encode("utf-8", "backslashreplace").decode("utf-8")
+                where = f"{path}.{name}" if path else name
+                if found := _SURROGATE.search(key):
+                    return "lone_surrogate", where, f"U+{ord(found.group()):04X}"
+            children.append((item, where, depth + 1))
+        stack.extend(reversed(children))  # depth-first in document order: the first problem is reported
     return None
 
 
@@ -70,11 +80,15 @@ class _Sampling(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _valid_unicode(cls, data):
-        if hit := lone_surrogate(data):
-            raise PydanticCustomError("lone_surrogate", "{path}: contains a lone UTF-16 surrogate ({code}); strings "
-                                      "must be valid Unicode", {"path": hit[0], "code": hit[1]})
-        return data
+    def _well_formed(cls, data):
+        problem = body_problem(data)
+        if problem is None:
+            return data
+        kind, path, detail = problem
+        message = {"lone_surrogate": "{path}: contains a lone UTF-16 surrogate ({detail}); strings must be valid "
+                                     "Unicode",
+                   "too_deep": "{path}: nested more than {detail} arrays/objects deep"}[kind]
+        raise PydanticCustomError(kind, message, {"path": path, "detail": detail})
 
     @field_validator("n")
     @classmethod
