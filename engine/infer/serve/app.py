@@ -1,12 +1,12 @@
 """The OpenAI-compatible HTTP API (FastAPI) over a Batcher: /v1/models, /v1/completions, /v1/chat/completions, /health.
 
-The event loop only parses requests and turns tokens into text: tokenizing runs on a small thread
-pool and chat templates render in a killable child process (engine.infer.serve.render), so a huge
-prompt or a looping template never stalls /health or other clients; the model runs on the batcher's
-thread, which hands tokens back through `loop.call_soon_threadsafe`. Read timeouts, the connection cap
-and body checks are in engine.infer.serve.guards. Stop strings are
-applied here, on text: the text matching a stop string is never sent, and a streamed piece that
-could be the start of one is held back until it is known not to be.
+The event loop only parses requests and turns tokens into text. Tokenizing runs on a small thread
+pool and chat templates render in a killable child process (engine.infer.serve.render), so neither a
+huge prompt nor a looping template stalls /health or other clients; the model runs on the batcher's
+thread, which hands tokens back through `loop.call_soon_threadsafe`. Read timeouts, the connection
+cap and the body checks live in engine.infer.serve.guards. Stop strings are applied here, on text:
+the text matching a stop string is never sent, and a streamed piece that could be the start of one
+is held back until it is known not to be.
 """
 from __future__ import annotations
 
