@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli.serve import build_app, load, main, parse_args
+from cli.serve import build_app, check_file_limit, load, main, parse_args
 from engine import Transformer
 from tests.hf_models import save_demo_model
 
@@ -59,6 +59,24 @@ def test_help_shows_the_defaults(module, defaults):
     out = " ".join(out.split())  # argparse wraps long lines
     for default in defaults:
         assert f"(default: {default})" in out, default
+
+
+def test_the_open_file_limit_is_raised_to_fit_the_connection_cap_or_a_warning_says_why_not(caplog):
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard < 2000:
+        pytest.skip(f"needs a finite hard limit on open files of at least 2000, got {hard}")
+    log = logging.getLogger("engine.infer.serve")
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # a common default soft limit
+        with caplog.at_level(logging.WARNING, logger="engine.infer.serve"):
+            check_file_limit(1500, log)  # 1500 + 8 for /health + 64 spare fit under the hard limit: raised quietly
+            assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 1572 and not caplog.records
+            check_file_limit(hard, log)  # cannot fit: raised as far as it goes, with a warning
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
+        assert len(caplog.records) == 1 and "ulimit -n" in caplog.records[0].getMessage()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_defaults_are_safe():

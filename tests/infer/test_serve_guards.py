@@ -88,11 +88,11 @@ def test_stalled_bodies_fill_the_cap_get_408_after_the_body_timeout_and_health_a
     busy = httpx.post(url + "/v1/completions", json={"model": "demo", "prompt": "hi", "max_tokens": 1}, timeout=10)
     assert busy.status_code == 503 and busy.json()["error"]["code"] == "server_busy"
     health, seconds = timed_get(url)  # answered from the connections kept for /health
-    assert health.status_code == 200 and seconds < 0.5
+    assert health.status_code == 200 and seconds < 1
     more = [stalled_body(url) for _ in range(40)]  # beyond the cap: answered 503 and closed at once
     for sock in more:
         data, seconds = until_closed(sock)
-        assert data.startswith(b"HTTP/1.1 503") and seconds < 1, data
+        assert data.startswith(b"HTTP/1.1 503") and seconds < 2, data  # not held until the body timeout
         sock.close()
     for sock in stalled:
         data, seconds = until_closed(sock)
@@ -116,7 +116,7 @@ def test_stalled_headers_are_closed_after_the_header_timeout(server):
     assert response.startswith(b"HTTP/1.1 200")
     kept_alive.sendall(b"GET /health HTTP/1.1\r\nHo")  # the next request on the connection stalls
     health, seconds = timed_get(url)
-    assert health.status_code == 200 and seconds < 0.5
+    assert health.status_code == 200 and seconds < 1
     for sock in (fresh, kept_alive):
         data, seconds = until_closed(sock)
         assert data == b"" and seconds < 3
@@ -131,7 +131,7 @@ def test_connections_beyond_the_hard_cap_get_503_until_the_header_timeout_frees_
         assert httpx.get(url + "/health", timeout=10).status_code == 503  # uvicorn's own cap
         time.sleep(LIMITS.header_timeout_s + 0.5)
         health, seconds = timed_get(url)
-        assert health.status_code == 200 and seconds < 0.5
+        assert health.status_code == 200 and seconds < 1
     finally:
         for sock in idle:
             sock.close()
