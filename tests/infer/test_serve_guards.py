@@ -6,6 +6,7 @@ import copy
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -284,3 +285,16 @@ def test_the_render_process_holds_none_of_the_servers_sockets(demo):
     finally:
         renderer.close()
     assert fds[:3] == [0, 1, 2] and len(fds) == 4, fds  # stdio and its pipe to the server
+
+
+def test_a_render_process_that_died_between_requests_is_replaced(demo):
+    renderer = ChatRenderer(demo[1])
+    messages = [{"role": "user", "content": "hi"}]
+    try:
+        expected = renderer.render(messages)
+        dead = renderer.pid
+        os.kill(dead, signal.SIGKILL)
+        os.waitpid(dead, 0)
+        assert renderer.render(messages) == expected and renderer.pid != dead
+    finally:
+        renderer.close()

@@ -55,8 +55,13 @@ class ChatRenderer:
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The template text for `messages`; TemplateRejected (bad messages) or TemplateFailed (a bound, a bug)."""
         with self._lock:
-            conn = self._child()
-            conn.send((messages, add_generation_prompt))
+            try:
+                conn = self._child()
+                conn.send((messages, add_generation_prompt))
+            except OSError:  # the child died since the last render (e.g. the OOM killer): fork a fresh one
+                self._kill()
+                conn = self._child()
+                conn.send((messages, add_generation_prompt))
             if not conn.poll(self.timeout_s):
                 self._kill()
                 self.restarts += 1
