@@ -15,7 +15,8 @@ from engine.data.tokenizer import IncrementalDecoder
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="cli.generate", description=__doc__)
+    p = argparse.ArgumentParser(prog="cli.generate", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="HF-format model directory (config.json, safetensors, tokenizer)")
     p.add_argument("--adapter", default=None, help="a LoRA adapter dir (PEFT layout) to apply on top of --model")
     p.add_argument("--prompt", required=True)

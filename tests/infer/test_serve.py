@@ -16,6 +16,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from engine import Tokenizer, Transformer, generate  # noqa: E402
 from engine.infer.serve.app import ServeLimits, create_app  # noqa: E402
 from engine.infer.serve.batcher import Batcher  # noqa: E402
+from engine.infer.serve.guards import server_config  # noqa: E402
 from engine.data.tokenizer import IncrementalDecoder  # noqa: E402
 from tests.hf_models import save_demo_model  # noqa: E402
 
@@ -25,10 +26,10 @@ LIMITS = ServeLimits(max_prompt_tokens=64, max_tokens=48, max_body_bytes=4096)
 
 @contextlib.contextmanager
 def running(app):
-    """Serve `app` with uvicorn on a free localhost port in a thread; yield its base URL."""
+    """Serve `app` with uvicorn (its timeouts and caps as cli.serve sets them) on a free port in a thread; yield its URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(server_config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

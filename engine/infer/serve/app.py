@@ -1,29 +1,35 @@
 """The OpenAI-compatible HTTP API (FastAPI) over a Batcher: /v1/models, /v1/completions, /v1/chat/completions, /health.
 
-The event loop only parses requests, tokenizes and turns tokens into text; the model runs on the
-batcher's thread, which hands tokens back through `loop.call_soon_threadsafe`. Stop strings are
-applied here, on text: the text matching a stop string is never sent, and a streamed piece that
-could be the start of one is held back until it is known not to be.
+The event loop only parses requests and turns tokens into text. Tokenizing runs on a small thread
+pool and chat templates render in a killable child process (engine.infer.serve.render), so neither a
+huge prompt nor a looping template stalls /health or other clients; the model runs on the batcher's
+thread, which hands tokens back through `loop.call_soon_threadsafe`. Read timeouts, the connection
+cap and the body checks live in engine.infer.serve.guards. Stop strings are applied here, on text:
+the text matching a stop string is never sent, and a streamed piece that could be the start of one
+is held back until it is known not to be.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator, Optional
 
-import jinja2
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.infer.serve.batcher import Batcher, QueueFull, SamplingParams
+from engine.infer.serve.guards import RequestGuard
+from engine.infer.serve.render import ChatRenderer, TemplateFailed, TemplateRejected
 from engine.infer.serve.schemas import APIError, ChatRequest, CompletionRequest
 from engine.data.tokenizer import IncrementalDecoder, Tokenizer, TokenizerError
 
@@ -37,6 +43,13 @@ class ServeLimits:
     max_prompt_tokens: int = 4096  # further capped by the batcher's context (prompt + completion)
     max_tokens: int = 1024  # the largest max_tokens a request may ask for
     max_body_bytes: int = 1 << 20  # 1 MiB of JSON
+    # Slow or stalled clients (engine.infer.serve.guards):
+    header_timeout_s: float = 10.0  # request line + headers, from connect (or from the last response)
+    body_timeout_s: float = 30.0  # the whole body, from the end of the headers (then 408, connection closed)
+    max_connections: int = 512  # API requests in progress at once, streams included (then 503); /health is apart
+    # Chat templates (engine.infer.serve.render):
+    template_timeout_s: float = 2.0  # one render; then the render process is killed and the request gets 500
+    max_template_chars: int = 1 << 21  # longest rendered conversation
 
 
 # ---------------------------------------------------------------------------- generation as text
@@ -102,20 +115,51 @@ class Generation:
 
 
 # ---------------------------------------------------------------------------- the app
+def _chat_template_problem(tokenizer: Tokenizer) -> Optional[str]:
+    """Why chat requests cannot be served (logged once, at start-up), or None."""
+    try:
+        tokenizer.get_chat_template()
+        return None
+    except TokenizerError as e:
+        log.warning("%s: /v1/chat/completions will answer 400 (use /v1/completions)", e)
+        return str(e)
+
+
 def create_app(batcher: Batcher, tokenizer: Tokenizer, model_name: str, *, api_key: Optional[str] = None,
                limits: ServeLimits = ServeLimits(), eos_ids: tuple[int, ...] = ()) -> FastAPI:
     """The FastAPI app serving `batcher`'s model as `model_name`; shuts the batcher down with the app."""
     created = int(time.time())
     eos_ids = tuple(sorted({*eos_ids, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])}))
     max_prompt = min(limits.max_prompt_tokens, batcher.max_len - 1)
+    no_chat = _chat_template_problem(tokenizer)
+    renderer = ChatRenderer(tokenizer, limits.template_timeout_s, limits.max_template_chars)
+    # Off the event loop: tokenizing, and (apart, so that renders waiting out a looping template never hold up
+    # tokenizing for /v1/completions) waiting on the render process, which renders one conversation at a time.
+    tokenize_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="engine-serve-tokenize")
+    render_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-serve-render")
+
+    async def off_loop(pool, fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args, **kwargs))
+
+    async def encode(text: str, add_special_tokens: bool = True) -> list[int]:
+        # encode_batch, not encode: `tokenizers` releases the GIL in its batch call, while encode, even on a worker
+        # thread, kept the event loop waiting ~2 s on a 0.9 MB prompt (test_a_huge_prompt_is_tokenized_off_...).
+        return (await off_loop(tokenize_pool, tokenizer.encode_batch, [text],
+                               add_special_tokens=add_special_tokens))[0]
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         batcher.close()
+        renderer.close()
+        tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        render_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="engine", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.state.limits = limits  # guards.server_config reads the header timeout and connection cap from here
+    app.state.batcher, app.state.renderer = batcher, renderer
+    app.add_middleware(RequestGuard, max_body_bytes=limits.max_body_bytes, body_timeout_s=limits.body_timeout_s,
+                       max_requests=limits.max_connections)
 
     # -------------------------------------------------------------- errors: always OpenAI-shaped JSON
     @app.exception_handler(APIError)
@@ -125,6 +169,8 @@ def create_app(batcher: Batcher, tokenizer: Tokenizer, model_name: str, *, api_k
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, e: RequestValidationError):
         err = e.errors()[0]
+        if err.get("type") in ("lone_surrogate", "too_deep"):  # schemas.body_problem
+            return await _api_error(request, APIError(400, err["msg"], param=err["ctx"]["path"]))
         if err.get("type") == "json_invalid":
             detail = err.get("ctx", {}).get("error", "")
             return await _api_error(request, APIError(400, f"the body is not valid JSON: {detail}"))
@@ -136,9 +182,10 @@ def create_app(batcher: Batcher, tokenizer: Tokenizer, model_name: str, *, api_k
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(e.status_code)
-        return await _api_error(request, APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
-                                                  code=code))
+        code = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
+                413: "request_too_large"}.get(e.status_code)
+        error = APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code=code)
+        return JSONResponse(error.body(), status_code=error.status, headers=e.headers)  # e.g. Connection: close
 
     @app.exception_handler(Exception)
     async def _internal_error(request, e: Exception):
@@ -206,7 +253,7 @@ def create_app(batcher: Batcher, tokenizer: Tokenizer, model_name: str, *, api_k
                 raise APIError(400, f"prompt: one prompt per request, got a batch of {len(prompt)}", param="prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            ids = tokenizer.encode(prompt)
+            ids = await encode(prompt)
         else:
             ids = list(prompt)
             bad = [t for t in ids if not 0 <= t < batcher.model.config.vocab_size]
@@ -229,6 +276,8 @@ def create_app(batcher: Batcher, tokenizer: Tokenizer, model_name: str, *, api_k
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(body: ChatRequest, request: Request):
         check_model(body.model)
+        if no_chat is not None:
+            raise APIError(400, f"messages: cannot apply the chat template: {no_chat}", param="messages")
         messages = []
         for m in body.messages:
             message = m.model_dump(exclude_none=True)
@@ -236,9 +285,13 @@ def create_app(batcher: Batcher, tokenizer: Tokenizer, model_name: str, *, api_k
                 message["content"] = "".join(part.text for part in m.content)
             messages.append(message)
         try:
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        except (TokenizerError, jinja2.TemplateError) as e:
+            text = await off_loop(render_pool, renderer.render, messages, add_generation_prompt=True)
+        except TemplateRejected as e:
             raise APIError(400, f"messages: cannot apply the chat template: {e}", param="messages") from None
+        except TemplateFailed as e:
+            raise APIError(500, str(e), type="server_error", code="chat_template_failed") from None
+        # As apply_chat_template(tokenize=True): the template already wrote any BOS text.
+        ids = await encode(text, add_special_tokens=False)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         gen = Generation(batcher, tokenizer, ids, sampling(body, len(ids), max_tokens), body.stop)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -304,36 +357,3 @@ def _sse(gen: Generation, piece_chunk, final_chunk, usage_chunk, body, opening=N
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
-class BodyLimit:
-    """ASGI middleware: a request body above max_bytes gets 413 before it is read into memory."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await self._reject(scope, receive, send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:  # chunked bodies carry no content-length
-                    raise StarletteHTTPException(413, self._message())  # FastAPI re-raises it as is
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-    def _message(self) -> str:
-        return f"request body is larger than this server's limit of {self.max_bytes} bytes"
-
-    async def _reject(self, scope, receive, send):
-        response = JSONResponse(APIError(413, self._message(), code="request_too_large").body(), status_code=413)
-        await response(scope, receive, send)

@@ -5,11 +5,17 @@ Unknown fields are rejected rather than ignored, so a client asking for somethin
 """
 from __future__ import annotations
 
+import re
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_STOP = 4  # as the OpenAI API
+# json.loads joins an escaped surrogate pair into one code point, so any surrogate left in a str is a lone one:
+# it cannot be encoded to UTF-8 (the tokenizer and our own JSON responses would fail on it).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+MAX_DEPTH = 32  # arrays/objects within each other; a chat request needs ~5 (messages[0].content[0].text)
 
 
 class APIError(Exception):
@@ -22,6 +28,34 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def body_problem(data) -> Optional[tuple[str, str, str]]:
+    """The first (kind, JSON path, detail) wrong with a parsed body, else None: kind "lone_surrogate" for a string
+    (key or value) holding one (detail: the code point), "too_deep" for arrays/objects nested past MAX_DEPTH."""
+    stack = [(data, "", 0)]  # "" is the body itself
+    while stack:  # a loop, not recursion: a body nested 900 deep must get a 400, not a RecursionError
+        value, path, depth = stack.pop()
+        if isinstance(value, str):
+            if found := _SURROGATE.search(value):
+                return "lone_surrogate", path or "body", f"U+{ord(found.group()):04X}"
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth >= MAX_DEPTH:
+            return "too_deep", path or "body", str(MAX_DEPTH)
+        children = []
+        for key, item in (value.items() if isinstance(value, dict) else enumerate(value)):
+            if isinstance(key, int):
+                where = f"{path}[{key}]"
+            else:  # a bad key is named as \udXXX: the error message itself must be valid Unicode
+                name = key.encode("utf-8", "backslashreplace").decode("utf-8")
+                where = f"{path}.{name}" if path else name
+                if found := _SURROGATE.search(key):
+                    return "lone_surrogate", where, f"U+{ord(found.group()):04X}"
+            children.append((item, where, depth + 1))
+        stack.extend(reversed(children))  # depth-first in document order: the first problem is reported
+    return None
 
 
 class StreamOptions(BaseModel):
@@ -43,6 +77,18 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None  # accepted and ignored, as an end-user id for abuse tracking is
+
+    @model_validator(mode="before")
+    @classmethod
+    def _well_formed(cls, data):
+        problem = body_problem(data)
+        if problem is None:
+            return data
+        kind, path, detail = problem
+        message = {"lone_surrogate": "{path}: contains a lone UTF-16 surrogate ({detail}); strings must be valid "
+                                     "Unicode",
+                   "too_deep": "{path}: nested more than {detail} arrays/objects deep"}[kind]
+        raise PydanticCustomError(kind, message, {"path": path, "detail": detail})
 
     @field_validator("n")
     @classmethod
