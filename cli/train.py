@@ -11,30 +11,25 @@ import sys
 
 import torch
 
-from cli.common import exit_on_user_error
+from cli.common import add_set_argument, exit_on_user_error, load_for_inference
 from engine.train.run_factory import check_run_config
 from engine.config import load_run_config
 from engine.train.distributed import world_from_env
 from engine.infer.generate import generate
 from engine.train.metrics import plot_losses
-from engine.data.tokenizer import Tokenizer
 from engine.train.loop import train
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="cli.train", description=__doc__)
     p.add_argument("config", help="run config JSON (see configs/quickstart.json)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
+    add_set_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in CI logs)")
     return p.parse_args(argv)
 
 
 def print_sample(model_dir, prompt: str, max_new_tokens: int) -> None:
-    from engine.adapters.lora import load_with_adapter
-
-    tokenizer = Tokenizer.from_pretrained(model_dir)
-    model = load_with_adapter(model_dir)  # a LoRA run's final/ is an adapter: its base comes with it
+    model, tokenizer = load_for_inference(model_dir)  # a LoRA run's final/ is an adapter: its base comes with it
     ids = tokenizer.encode(prompt) or [tokenizer.eos_token_id]
     out = generate(model, torch.tensor([ids]), max_new_tokens, temperature=0.8, top_k=50, seed=0,
                    eos_token_id=tokenizer.eos_token_id)

@@ -32,7 +32,6 @@ from engine.model.hf_format import WeightsError, read_json
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 GPT2_TARGETS = {"c_attn": ("q_proj", "k_proj", "v_proj"), "attn.c_attn": ("q_proj", "k_proj", "v_proj"),
                 "c_proj": ("o_proj", "down_proj"), "attn.c_proj": ("o_proj",), "mlp.c_proj": ("down_proj",),
                 "c_fc": ("up_proj",), "mlp.c_fc": ("up_proj",)}  # PEFT target_modules -> our module names
