@@ -22,6 +22,7 @@ from engine.adapters.lora import ADAPTER_CONFIG
 from engine.config import SFTConfig
 from engine.data.sft import prompt_ids, read_records
 from engine.data.tokenizer import Tokenizer
+from engine.files import atomic_write
 from engine.infer.generate import generate
 
 TASKS = ("max", "min", "len", "sorted", "sum")
@@ -53,7 +54,7 @@ def make_data(out: Path, n_train: int = 6000, n_val: int = 200, n_test: int = 20
         splits[split] = rows
     out.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val", "test"):
-        (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in splits[split]))
+        atomic_write(out / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in splits[split]))
         print(f"wrote {out / f'{split}.jsonl'} ({len(splits[split])} examples)")
 
 
@@ -62,7 +63,7 @@ def accuracy(model, tokenizer: Tokenizer, records, max_new_tokens: int = 16, pro
              desc: str = "eval") -> float:
     """Exact match of the greedy completion (up to EOS), stripped, with the expected one; `progress`: a tqdm bar."""
     right = 0
-    bar = tqdm(records, desc=desc, unit="ex", disable=not progress, dynamic_ncols=True, leave=False)
+    bar = tqdm(records, desc=desc, unit="ex", disable=not progress, dynamic_ncols=True)
     for i, (record, _) in enumerate(bar, 1):
         ids = prompt_ids(record, tokenizer, SFTConfig())
         out = generate(model, torch.tensor([ids]), max_new_tokens, eos_token_id=tokenizer.eos_token_id)[0, len(ids):]

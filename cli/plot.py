@@ -47,8 +47,10 @@ def main(argv=None) -> None:
     for run_dir, rows in runs.items():
         print(summary(run_dir, rows))
     try:
-        import matplotlib  # noqa: F401  (plot_losses draws with it)
+        import matplotlib  # plot_losses draws with it; said here, by the CLI, with what to do
     except ImportError:
+        matplotlib = None
+    if matplotlib is None:
         print('matplotlib is not installed: no PNG written; pip install -e ".[plot]" and run this again')
         sys.exit(1)
     png = plot_losses(list(runs), out)
