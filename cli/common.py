@@ -2,7 +2,10 @@
 loader of a model (+ adapter) and its tokenizer for inference."""
 from __future__ import annotations
 
+import json
+import os
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -10,12 +13,13 @@ from engine.config import ConfigError
 from engine.data.text import DataError
 from engine.data.tokenizer import Tokenizer, TokenizerError
 from engine.dtypes import DTYPES, dtype_named
+from engine.files import atomic_write
 from engine.model.hf_format import WeightsError, resolve_model_dir
 from engine.train.distributed import RankZeroFailed
 from engine.train.metrics import MetricsError
 
 USER_ERRORS = (ConfigError, DataError, WeightsError, TokenizerError, MetricsError, FileNotFoundError)
-__all__ = ["DTYPES", "USER_ERRORS", "add_set_argument", "exit_on_user_error", "load_for_inference"]
+__all__ = ["DTYPES", "USER_ERRORS", "add_set_argument", "exit_on_user_error", "load_for_inference", "tell_torchrun"]
 
 
 @contextmanager
@@ -25,12 +29,27 @@ def exit_on_user_error(prog: str):
         yield
     except USER_ERRORS as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
+        tell_torchrun(f"{prog}: exit code 2: a config or input error, printed above (search for '{prog}: error:')")
         sys.exit(2)
     except RankZeroFailed as e:  # under torchrun: rank 0 printed the error; leave with its exit code
         sys.exit(2 if isinstance(e.error, USER_ERRORS) else 1)
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def tell_torchrun(message: str) -> None:
+    """Under torchrun, put `message` in this worker's error file: torchrun's failure summary shows it as the root
+    cause's "traceback" instead of a link to its docs. Outside torchrun (no TORCHELASTIC_ERROR_FILE), nothing."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    # the layout torch.distributed.elastic's ErrorHandler.record_exception writes (and the agent reads back)
+    data = {"message": {"message": message, "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}}
+    try:
+        atomic_write(path, json.dumps(data))
+    except OSError:
+        pass  # only a nicer summary is lost; the error itself is already on stderr
 
 
 def add_set_argument(parser, example: str = "train.lr=1e-4") -> None:
