@@ -15,7 +15,8 @@ from engine.data.tokenizer import IncrementalDecoder
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="cli.generate", description=__doc__)
-    p.add_argument("--model", required=True, help="HF model dir or hub id, a training checkpoint, or a LoRA run's adapter dir (its base is found)")
+    p.add_argument("--model", required=True,
+                   help="HF model dir or hub id, a training checkpoint, or a LoRA run's adapter dir (its base is found)")
     p.add_argument("--adapter", default=None, help="a LoRA adapter dir (PEFT layout) to apply on top of --model")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=128)

@@ -115,14 +115,15 @@ def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> dict[str, str
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {override}: '{k}' is not a section")
         node[keys[-1]] = value
+        origin.pop(".".join(keys), None)  # re-inserted: the dict's order is the order the values took effect
         origin[".".join(keys)] = override
     return origin
 
 
 def _blame(message: str, path: Path, origin: dict[str, str]) -> str:
-    """Prefix an error with the --set that set its key (the key, a section above it, or a key inside it), else the file."""
+    """Prefix an error with the --set that set its key (the key, a section above it or a key in it), else the file."""
     key = re.sub(r"\[\d+\]", "", message.split(": ", 1)[0])
-    for set_key, text in reversed(origin.items()):  # the last --set of a key is the one in effect
+    for set_key, text in reversed(origin.items()):  # the latest --set touching the key is the one in effect
         if key == set_key or key.startswith(set_key + ".") or set_key.startswith(key + "."):
             return f"--set {text}: {message}"
     return f"{path}: {message}"

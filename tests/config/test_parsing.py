@@ -35,6 +35,8 @@ def test_set_typos_are_attributed_to_the_set_not_the_file(config_file, override,
 
 def test_the_last_set_of_a_key_is_blamed_and_file_errors_still_name_the_file(tmp_path, config_file):
     assert _error(config_file, "train.lr=1e-3", "train.lr=-2").startswith("--set train.lr=-2: train.lr:")
+    last = 'train={"lr": -3}'  # replaces the whole section, after a --set of train.lr
+    assert _error(config_file, 'train={"lr": 1}', "train.lr=-1", last).startswith(f"--set {last}: train.lr:")
     config = tiny_run_dict(tmp_path)
     config["train"]["batch_sise"] = 4
     bad = write_config_file(tmp_path / "bad.json", config)
