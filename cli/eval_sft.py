@@ -15,13 +15,15 @@ import random
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from cli.common import exit_on_user_error
+from cli.common import exit_on_user_error, load_for_inference
+from engine.adapters.peft_format import ADAPTER_CONFIG
 from engine.config import SFTConfig
-from engine.infer.generate import generate
-from engine.adapters.peft_format import load_with_adapter
 from engine.data.sft import prompt_ids, read_records
 from engine.data.tokenizer import Tokenizer
+from engine.files import atomic_write
+from engine.infer.generate import generate
 
 TASKS = ("max", "min", "len", "sorted", "sum")
 
@@ -52,20 +54,28 @@ def make_data(out: Path, n_train: int = 6000, n_val: int = 200, n_test: int = 20
         splits[split] = rows
     out.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val", "test"):
-        (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in splits[split]))
+        atomic_write(out / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in splits[split]))
         print(f"wrote {out / f'{split}.jsonl'} ({len(splits[split])} examples)")
 
 
 @torch.no_grad()
-def accuracy(model, tokenizer: Tokenizer, records, max_new_tokens: int = 16) -> float:
-    """Exact match of the greedy completion (up to EOS), stripped, with the expected one."""
+def accuracy(model, tokenizer: Tokenizer, records, max_new_tokens: int = 16, progress: bool = False,
+             desc: str = "eval") -> float:
+    """Exact match of the greedy completion (up to EOS), stripped, with the expected one; `progress`: a tqdm bar."""
     right = 0
-    for record, _ in records:
+    bar = tqdm(records, desc=desc, unit="ex", disable=not progress, dynamic_ncols=True)
+    for i, (record, _) in enumerate(bar, 1):
         ids = prompt_ids(record, tokenizer, SFTConfig())
         out = generate(model, torch.tensor([ids]), max_new_tokens, eos_token_id=tokenizer.eos_token_id)[0, len(ids):]
         text = tokenizer.decode(out.tolist(), skip_special_tokens=True)
         right += text.strip() == record["completion"].strip()
+        bar.set_postfix(acc=f"{right / i:.1%}", refresh=False)
     return right / max(len(records), 1)
+
+
+def is_full_model(directory) -> bool:
+    """A fully fine-tuned model dir (config.json, no adapter_config.json): --adapter then replaces --base."""
+    return (Path(directory) / "config.json").is_file() and not (Path(directory) / ADAPTER_CONFIG).is_file()
 
 
 def main(argv=None) -> None:
@@ -77,19 +87,21 @@ def main(argv=None) -> None:
     e.add_argument("--base", required=True)
     e.add_argument("--adapter", help="LoRA adapter dir (or a fully fine-tuned model dir)")
     e.add_argument("--data", required=True)
-    e.add_argument("--n", type=int, default=100, help="held-out examples to score")
+    e.add_argument("--n", type=int, default=100, help="held-out examples to score (default: 100)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in CI logs)")
     args = p.parse_args(argv)
     with exit_on_user_error("cli.eval_sft"):
         if args.command == "make-data":
             make_data(Path(args.out))
             return
         records = list(read_records(Path(args.data)))[: args.n]
-        tokenizer = Tokenizer.from_pretrained(args.base)
-        before = accuracy(load_with_adapter(args.base), tokenizer, records)
+        progress = not args.no_progress
+        before = accuracy(*load_for_inference(args.base), records, progress=progress, desc="base")
         if args.adapter is None:
             print(f"accuracy on {len(records)} held-out examples: {before:.1%}")
             return
-        after = accuracy(load_with_adapter(args.base, args.adapter), tokenizer, records)
+        tuned = (args.adapter, None) if is_full_model(args.adapter) else (args.base, args.adapter)
+        after = accuracy(*load_for_inference(*tuned), records, progress=progress, desc="fine-tuned")
         print(f"accuracy on {len(records)} held-out examples: base {before:.1%} -> fine-tuned {after:.1%}")
 
 

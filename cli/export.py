@@ -12,11 +12,9 @@ from pathlib import Path
 
 import torch
 
-from cli.common import DTYPES, exit_on_user_error
+from cli.common import DTYPES, exit_on_user_error, load_for_inference
+from engine.adapters.peft_format import ADAPTER_CONFIG
 from engine.config import ConfigError
-from engine.adapters.lora import is_lora, merge_lora
-from engine.adapters.peft_format import ADAPTER_CONFIG, load_with_adapter, read_adapter_config
-from engine.data.tokenizer import Tokenizer
 
 
 def parse_args(argv=None):
@@ -28,29 +26,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def tokenizer_dir(*candidates) -> Path | None:
-    """The first of `candidates` holding a tokenizer.json (the adapter's own, then the base's)."""
-    return next((Path(c) for c in candidates if c is not None and (Path(c) / "tokenizer.json").is_file()), None)
-
-
 def export(checkpoint, out, adapter=None, dtype=torch.float32) -> Path:
     """Merge (when there is an adapter) and save `checkpoint` as an HF model + tokenizer in `out`."""
     checkpoint, out = Path(checkpoint), Path(out)
     if out.resolve() in {checkpoint.resolve(), *([Path(adapter).resolve()] if adapter else [])}:
         raise ConfigError(f"--out {out}: must differ from the input directories")
-    base = checkpoint
-    if adapter is None and (checkpoint / ADAPTER_CONFIG).is_file():
-        base = Path(read_adapter_config(checkpoint)[1] or checkpoint)
-    model = load_with_adapter(checkpoint, adapter)
-    if is_lora(model):
-        merge_lora(model)
+    # merged in fp32, then cast: rounding once, after W + alpha/r * B A
+    model, tokenizer = load_for_inference(checkpoint, adapter, dtype="fp32", merge=True, require_tokenizer=False)
     model.to(dtype).save_pretrained(out)
-    source = tokenizer_dir(adapter, checkpoint, base)
-    if source is None:
+    if tokenizer is None:
         print(f"cli.export: warning: no tokenizer.json in {checkpoint}{' or ' + str(adapter) if adapter else ''}; "
               "wrote the model only", file=sys.stderr)
     else:
-        Tokenizer.from_pretrained(source).save_pretrained(out)
+        tokenizer.save_pretrained(out)
     return out
 
 

@@ -8,16 +8,16 @@ import time
 
 import torch
 
-from cli.common import DTYPES, exit_on_user_error
-from engine import Tokenizer, generate_stream
-from engine.adapters.peft_format import load_with_adapter
+from cli.common import DTYPES, exit_on_user_error, load_for_inference
+from engine import generate_stream
 from engine.data.tokenizer import IncrementalDecoder
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="cli.generate", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="HF-format model directory (config.json, safetensors, tokenizer)")
+    p.add_argument("--model", required=True,
+                   help="HF model dir or hub id, a training checkpoint, or a LoRA run's adapter dir (its base is found)")
     p.add_argument("--adapter", default=None, help="a LoRA adapter dir (PEFT layout) to apply on top of --model")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -42,8 +42,7 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     with exit_on_user_error("cli.generate"):
-        tokenizer = Tokenizer.from_pretrained(args.model)
-        model = load_with_adapter(args.model, args.adapter, dtype=DTYPES[args.dtype])
+        model, tokenizer = load_for_inference(args.model, args.adapter, dtype=args.dtype)
         if args.chat:
             ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
                                                 add_generation_prompt=True, tokenize=True)

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from cli.common import exit_on_user_error
+from cli.common import add_set_argument, exit_on_user_error
 from engine.config import ConfigError, load_run_config
 from engine.train.memory_plan import alternatives, available_memory, estimate_memory, plan_device, plan_model_config
 
@@ -24,8 +24,7 @@ def parse_args(argv=None):
                    help="ranks (torchrun --nproc_per_node); default: $WORLD_SIZE, else 1")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="plan for this device; default: train.device (auto: cuda when available)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.batch_size=32 (repeatable)")
+    add_set_argument(p, example="train.batch_size=32")
     return p.parse_args(argv)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from cli.common import exit_on_user_error
+from cli.common import add_set_argument, exit_on_user_error
 from engine.train.run_factory import build_data, build_tokenizer
 from engine.config import load_run_config
 
@@ -18,8 +18,7 @@ def main(argv=None) -> int:
     """Prepare the data of a run config and print a summary; exits 2 on bad input."""
     parser = argparse.ArgumentParser(prog="cli.prepare", description=__doc__.split("\n")[0])
     parser.add_argument("config", help="run config JSON (the one cli.train takes)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set data.seq_len=1024 (repeatable)")
+    add_set_argument(parser, example="data.seq_len=1024")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -10,7 +10,7 @@ import socket
 import sys
 from pathlib import Path
 
-from cli.common import DTYPES, exit_on_user_error
+from cli.common import DTYPES, exit_on_user_error, load_for_inference
 
 PROG = "cli.serve"
 FD_MARGIN = 64  # file descriptors beyond the connection cap: model files, logs, the render process's pipe
@@ -69,26 +69,9 @@ def load(args):
     """(model, tokenizer) from --model (and --adapter, merged so serving pays nothing for it)."""
     import torch  # heavy imports after argument errors
 
-    from engine import Tokenizer, Transformer
-
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    dtype = DTYPES[args.dtype]
-    if args.adapter is None:
-        model = Transformer.from_pretrained(args.model, dtype=dtype)
-    else:
-        try:
-            from engine.adapters.lora import merge_lora
-            from engine.adapters.peft_format import load_with_adapter
-        except ImportError as e:
-            print(f"{PROG}: error: --adapter: LoRA support is not available in this install ({e})", file=sys.stderr)
-            sys.exit(2)
-        model = merge_lora(load_with_adapter(args.model, args.adapter, dtype=dtype))
-    # The tokenizer sits beside the weights; a LoRA run may have saved it with the adapter instead.
-    tok_dir = args.model
-    if args.adapter is not None and not (Path(args.model) / "tokenizer.json").is_file():
-        tok_dir = args.adapter
-    return model.eval(), Tokenizer.from_pretrained(tok_dir)
+    return load_for_inference(args.model, args.adapter, dtype=args.dtype, merge=True)
 
 
 def bind(host: str, port: int) -> socket.socket:

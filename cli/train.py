@@ -7,38 +7,59 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import time
 
 import torch
 
-from cli.common import exit_on_user_error
+from cli.common import USER_ERRORS, add_set_argument, exit_on_user_error, load_for_inference
 from engine.train.run_factory import check_run_config
 from engine.config import load_run_config
 from engine.train.distributed import world_from_env
 from engine.infer.generate import generate
 from engine.train.metrics import plot_losses
-from engine.data.tokenizer import Tokenizer
 from engine.train.loop import train
+
+
+# How long a rank > 0 that found a config error waits for torchrun to stop it, once rank 0 has printed the same
+# error and exited; past this (rank 0 did not fail: it sees other files) the rank reports the error itself.
+RANK_ZERO_GRACE_S = 60.0
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="cli.train", description=__doc__)
     p.add_argument("config", help="run config JSON (see configs/quickstart.json)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
+    add_set_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in CI logs)")
     return p.parse_args(argv)
 
 
 def print_sample(model_dir, prompt: str, max_new_tokens: int) -> None:
-    from engine.adapters.lora import load_with_adapter
-
-    tokenizer = Tokenizer.from_pretrained(model_dir)
-    model = load_with_adapter(model_dir)  # a LoRA run's final/ is an adapter: its base comes with it
+    model, tokenizer = load_for_inference(model_dir)  # a LoRA run's final/ is an adapter: its base comes with it
     ids = tokenizer.encode(prompt) or [tokenizer.eos_token_id]
     out = generate(model, torch.tensor([ids]), max_new_tokens, temperature=0.8, top_k=50, seed=0,
                    eos_token_id=tokenizer.eos_token_id)
     print(f"\n--- sample (temperature 0.8) ---\n{tokenizer.decode(out[0].tolist(), skip_special_tokens=True)}\n---")
+
+
+def load_checked_config(args):
+    """The run config, checked before any rank does work (every config error surfaces before any write).
+
+    Under torchrun every rank reads the same file and finds the same error. Only rank 0 reports it: the others
+    wait, silent, for torchrun to stop them once rank 0 has exited 2, and then exit 2 as well. (Leaving at once
+    would race rank 0: torchrun SIGTERMs the other ranks as soon as one fails, often before rank 0 has printed.)
+    """
+    try:
+        cfg = load_run_config(args.config, args.overrides)
+        check_run_config(cfg)
+        return cfg
+    except USER_ERRORS:
+        rank, world, _ = world_from_env()
+        if world > 1 and rank != 0:
+            signal.signal(signal.SIGTERM, lambda *_: os._exit(2))  # torchrun's stop: leave with rank 0's code
+            time.sleep(RANK_ZERO_GRACE_S)
+        raise
 
 
 def main(argv=None) -> None:
@@ -46,8 +67,7 @@ def main(argv=None) -> None:
     rank = world_from_env()[0]  # under torchrun, rank 0 logs and reports; the others only warn
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     with exit_on_user_error("cli.train"):
-        cfg = load_run_config(args.config, args.overrides)  # every config error surfaces before any write
-        check_run_config(cfg)
+        cfg = load_checked_config(args)
         result = train(cfg, progress=not args.no_progress)
         if rank != 0:
             return

@@ -31,7 +31,6 @@ from engine.config import LORA_TARGETS, ConfigError, LoraConfig
 from engine.model.families import stored_as, weight_layout
 
 PEFT_PREFIX = "base_model.model."
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 STATE_ATTR = "lora_state"  # the one attribute apply_lora sets on a model (read it with adapter_state)
 
 

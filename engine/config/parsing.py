@@ -4,9 +4,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import types
 import typing
 from dataclasses import MISSING, fields
+from pathlib import Path
 
 
 class ConfigError(ValueError):
@@ -75,8 +77,64 @@ def _parse_override(text: str) -> tuple[list[str], object]:
     if "=" not in text:
         raise ConfigError(f"--set {text}: expected key.path=value, e.g. train.lr=1e-4")
     key, raw = text.split("=", 1)
+    keys = key.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"--set {text}: '{key.strip()}' is not a key path (expected e.g. train.lr=1e-4)")
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = raw  # bare strings need no quotes: --set out_dir=runs/x
-    return key.strip().split("."), value
+    return keys, value
+
+
+def read_config_file(path) -> dict:
+    """The top-level object of a JSON config file; a missing file, bad JSON or a YAML file is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            raise ConfigError(f"{path}: run configs are JSON, and YAML is not supported (yet); write it as JSON, "
+                              "as in configs/quickstart.json") from None
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
+    return raw
+
+
+def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> dict[str, str]:
+    """Apply `--set key.path=value` texts to `raw` in place, in order; returns {key path: the --set text}."""
+    origin = {}
+    for override in overrides:
+        keys, value = _parse_override(override)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {override}: '{k}' is not a section")
+        node[keys[-1]] = value
+        origin.pop(".".join(keys), None)  # re-inserted: the dict's order is the order the values took effect
+        origin[".".join(keys)] = override
+    return origin
+
+
+def _blame(message: str, path: Path, origin: dict[str, str]) -> str:
+    """Prefix an error with the --set that set its key (the key, a section above it or a key in it), else the file."""
+    key = re.sub(r"\[\d+\]", "", message.split(": ", 1)[0])
+    for set_key, text in reversed(origin.items()):  # the latest --set touching the key is the one in effect
+        if key == set_key or key.startswith(set_key + ".") or set_key.startswith(key + "."):
+            return f"--set {text}: {message}"
+    return f"{path}: {message}"
+
+
+def load_config(cls, path, overrides: typing.Sequence[str] = ()):
+    """Build dataclass `cls` from a JSON file plus `--set` overrides; errors name the file or the --set at fault."""
+    path = Path(path)
+    raw = read_config_file(path)
+    origin = apply_overrides(raw, overrides)
+    try:
+        return from_dict(cls, raw, where="")
+    except ConfigError as e:
+        raise ConfigError(_blame(str(e), path, origin)) from None

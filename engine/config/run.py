@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import difflib
-import json
 import typing
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Literal, Optional
 
-from engine.config.parsing import ConfigError, _check_int, _parse_override, from_dict
+from engine.config.parsing import ConfigError, _check_int, load_config
 
 
 @dataclass(frozen=True)
@@ -243,24 +241,4 @@ class RunConfig:
 
 def load_run_config(path, overrides: typing.Sequence[str] = ()) -> RunConfig:
     """Read a run config JSON file, apply `--set key.path=value` overrides, validate, and build it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object at the top level")
-    for override in overrides:
-        keys, value = _parse_override(override)
-        node = raw
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {override}: '{k}' is not a section")
-        node[keys[-1]] = value
-    try:
-        return from_dict(RunConfig, raw, where="")
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    return load_config(RunConfig, path, overrides)

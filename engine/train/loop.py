@@ -24,12 +24,13 @@ from engine.train.run_factory import build_data, build_model, build_tokenizer, c
 from engine.train.checkpoint import (find_resume, is_sharded, load_model_weights, load_training_state, prune_checkpoints,
                                save_checkpoint, save_model)
 from engine.config import RunConfig, TrainConfig
+from engine.dtypes import DTYPES
 from engine.train.distributed import SINGLE, Dist
 from engine.adapters.lora import is_lora, trainable_summary
 
 logger = logging.getLogger("engine.train.loop")
 IGNORE_INDEX = -100
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DTYPES = {name: DTYPES[name] for name in ("bf16", "fp16")}  # train.precision -> autocast dtype
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:

@@ -90,7 +90,8 @@ def plot_losses(run_dirs, png_path) -> Path | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed (pip install -e '.[plot]'): skipping the loss-curve PNG")
+        logger.warning("matplotlib is not installed: skipping the loss-curve PNG; to draw it: pip install -e \".[plot]\" "
+                       "then python -m cli.plot %s", " ".join(str(d) for d in run_dirs))
         return None
     fig, ax = plt.subplots(figsize=(8, 5))
     for run_dir in run_dirs:

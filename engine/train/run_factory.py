@@ -9,12 +9,12 @@ import torch
 from engine.data.bpe import train_bpe
 from engine.config import ConfigError, ModelConfig, RunConfig
 from engine.data.text import expand_paths, prepare
-from engine.adapters.lora import DTYPES as LORA_DTYPES
 from engine.adapters.lora import apply_lora, check_lora_supported
 from engine.adapters.peft_format import load_adapter_weights, read_adapter_config
 from engine.model.transformer import Transformer
 from engine.data.sft import prepare_sft
 from engine.data.tokenizer import Tokenizer
+from engine.dtypes import DTYPES
 from engine.model.hf_format import read_config, resolve_model_dir
 
 logger = logging.getLogger("engine.train.run_factory")
@@ -68,7 +68,7 @@ def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> Transformer:
     With `lora`, the base is loaded in lora.base_dtype, frozen, and adapters (fp32) are added to its target layers.
     """
     if cfg.model.from_pretrained is not None:
-        dtype = LORA_DTYPES[cfg.lora.base_dtype] if cfg.lora is not None else torch.float32
+        dtype = DTYPES[cfg.lora.base_dtype] if cfg.lora is not None else torch.float32
         model = Transformer.from_pretrained(cfg.model.from_pretrained, dtype=dtype)
         if len(tokenizer) > model.config.vocab_size:
             raise ConfigError(f"model.tokenizer: {len(tokenizer)} tokens do not fit the model's vocab_size "

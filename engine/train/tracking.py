@@ -1,7 +1,7 @@
 """Experiment trackers beside metrics.jsonl: TensorBoard event files and Weights & Biases runs.
 
 Both are optional extras (`pip install -e '.[track]'`) switched on by the run config's `logging` section.
-A tracker whose package is missing prints one line and is skipped; training never depends on one.
+A tracker whose package is missing logs one warning and is skipped; training never depends on one.
 metrics.jsonl (engine.report.MetricsLog) stays the always-on record.
 """
 from __future__ import annotations
@@ -29,15 +29,16 @@ class Trackers:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                print("logging.tensorboard: the tensorboard package is not installed (pip install -e '.[track]'); "
-                      "skipping TensorBoard")
+                logger.warning("logging.tensorboard: the tensorboard package is not installed (pip install -e "
+                               "'.[track]'); skipping TensorBoard")
             else:
                 self.tensorboard = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
         if cfg.wandb is not None:
             try:
                 import wandb
             except ImportError:
-                print("logging.wandb: the wandb package is not installed (pip install -e '.[track]'); skipping W&B")
+                logger.warning("logging.wandb: the wandb package is not installed (pip install -e '.[track]'); "
+                               "skipping W&B")
             else:
                 self.wandb = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, mode=cfg.wandb.mode,
                                         name=cfg.wandb.name or out_dir.resolve().name, dir=str(out_dir),

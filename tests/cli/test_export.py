@@ -10,7 +10,8 @@ from safetensors import safe_open
 from cli.export import export
 from engine import Transformer
 from engine.config import LoraConfig
-from engine.adapters.lora import apply_lora, load_with_adapter, lora_modules, save_adapter
+from engine.adapters.lora import apply_lora, lora_modules
+from engine.adapters.peft_format import load_with_adapter, save_adapter
 from tests.finetune_fixtures import pretrained_dir
 
 ROOT = Path(__file__).resolve().parents[2]

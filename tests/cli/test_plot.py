@@ -44,13 +44,18 @@ def test_two_runs_go_into_one_png_with_a_summary_each(tmp_path, capsys):
     assert f"loss curves: {png}" in out
 
 
-def test_default_output_is_loss_png_in_the_working_directory(tmp_path, capsys, monkeypatch):
+def test_default_output_goes_into_the_first_run_dir_not_the_working_directory(tmp_path, capsys, monkeypatch):
     run = write_run(tmp_path / "run", val_every=100)  # no eval rows: train curve only, no "best val"
+    other = write_run(tmp_path / "other")
     monkeypatch.chdir(tmp_path)
     code, out, _ = _plot(capsys, run)
     assert code == 0
-    assert (tmp_path / "loss.png").read_bytes()[:8] == PNG_MAGIC
+    assert (run / "loss.png").read_bytes()[:8] == PNG_MAGIC  # one run: the loss.png cli.train would have drawn
     assert "best val" not in out
+    code, out, _ = _plot(capsys, run, other)
+    assert code == 0 and f"loss curves: {run / 'compare.png'}" in out
+    assert (run / "compare.png").read_bytes()[:8] == PNG_MAGIC
+    assert not list(tmp_path.glob("*.png"))  # nothing lands in the working directory (the repo root)
 
 
 @pytest.mark.parametrize("metrics,message", [  # metrics.jsonl's text; None: no run dir; False: no file in it

@@ -228,7 +228,8 @@ def test_cli_prints_the_table_and_the_savings(capsys):
         assert row in out
     assert "LoRA: not applicable" in out
     assert "FSDP vs DDP: nothing to shard in one process; at --nproc 4" in out
-    assert ": fits" in out and err == ""
+    # fitting depends on this machine's free RAM, the table does not: either it fits, or it warns on stderr
+    assert "the plan needs" in out and (": fits" in out) == (err == "") == ("exceeds the available RAM" not in err)
 
 
 def test_cli_lora_run_compares_with_full_fine_tuning(tmp_path, capsys):

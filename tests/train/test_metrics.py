@@ -22,12 +22,13 @@ def test_loss_curves_of_several_runs_go_into_one_png(tmp_path):
     assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_missing_matplotlib_prints_one_line_and_skips(tmp_path, monkeypatch, capsys):
+def test_missing_matplotlib_logs_one_line_that_says_how_to_plot_and_skips(tmp_path, monkeypatch, caplog):
     run = _write_run(tmp_path / "a")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     assert plot_losses([run], tmp_path / "loss.png") is None
-    out = capsys.readouterr().out
+    out = "".join(r.getMessage() + "\n" for r in caplog.records)  # library code logs; the CLIs show it
     assert out.count("\n") == 1 and "matplotlib is not installed" in out
+    assert f'pip install -e ".[plot]" then python -m cli.plot {run}' in out
     assert not (tmp_path / "loss.png").exists()
 
 
