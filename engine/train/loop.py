@@ -26,9 +26,9 @@ from engine.train.checkpoint import (find_resume, is_sharded, load_model_weights
 from engine.config import RunConfig, TrainConfig
 from engine.train.distributed import SINGLE, Dist
 from engine.adapters.lora import is_lora, trainable_summary
+from engine.data.sampler import IGNORE_INDEX
 
 logger = logging.getLogger("engine.train.loop")
-IGNORE_INDEX = -100
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
