@@ -25,7 +25,7 @@ logger = logging.getLogger("engine.data.bpe")
 EOS = "<|endoftext|>"
 SOURCE_FILE = "bpe_source.json"
 BPE_VERSION = 2  # bump when the saved dir changes for the same inputs (2: the ChatML chat template), to retrain
-PIECE_CHARS = 1 << 16  # a long document reaches the trainer in pieces of about this many characters
+PIECE_CHARS = 1 << 14  # a long document reaches the trainer in pieces of about this many characters
 
 
 def train_bpe(files, vocab_size: int, out_dir, special_tokens=(EOS,), *, min_frequency: int = 2,
@@ -43,8 +43,12 @@ def train_bpe(files, vocab_size: int, out_dir, special_tokens=(EOS,), *, min_fre
     source = {"version": BPE_VERSION, "files": fingerprint(paths), "vocab_size": vocab_size,
               "special_tokens": special_tokens, "min_frequency": min_frequency, "text_field": text_field}
     out = Path(out_dir)
-    clear_stale(out, SOURCE_FILE)  # what a killed run left (a complete old copy is put back first)
-    if (out / SOURCE_FILE).is_file() and json.loads((out / SOURCE_FILE).read_text()) == source:
+    def reusable() -> bool:
+        return (out / SOURCE_FILE).is_file() and json.loads((out / SOURCE_FILE).read_text()) == source
+
+    if not reusable():
+        clear_stale(out, SOURCE_FILE)  # what a killed run left (a complete old copy is put back first)
+    if reusable():
         logger.info("bpe: reusing %s (same files and settings)", out)
         return out
 

@@ -34,8 +34,8 @@ __all__ = ["DataError", "PreparedData", "TOKENIZER_FILES", "TokenWindows", "expa
 
 logger = logging.getLogger("engine.data.text")
 FORMAT_VERSION = 1  # bump when the .bin layout or meta.json changes, so old caches are not reused
-CHUNK_CHARS = 4 << 20  # text per encode_batch call: enough pieces to keep every core busy, bounded memory
-PIECE_CHARS = 1 << 16  # a longer document is tokenized in pieces of about this many characters
+CHUNK_CHARS = 1 << 20  # text per encode_batch call (~100 bytes of memory per char): 64 pieces keep cores busy
+PIECE_CHARS = 1 << 14  # a longer document is tokenized in pieces of about this many characters
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -152,7 +152,8 @@ def _write_tokens(bin_path: Path, files, text_field, enc: _Encoder, pbar) -> tup
         count = sum(map(len, ids)) + sum(len(head) * p[2] + p[3] for p in pieces)
         flat = np.fromiter(chain.from_iterable(parts), np.int64, count)
         if count and (flat.max() > limit or flat.min() < 0):
-            bad = next(p[1] for p, d in zip(pieces, ids) if any(not 0 <= t <= limit for t in chain(head, d, (enc.eos,))))
+            bad = next(p[1] for p, d in zip(pieces, ids)
+                       if any(not 0 <= t <= limit for t in chain(head, d, (enc.eos,))))
             raise DataError(f"{bad}: a token id does not fit {enc.dtype.name} (max {limit}); tokenizer vocab_size "
                             f"is {enc.tokenizer.vocab_size}")
         flat.astype(enc.dtype).tofile(f)
