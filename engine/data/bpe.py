@@ -16,10 +16,9 @@ from pathlib import Path
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from engine.data.cache import clear_stale, fingerprint
+from engine.data.cache import clear_stale, fingerprint, publish_cache
 from engine.data.documents import DataError, expand_paths, iter_pieces
 from engine.data.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
-from engine.files import write_dir
 
 logger = logging.getLogger("engine.data.bpe")
 EOS = "<|endoftext|>"
@@ -43,12 +42,8 @@ def train_bpe(files, vocab_size: int, out_dir, special_tokens=(EOS,), *, min_fre
     source = {"version": BPE_VERSION, "files": fingerprint(paths), "vocab_size": vocab_size,
               "special_tokens": special_tokens, "min_frequency": min_frequency, "text_field": text_field}
     out = Path(out_dir)
-    def reusable() -> bool:
-        return (out / SOURCE_FILE).is_file() and json.loads((out / SOURCE_FILE).read_text()) == source
-
-    if not reusable():
-        clear_stale(out, SOURCE_FILE)  # what a killed run left (a complete old copy is put back first)
-    if reusable():
+    clear_stale(out, SOURCE_FILE)  # what a killed run left (a complete old copy is put back first)
+    if (out / SOURCE_FILE).is_file() and json.loads((out / SOURCE_FILE).read_text()) == source:
         logger.info("bpe: reusing %s (same files and settings)", out)
         return out
 
@@ -75,6 +70,6 @@ def train_bpe(files, vocab_size: int, out_dir, special_tokens=(EOS,), *, min_fre
         tokenizer.save_pretrained(tmp)
         (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
 
-    write_dir(out, fill)  # replaces a stale dir; a kill leaves the old dir or the new one, never a half one
+    publish_cache(out, fill, replace=True)  # a kill leaves the old dir or the new one, never a half one
     logger.info("bpe: trained %d tokens on %d file(s) into %s", backend.get_vocab_size(), len(paths), out)
     return out

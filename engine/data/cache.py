@@ -1,20 +1,23 @@
 """The data caches' keys and publishing: one fingerprint, one digest, one way to publish a cache dir.
 
 A cache dir (<processed_dir>/<digest>, sft-<digest>, tokenizers/bpe<N>) is named by a digest of what it was
-made from; it is published whole by engine.files.write_dir with replace=False, so a DDP rank that finished the
-same cache first keeps its copy. Before building one, what a killed run left for that name (`.tmp-<name>-*`,
-`.old-<name>-*`) is cleared: only the process about to build the name does it, so no live writer is disturbed
-(under torchrun rank 0 prepares first and the others reuse its finished cache).
+made from; it is filled in a temp dir and published whole by engine.files.publish_dir (replace=False for
+caches, so a DDP rank that finished the same cache first keeps its copy).
+What a killed run left there (`.tmp-*`, `.old-*`) is cleared by the next run, never what a live one is writing:
+a builder holds a shared flock on the cache's parent dir from its temp dir's creation to its rename (a kill
+releases it), and the cleaner clears only while it holds the exclusive lock, so only when nobody is building.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
-from engine.files import remove_stale_temps, write_dir
+from engine.files import publish_dir, remove_stale_temps, temp_dir_beside
 
 logger = logging.getLogger("engine.data.cache")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -41,13 +44,39 @@ def digest(key: dict) -> str:
 
 
 def clear_stale(out: Path, done_file: str = DONE_FILE) -> None:
-    """Before building `out`: remove what a killed run left for it; a dir at `out` lacking done_file goes too."""
-    for path in remove_stale_temps(out.parent, out.name):
-        logger.info("data: removed %s (left by a killed run)", path)
-    if out.is_dir() and not (out / done_file).is_file():
-        shutil.rmtree(out)  # write_dir never leaves one: it is not a finished cache
+    """Before using `out`: unless another process is building beside it, remove what killed runs left in its
+    parent (a complete `.old-*` copy whose target is missing is put back) and a dir at `out` lacking done_file."""
+    if not out.parent.is_dir():
+        return
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.debug("data: %s is being written by another process; stale temp dirs are left for later",
+                         out.parent)
+            return
+        for path in remove_stale_temps(out.parent):
+            logger.info("data: removed %s (left by a killed run)", path)
+        if out.is_dir() and not (out / done_file).is_file():
+            shutil.rmtree(out)  # publish_dir never leaves one: not a finished cache
+    finally:
+        os.close(fd)  # releases the lock
 
 
-def publish_cache(out: Path, fill):
-    """fill(tmp) into a temp dir, then publish it as `out` unless another process published `out` first."""
-    return write_dir(out, fill, replace=False)
+def publish_cache(out: Path, fill, replace: bool = False):
+    """fill(tmp) into a temp dir beside `out`, then publish it as `out` and return fill's result.
+    replace=False: if another process published `out` first, that copy stays. A failure leaves `out` as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out.parent, os.O_RDONLY)
+    tmp = None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # until the rename: clear_stale must not take our temp dir for a dead one
+        tmp = temp_dir_beside(out)
+        result = fill(tmp)
+        publish_dir(tmp, out, replace=replace)
+        return result
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        os.close(fd)

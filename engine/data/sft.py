@@ -284,8 +284,8 @@ def prepare_sft(cfg: DataConfig, tokenizer: Tokenizer, seed: int = 0, tokenizer_
     train_files = _jsonl_files(cfg.train, "data.train")
     val_files = _jsonl_files(cfg.val, "data.val") if cfg.val else []
     cache = _cache_dir(cfg, tokenizer, tokenizer_dir, train_files, val_files) if tokenizer_dir is not None else None
-    if cache is not None and not (cache / "meta.json").is_file():
-        clear_stale(cache)  # a killed run's temp dir (a restored complete copy is reused below)
+    if cache is not None:
+        clear_stale(cache)  # what killed runs left (a restored complete copy is reused below)
     reused = cache is not None and (cache / "meta.json").is_file()
     if reused:
         splits = _load_examples(cache)

@@ -103,8 +103,7 @@ def prepare(data_cfg: DataConfig, tokenizer: Tokenizer, tokenizer_dir, *, dtype=
            "tokenizer": tokenizer_hash(tokenizer_dir)}
     name = digest(key)
     out = Path(data_cfg.processed_dir) / name
-    if not (out / "meta.json").is_file():
-        clear_stale(out)  # a killed run's temp dir (a restored complete copy is reused below)
+    clear_stale(out)  # what killed runs left (a restored complete copy is reused below)
     if (out / "meta.json").is_file():
         data = load_prepared(out)
         logger.info("data: reusing %s (inputs and tokenizer unchanged)", out)

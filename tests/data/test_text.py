@@ -153,10 +153,27 @@ def test_temp_dirs_left_by_a_killed_prepare_are_removed_on_the_next_run(tmp_path
     for junk in (f".tmp-{name}-dead0001", f".old-{name}-dead0002"):  # a half-written temp dir, a half old copy
         (processed / junk).mkdir()
         (processed / junk / "train.bin").write_bytes(b"\0" * 6)
-    (processed / ".tmp-0123456789abcdef-beef0003").mkdir()  # another cache's: maybe a live run's, so kept
+    (processed / ".tmp-0123456789abcdef-beef0003").mkdir()  # another cache's, as dead
     data = prepare(config, gpt2, gpt2_dir, progress=False)
     assert not data.reused and data.meta["train_docs"] == len(DOCS)
-    assert sorted(p.name for p in processed.iterdir()) == [".tmp-0123456789abcdef-beef0003", name]
+    assert sorted(p.name for p in processed.iterdir()) == [name]
+
+
+def test_the_temp_dir_of_a_live_preparation_is_left_alone(tmp_path, gpt2, gpt2_dir):
+    import fcntl
+
+    write_docs(tmp_path / "in", DOCS)
+    processed = tmp_path / "processed"
+    (processed / ".tmp-0123456789abcdef-beef0003").mkdir(parents=True)
+    fd = os.open(processed, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # what a process writing that temp dir holds (engine.data.cache)
+        data = prepare(cfg(tmp_path, [tmp_path / "in"]), gpt2, gpt2_dir, progress=False)
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in processed.iterdir()) == [".tmp-0123456789abcdef-beef0003", data.dir.name]
+    prepare(cfg(tmp_path, [tmp_path / "in"]), gpt2, gpt2_dir, progress=False)  # its writer is gone now
+    assert sorted(p.name for p in processed.iterdir()) == [data.dir.name]
 
 
 def test_long_documents_are_tokenized_in_pieces_to_the_ids_of_the_whole(tmp_path, gpt2, gpt2_dir, monkeypatch):
