@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -24,13 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Run in the child: VmRSS after the imports, then VmHWM after cli.prepare (both in KiB from /proc).
 CHILD = """
-import json, sys
+import json, resource, sys
 def status(key):
     return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key + ':'))
 from cli.prepare import main
 base = status('VmRSS')
 rc = main(sys.argv[1:])
-print('PEAK ' + json.dumps({'rc': rc, 'base_kib': base, 'peak_kib': status('VmHWM')}))
+use = resource.getrusage(resource.RUSAGE_SELF)
+print('PEAK ' + json.dumps({'rc': rc, 'base_kib': base, 'peak_kib': status('VmHWM'),
+                            'cpu_s': use.ru_utime + use.ru_stime}))
 """
 
 
@@ -53,7 +56,7 @@ def write_corpus(path: Path, mb: float, seed: int = 0, chunk_words: int = 1 << 2
 
 
 def run_prepare(config: Path, *extra: str, timeout: float = 3600) -> dict:
-    """cli.prepare in a fresh process: {"rc", "base_mb", "peak_mb", "seconds"}."""
+    """cli.prepare in a fresh process: {"rc", "base_mb", "peak_mb", "seconds", "cpu_s"} (cpu_s: user + system)."""
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", CHILD, str(config), "--no-progress", *extra], cwd=ROOT,
                          capture_output=True, text=True, timeout=timeout)
@@ -62,7 +65,8 @@ def run_prepare(config: Path, *extra: str, timeout: float = 3600) -> dict:
     if out.returncode != 0 or line is None:
         raise RuntimeError(f"cli.prepare failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     r = json.loads(line[5:])
-    return {"rc": r["rc"], "base_mb": r["base_kib"] / 1024, "peak_mb": r["peak_kib"] / 1024, "seconds": seconds}
+    return {"rc": r["rc"], "base_mb": r["base_kib"] / 1024, "peak_mb": r["peak_kib"] / 1024, "seconds": seconds,
+            "cpu_s": r["cpu_s"]}
 
 
 def cpu_name() -> str:
@@ -97,11 +101,12 @@ def main() -> None:
         (tmp / "run.json").write_text(json.dumps(run))
         r = run_prepare(tmp / "run.json")
         size = corpus.stat().st_size / 1e6
-    print("| file | tokenizer | peak RSS | after imports | growth | time | MB/s | CPU |\n"
-          "|---|---|---|---|---|---|---|---|\n"
+    print("| file | tokenizer | peak RSS | after imports | growth | wall | CPU time | MB/s (wall) | CPU |\n"
+          "|---|---|---|---|---|---|---|---|---|\n"
           f"| {size:.0f} MB, one line | BPE {args.vocab}{' (trained on it)' if args.bpe_on_all else ''} "
           f"| {r['peak_mb']:.0f} MB | {r['base_mb']:.0f} MB | {r['peak_mb'] - r['base_mb']:.0f} MB "
-          f"| {r['seconds']:.1f} s | {size / r['seconds']:.1f} | {cpu_name()} |")
+          f"| {r['seconds']:.1f} s | {r['cpu_s']:.1f} s | {size / r['seconds']:.1f} "
+          f"| {cpu_name()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} |")
 
 
 if __name__ == "__main__":
