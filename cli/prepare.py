@@ -2,7 +2,9 @@
 
 Reads the same run config as cli.train; builds (or trains) its tokenizer, then writes
 <data.processed_dir>/<hash>/{train,val}.bin + meta.json, or reuses them when nothing changed. SFT data
-(data.format "sft") is tokenized into <data.processed_dir>/sft-<hash>/ the same way.
+(data.format "sft") is tokenized into <data.processed_dir>/sft-<hash>/ the same way. Text corpora are read and
+tokenized in bounded pieces, so memory does not grow with the file size; temp dirs a killed run left in
+data.processed_dir are removed first (see engine.data.text and engine.data.cache).
 """
 from __future__ import annotations
 

@@ -2,27 +2,29 @@
 
 Byte-level means every byte has a token, so any text encodes without <unk>. There is no post-processor: encode()
 adds nothing, and engine.data.prepare closes each document with EOS itself. The dir holds tokenizer.json and
-tokenizer_config.json (written by engine.Tokenizer.save_pretrained, which transformers reloads identically) and
-bpe_source.json, the cache key: same input files (path, size, mtime) and settings reuse the dir as is.
+tokenizer_config.json (written by engine.Tokenizer.save_pretrained, which transformers reloads identically; it
+carries the minimal ChatML chat template of engine.data.tokenizer, so a model trained from it can chat after SFT)
+and bpe_source.json, the cache key: same input files (path, size, mtime), settings and BPE_VERSION reuse the dir.
+The corpus streams through the trainer in bounded pieces (engine.data.documents), never a whole file at once.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from engine.data.text import DataError, expand_paths, fingerprint, iter_documents
-from engine.data.tokenizer import Tokenizer
+from engine.data.cache import clear_stale, fingerprint, publish_cache
+from engine.data.documents import DataError, expand_paths, iter_pieces
+from engine.data.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
 
 logger = logging.getLogger("engine.data.bpe")
 EOS = "<|endoftext|>"
 SOURCE_FILE = "bpe_source.json"
+BPE_VERSION = 2  # bump when the saved dir changes for the same inputs (2: the ChatML chat template), to retrain
+PIECE_CHARS = 1 << 14  # a long document reaches the trainer in pieces of about this many characters
 
 
 def train_bpe(files, vocab_size: int, out_dir, special_tokens=(EOS,), *, min_frequency: int = 2,
@@ -37,9 +39,10 @@ def train_bpe(files, vocab_size: int, out_dir, special_tokens=(EOS,), *, min_fre
         raise ValueError(f"vocab_size: expected an integer > {floor} (256 bytes + {len(special_tokens)} special "
                          f"tokens), got {vocab_size!r}")
     paths = expand_paths([files] if isinstance(files, (str, Path)) else [str(f) for f in files], "bpe files")
-    source = {"files": fingerprint(paths), "vocab_size": vocab_size, "special_tokens": special_tokens,
-              "min_frequency": min_frequency, "text_field": text_field}
+    source = {"version": BPE_VERSION, "files": fingerprint(paths), "vocab_size": vocab_size,
+              "special_tokens": special_tokens, "min_frequency": min_frequency, "text_field": text_field}
     out = Path(out_dir)
+    clear_stale(out, SOURCE_FILE)  # what a killed run left (a complete old copy is put back first)
     if (out / SOURCE_FILE).is_file() and json.loads((out / SOURCE_FILE).read_text()) == source:
         logger.info("bpe: reusing %s (same files and settings)", out)
         return out
@@ -49,8 +52,10 @@ def train_bpe(files, vocab_size: int, out_dir, special_tokens=(EOS,), *, min_fre
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=special_tokens,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=progress)
-    docs = (text for p in paths for text, _, _ in iter_documents(p, text_field))
-    backend.train_from_iterator(docs, trainer)
+    # Pieces are cut where the byte-level pre-tokenizer ends a word anyway, so the word counts, and so the
+    # merges, are those of whole documents.
+    pieces = (text for p in paths for text, _, _, _ in iter_pieces(p, text_field, PIECE_CHARS))
+    backend.train_from_iterator(pieces, trainer)
     if backend.get_vocab_size() <= floor:
         raise DataError(f"bpe files: the corpus ({len(paths)} file(s)) is too small to learn any merge")
     # GPT-2's convention: one token serves as BOS, EOS and pad; with no post-processor BOS is never added.
@@ -59,18 +64,12 @@ def train_bpe(files, vocab_size: int, out_dir, special_tokens=(EOS,), *, min_fre
     if extra:
         config["extra_special_tokens"] = extra
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        Tokenizer(backend, config, source=str(out)).save_pretrained(tmp)
+    tokenizer = Tokenizer(backend, config, {"default": DEFAULT_CHAT_TEMPLATE}, source=str(out))
+
+    def fill(tmp: Path) -> None:
+        tokenizer.save_pretrained(tmp)
         (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
-        # Swap in the finished dir; a crash leaves either the old dir, no dir, or a .tmp-* one, never a half one.
-        old = out.parent / f".old-{out.name}-{uuid.uuid4().hex[:8]}"
-        if out.exists():
-            os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    publish_cache(out, fill, replace=True)  # a kill leaves the old dir or the new one, never a half one
     logger.info("bpe: trained %d tokens on %d file(s) into %s", backend.get_vocab_size(), len(paths), out)
     return out

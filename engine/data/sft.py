@@ -13,7 +13,8 @@ An example of n tokens is n - 1 (input, target) positions. Longer than seq_len: 
 seq_len + 1 tokens (`truncation`); an example left with no supervised target is dropped. Both are counted.
 Packing puts several examples in one row of seq_len positions (best-fit decreasing); each keeps its own
 positions (0, 1, ...) and attends only within itself, so its loss equals the loss of running it alone.
-Rows are sampled like TokenWindows: a fresh permutation per epoch, a pure function of (seed, step).
+Rows are drawn by engine.data.sampler, as TokenWindows are: a fresh permutation per epoch, a pure function of
+(seed, step).
 Tokenized examples are cached in <processed_dir>/sft-<hash>/ (inputs' paths/sizes/mtimes, tokenizer files and
 chat templates, seq_len and data.sft): a run that changes none of them skips rendering and tokenizing.
 """
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -31,12 +31,15 @@ import numpy as np
 import torch
 
 from engine.config import DataConfig, SFTConfig
-from engine.data.text import (DataError, expand_paths, fingerprint, iter_jsonl, publish_dir, token_dtype,
-                         tokenizer_hash)
+from engine.data.cache import clear_stale, digest, fingerprint, publish_cache, tokenizer_hash
+from engine.data.documents import DataError, expand_paths, iter_jsonl
+from engine.data.sampler import IGNORE_INDEX, Sampled
+from engine.data.text import token_dtype
 from engine.data.tokenizer import Tokenizer, TokenizerError
 
 logger = logging.getLogger("engine.data.sft")
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "PackedExamples", "SFTData", "SFTStats", "pack", "prepare_sft", "prompt_ids",
+           "read_records", "tokenize_examples"]
 
 
 # ---------------------------------------------------------------------------- records -> segments
@@ -224,7 +227,7 @@ def packed_attention_mask(doc_ids: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class PackedExamples:
+class PackedExamples(Sampled):
     """Tokenized examples packed into rows of seq_len positions; batches are (inputs, targets, positions, mask)."""
 
     examples: list  # [(ids [n], supervised [n])]
@@ -257,19 +260,8 @@ class PackedExamples:
         doc = torch.from_numpy(doc)
         return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(pos), packed_attention_mask(doc)
 
-    def batch(self, step: int, micro: int = 0, *, batch_size: int, accum: int = 1, rank: int = 0,
-              world_size: int = 1) -> tuple[torch.Tensor, ...]:
-        """(inputs, targets, position_ids [B, T] int64, attn_mask [B, 1, T, T] bool) for micro-batch `micro` of `step`."""
-        start = (step * accum * world_size + micro * world_size + rank) * batch_size
-        epochs, pos = np.divmod(np.arange(start, start + batch_size), len(self.rows))
-        perms = {int(e): np.random.default_rng([self.seed, int(e)]).permutation(len(self.rows)) for e in set(epochs)}
-        return self._gather([int(perms[int(e)][p]) for e, p in zip(epochs, pos)])
-
-    def eval_batches(self, batch_size: int, max_batches: int | None = None, rank: int = 0, world_size: int = 1):
-        """Every row in order, `batch_size` at a time (the last batch possibly short)."""
-        for i, start in enumerate(range(0, len(self.rows), batch_size)[:max_batches]):
-            if i % world_size == rank:
-                yield self._gather(range(start, min(start + batch_size, len(self.rows))))
+    # batch(step, micro, batch_size=, accum=, rank=, world_size=) -> (inputs, targets, position_ids [B, T] int64,
+    # attn_mask [B, 1, T, T] bool) and eval_batches(...) come from engine.data.sampler.Sampled.
 
 
 @dataclass
@@ -292,6 +284,8 @@ def prepare_sft(cfg: DataConfig, tokenizer: Tokenizer, seed: int = 0, tokenizer_
     train_files = _jsonl_files(cfg.train, "data.train")
     val_files = _jsonl_files(cfg.val, "data.val") if cfg.val else []
     cache = _cache_dir(cfg, tokenizer, tokenizer_dir, train_files, val_files) if tokenizer_dir is not None else None
+    if cache is not None:
+        clear_stale(cache)  # what killed runs left (a restored complete copy is reused below)
     reused = cache is not None and (cache / "meta.json").is_file()
     if reused:
         splits = _load_examples(cache)
@@ -349,8 +343,7 @@ def _cache_dir(cfg: DataConfig, tokenizer: Tokenizer, tokenizer_dir, train_files
            "val_fraction": None if val_files else cfg.val_fraction, "seq_len": cfg.seq_len,
            "sft": dataclasses.asdict(cfg.sft), "tokenizer": tokenizer_hash(tokenizer_dir),
            "chat_templates": tokenizer.chat_templates}  # chat_template.jinja files are not in the hashed files
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(cfg.processed_dir) / f"sft-{digest}"
+    return Path(cfg.processed_dir) / f"sft-{digest(key)}"
 
 
 def _save_examples(cache: Path, splits: dict, dtype: np.dtype) -> None:
@@ -365,7 +358,7 @@ def _save_examples(cache: Path, splits: dict, dtype: np.dtype) -> None:
             meta[split] = {"stats": dataclasses.asdict(stats), "records": n_records}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
-    publish_dir(cache, fill)
+    publish_cache(cache, fill)
 
 
 def _load_examples(cache: Path) -> dict:

@@ -5,7 +5,9 @@ Rules taken from transformers: tokenizer.json's post-processor alone decides whe
 `add_bos_token`/`add_eos_token` from the config when tokenizer.json exists); special tokens named in the config
 that tokenizer.json lacks are added as special tokens; chat templates render as in `_compile_template`.
 """
+import copy
 import json
+import logging
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -15,6 +17,19 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as Backend
+
+logger = logging.getLogger("engine.data.tokenizer")
+
+# Minimal ChatML whose end-of-turn marker is the tokenizer's own EOS: a model trained on it stops where
+# generation stops (at EOS) with no extra stop token, and it fits any tokenizer that has an EOS. The
+# `<|im_start|>` markers are plain text. Given to from-scratch BPE tokenizers and to SFT runs whose tokenizer
+# has no template.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 # transformers' SPECIAL_TOKENS_ATTRIBUTES: the tokens a chat template sees as variables.
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -287,6 +302,18 @@ class Tokenizer:
         (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
                                                     encoding="utf-8")  # fmt: skip
         return path
+
+
+def with_default_chat_template(tokenizer: "Tokenizer") -> "Tokenizer":
+    """`tokenizer` itself if it has a chat template (or no EOS to end turns with), else a copy with
+    DEFAULT_CHAT_TEMPLATE as its "default" template (save_pretrained writes it to tokenizer_config.json)."""
+    if tokenizer.chat_templates or tokenizer.eos_token_id is None:
+        return tokenizer
+    logger.info("tokenizer %s has no chat template: using the minimal ChatML one (turns end with %r)",
+                tokenizer.source, tokenizer.special_tokens["eos_token"])
+    out = copy.copy(tokenizer)
+    out.chat_templates = {"default": DEFAULT_CHAT_TEMPLATE}
+    return out
 
 
 class IncrementalDecoder:

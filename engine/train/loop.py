@@ -27,9 +27,9 @@ from engine.config import RunConfig, TrainConfig
 from engine.dtypes import DTYPES
 from engine.train.distributed import SINGLE, Dist
 from engine.adapters.lora import is_lora, trainable_summary
+from engine.data.sampler import IGNORE_INDEX
 
 logger = logging.getLogger("engine.train.loop")
-IGNORE_INDEX = -100
 AMP_DTYPES = {name: DTYPES[name] for name in ("bf16", "fp16")}  # train.precision -> autocast dtype
 
 

@@ -13,7 +13,7 @@ from engine.adapters.lora import apply_lora, check_lora_supported
 from engine.adapters.peft_format import load_adapter_weights, read_adapter_config
 from engine.model.transformer import Transformer
 from engine.data.sft import prepare_sft
-from engine.data.tokenizer import Tokenizer
+from engine.data.tokenizer import Tokenizer, with_default_chat_template
 from engine.dtypes import DTYPES
 from engine.model.hf_format import read_config, resolve_model_dir
 
@@ -59,7 +59,10 @@ def build_tokenizer(cfg: RunConfig, progress: bool = True) -> tuple[Tokenizer, P
         directory = Path(cfg.data.processed_dir) / "tokenizers" / f"bpe{src.bpe_vocab_size}"
         train_bpe([str(f) for f in files], src.bpe_vocab_size, directory, text_field=cfg.data.text_field,
                   progress=progress)
-    return Tokenizer.from_pretrained(directory), directory
+    tokenizer = Tokenizer.from_pretrained(directory)
+    if cfg.data.format == "sft" and cfg.data.sft.template != "plain":  # an SFT model must chat: give it a template
+        tokenizer = with_default_chat_template(tokenizer)
+    return tokenizer, directory
 
 
 def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> Transformer:

@@ -1,4 +1,5 @@
 """cli.prepare: prints a summary and reuses the cache; bad input is one line on stderr and exit code 2."""
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +62,35 @@ def test_bad_config_values_are_named_on_stderr(tmp_path, capsys, extra, message)
     with pytest.raises(SystemExit) as exit_info:
         main([str(config), "--no-progress", *extra])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_temp_dirs_of_a_killed_prepare_are_removed_on_the_next_run(tmp_path, capsys):
+    config = write_config_file(tmp_path / "run.json", tiny_run_dict(tmp_path))
+    assert main([str(config), "--no-progress"]) == 0
+    processed = tmp_path / "processed"
+    name = capsys.readouterr().out.split("data: prepared ")[1].split()[0].rsplit("/", 1)[1]
+    shutil.rmtree(processed / name)
+    shutil.copytree(processed / "tokenizers" / "bpe300", processed / "tokenizers" / ".tmp-bpe300-dead0001")
+    for junk in (f".tmp-{name}-dead0002", f".old-{name}-dead0003"):  # what a kill -9 mid-write leaves
+        (processed / junk).mkdir()
+        (processed / junk / "train.bin").write_bytes(b"\0" * 10)
+    assert main([str(config), "--no-progress"]) == 0
+    assert "data: prepared" in capsys.readouterr().out
+    assert sorted(p.name for p in processed.iterdir()) == [name, "tokenizers"]
+    assert sorted(p.name for p in (processed / "tokenizers").iterdir()) == ["bpe300"]
+
+
+# Peak RSS of cli.prepare over its RSS after imports, whatever the file size (bench/bench_prepare.py: 200 MB).
+PREPARE_RSS_BOUND_MB = 300
+
+
+def test_peak_memory_of_prepare_is_bounded_on_a_huge_single_line_file(tmp_path):
+    from bench.bench_prepare import run_prepare, write_corpus
+
+    corpus = write_corpus(tmp_path / "big.txt", 12)  # one 12 MB line: the old reader grew by 2.3 GB here
+    config = tiny_run_dict(tmp_path)
+    config["model"]["tokenizer"] = str(write_tokenizer_dir(tmp_path / "tok", "gpt2"))
+    config["data"].update(train=str(corpus), val_fraction=0.01)
+    result = run_prepare(write_config_file(tmp_path / "run.json", config), timeout=300)
+    assert result["rc"] == 0
+    assert result["peak_mb"] - result["base_mb"] < PREPARE_RSS_BOUND_MB, result

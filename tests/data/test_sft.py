@@ -195,3 +195,20 @@ def test_tokenized_examples_are_cached_and_reused_until_an_input_changes(tmp_pat
     prepare_sft(cfg, tok, tokenizer_dir=tok_dir)
     assert len(list((tmp_path / "processed").glob("sft-*"))) == 3
     assert not list((tmp_path / "processed").glob(".tmp-*"))
+
+
+def test_temp_dirs_of_a_killed_sft_prepare_are_removed_before_tokenizing_again(tmp_path):
+    import dataclasses
+    import shutil
+
+    tok_dir = write_tokenizer_dir(tmp_path / "tok", style="llama")
+    tok = Tokenizer.from_pretrained(tok_dir)
+    cfg = dataclasses.replace(_data(tmp_path, chat_records(8)), processed_dir=str(tmp_path / "processed"))
+    cache = prepare_sft(cfg, tok, tokenizer_dir=tok_dir).cache_dir
+    shutil.rmtree(cache)
+    for junk in (f".tmp-{cache.name}-dead0001", f".old-{cache.name}-dead0002"):  # left by a kill -9 mid-write
+        (cache.parent / junk).mkdir()
+        (cache.parent / junk / "train.npz").write_bytes(b"PK")
+    again = prepare_sft(cfg, tok, tokenizer_dir=tok_dir)
+    assert not again.reused and again.cache_dir == cache and (cache / "meta.json").is_file()
+    assert sorted(p.name for p in cache.parent.iterdir()) == [cache.name]

@@ -1,6 +1,7 @@
 """engine.data.text: tokenize-once cache, val split, input errors, and the stateless resumable window sampler."""
 import json
 import os
+import shutil
 import sysconfig
 from pathlib import Path
 
@@ -141,6 +142,68 @@ def test_a_crash_mid_prepare_leaves_nothing_that_gets_reused(tmp_path, gpt2, gpt
             prepare(config, gpt2, gpt2_dir, progress=False)
     assert list((tmp_path / "processed").iterdir()) == []  # no half dataset, no temp dir left
     assert not prepare(config, gpt2, gpt2_dir, progress=False).reused
+
+
+def test_temp_dirs_left_by_a_killed_prepare_are_removed_on_the_next_run(tmp_path, gpt2, gpt2_dir):
+    write_docs(tmp_path / "in", DOCS)
+    config = cfg(tmp_path, [tmp_path / "in"])
+    name = prepare(config, gpt2, gpt2_dir, progress=False).dir.name
+    processed = tmp_path / "processed"
+    shutil.rmtree(processed / name)
+    for junk in (f".tmp-{name}-dead0001", f".old-{name}-dead0002"):  # a half-written temp dir, a half old copy
+        (processed / junk).mkdir()
+        (processed / junk / "train.bin").write_bytes(b"\0" * 6)
+    (processed / ".tmp-0123456789abcdef-beef0003").mkdir()  # another cache's, as dead
+    data = prepare(config, gpt2, gpt2_dir, progress=False)
+    assert not data.reused and data.meta["train_docs"] == len(DOCS)
+    assert sorted(p.name for p in processed.iterdir()) == [name]
+
+
+def test_the_temp_dir_of_a_live_preparation_is_left_alone(tmp_path, gpt2, gpt2_dir):
+    import fcntl
+
+    write_docs(tmp_path / "in", DOCS)
+    processed = tmp_path / "processed"
+    (processed / ".tmp-0123456789abcdef-beef0003").mkdir(parents=True)
+    fd = os.open(processed, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # what a process writing that temp dir holds (engine.data.cache)
+        data = prepare(cfg(tmp_path, [tmp_path / "in"]), gpt2, gpt2_dir, progress=False)
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in processed.iterdir()) == [".tmp-0123456789abcdef-beef0003", data.dir.name]
+    prepare(cfg(tmp_path, [tmp_path / "in"]), gpt2, gpt2_dir, progress=False)  # its writer is gone now
+    assert sorted(p.name for p in processed.iterdir()) == [data.dir.name]
+
+
+def test_long_documents_are_tokenized_in_pieces_to_the_ids_of_the_whole(tmp_path, gpt2, gpt2_dir, monkeypatch):
+    from engine.data import text
+
+    long_doc = " ".join(CORPUS * 20) + "\n" + (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()
+    write_docs(tmp_path / "in", [long_doc, "short one", long_doc[:3000]])
+    (tmp_path / "in" / "lines.jsonl").write_text(json.dumps({"text": long_doc}) + "\n")
+    monkeypatch.setattr(text, "PIECE_CHARS", 40)
+    monkeypatch.setattr(text, "CHUNK_CHARS", 500)  # many encode_batch calls, documents spanning them
+    calls = []
+    real = Tokenizer.encode_batch
+    monkeypatch.setattr(Tokenizer, "encode_batch",
+                        lambda self, texts, **k: calls.append(len(texts)) or real(self, texts, **k))
+    data = prepare(cfg(tmp_path, [tmp_path / "in"]), gpt2, gpt2_dir, progress=False)
+    want = [t for d in (long_doc, "short one", long_doc[:3000], long_doc) for t in gpt2.encode(d) + [gpt2.eos_token_id]]
+    assert tokens_of(data.train_path) == want and data.meta["train_docs"] == 4
+    assert len(calls) > 20 and max(calls) > 1  # it was cut and batched, not tokenized whole
+
+
+def test_a_tokenizer_that_cannot_be_cut_gets_whole_documents(tmp_path, monkeypatch):
+    from engine.data import text
+
+    tok_dir = write_tokenizer_dir(tmp_path / "tok", "llama_legacy")  # prepends "▁" to every encode call
+    tok = Tokenizer.from_pretrained(tok_dir)
+    doc = " ".join(CORPUS)
+    write_docs(tmp_path / "in", [doc])
+    monkeypatch.setattr(text, "PIECE_CHARS", 40)
+    data = prepare(cfg(tmp_path, [tmp_path / "in"]), tok, tok_dir, progress=False)
+    assert tokens_of(data.train_path) == tok.encode(doc) + [tok.eos_token_id]
 
 
 # --- validation split --------------------------------------------------------------------------------------------

@@ -265,3 +265,52 @@ def test_incremental_decoder_streams_exactly_the_decoded_text(tmp_path, style):
     pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
     assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True)
     assert all("\ufffd" not in p for p in pieces)
+
+
+# --- the default (minimal ChatML) chat template ------------------------------------------------------------------
+
+
+def test_default_chat_template_renders_and_reloads_identically_in_transformers(tmp_path):
+    from engine.data.tokenizer import DEFAULT_CHAT_TEMPLATE, with_default_chat_template
+
+    for style in ("gpt2", "llama"):
+        bare = Tokenizer.from_pretrained(write_tokenizer_dir(tmp_path / style, style, chat_template=None))
+        ours = with_default_chat_template(bare)
+        assert ours is not bare and not bare.chat_templates  # a copy: the loaded one keeps what its dir says
+        assert ours.chat_templates == {"default": DEFAULT_CHAT_TEMPLATE}
+        saved = ours.save_pretrained(tmp_path / f"{style}-saved")
+        reloaded, hf = Tokenizer.from_pretrained(saved), AutoTokenizer.from_pretrained(str(saved))
+        for gen in (False, True):
+            text = ours.apply_chat_template(CONVERSATION, add_generation_prompt=gen)
+            assert text == reloaded.apply_chat_template(CONVERSATION, add_generation_prompt=gen)
+            assert text == hf.apply_chat_template(CONVERSATION, add_generation_prompt=gen, tokenize=False)
+            assert (ours.apply_chat_template(CONVERSATION, add_generation_prompt=gen, tokenize=True)
+                    == hf(text, add_special_tokens=False)["input_ids"])
+        eos = ours.special_tokens["eos_token"]
+        assert text.startswith(f"<|im_start|>system\nYou are terse.{eos}\n") and text.endswith("<|im_start|>assistant\n")
+
+
+def test_a_tokenizer_with_a_template_or_without_eos_is_left_as_it_is(tmp_path):
+    from engine.data.tokenizer import with_default_chat_template
+
+    own = Tokenizer.from_pretrained(write_tokenizer_dir(tmp_path / "own", "qwen"))
+    assert own.chat_templates and with_default_chat_template(own) is own
+    no_eos = Tokenizer.from_pretrained(write_tokenizer_dir(tmp_path / "noeos", "gpt2", chat_template=None,
+                                                           eos_token=None, bos_token=None, pad_token=None))
+    assert no_eos.eos_token_id is None and with_default_chat_template(no_eos) is no_eos
+
+
+@pytest.mark.parametrize("fmt,template,chats", [("sft", "auto", True), ("sft", "chat", True), ("sft", "plain", False),
+                                                ("text", "auto", False)])
+def test_sft_runs_on_a_tokenizer_without_a_template_get_the_default_one(tmp_path, fmt, template, chats):
+    from engine.config import RunConfig, from_dict
+    from engine.train.run_factory import build_tokenizer
+    from tests.train_fixtures import tiny_run_dict
+
+    run = tiny_run_dict(tmp_path)
+    run["model"]["tokenizer"] = str(write_tokenizer_dir(tmp_path / "tok", "gpt2", chat_template=None))
+    if fmt == "sft":
+        (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": "1+1=", "completion": "2"}) + "\n")
+        run["data"].update(format="sft", train=str(tmp_path / "train.jsonl"), sft={"template": template})
+    tokenizer, _ = build_tokenizer(from_dict(RunConfig, run, where=""), progress=False)
+    assert bool(tokenizer.chat_templates) is chats
