@@ -1,14 +1,18 @@
 """Hugging Face config.json <-> ModelConfig, and the HF <-> native weight-name tables, as data.
 
-Everything a family changes is a row in a table below (see shared/FAMILIES.md); model.py never asks
+Everything a family changes is a row in a table below (see docs/families.md); transformer.py never asks
 which family it is running.
 """
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
 from engine.config import ConfigError, ModelConfig, RopeScaling
+
+logger = logging.getLogger(__name__)
 
 # `architectures[0]` in config.json -> model_type. Anything else is rejected by name.
 ARCHITECTURES = {
@@ -59,8 +63,11 @@ class Stored:
 
     name: str
     transposed: bool = False  # GPT-2's Conv1D keeps weights as [in, out]
-    part: int = 0  # this tensor is slice `part` of `parts` equal slices along the output dim
-    parts: int = 1  # (GPT-2's c_attn holds [q | k | v])
+    # This tensor is slice `part` of the `parts` native tensors fused along the output dim, in part order
+    # (GPT-2's c_attn holds [q | k | v]). Each slice is as long as its native tensor, so the slices may
+    # differ in size (Phi-3's qkv_proj with fewer k/v heads than q heads; gate_up_proj).
+    part: int = 0
+    parts: int = 1
 
 
 def _with_biases(table: dict) -> dict:
@@ -85,6 +92,10 @@ LLAMA_WEIGHTS = _with_biases({
     "layers.{}.mlp.gate_proj.weight": "model.layers.{}.mlp.gate_proj.weight",
     "layers.{}.mlp.up_proj.weight": "model.layers.{}.mlp.up_proj.weight",
     "layers.{}.mlp.down_proj.weight": "model.layers.{}.mlp.down_proj.weight",
+    # Post-norms: no Llama-layout family has them yet; these names (Gemma 2's post_feedforward_layernorm;
+    # its post_attention_layernorm would clash with Llama's pre-MLP norm) let such a model save and reload.
+    "layers.{}.post_attn_norm.weight": "model.layers.{}.post_attn_output_layernorm.weight",
+    "layers.{}.post_mlp_norm.weight": "model.layers.{}.post_feedforward_layernorm.weight",
     "norm.weight": "model.norm.weight",
     "lm_head.weight": "lm_head.weight",
 })
@@ -215,12 +226,39 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     values["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings", model_type in ("gemma", "gpt2")))
     for tok in ("bos_token_id", "eos_token_id", "pad_token_id"):
         values[tok] = hf.get(tok)
+    values.update(_engine_fields(hf, source))
     return ModelConfig(hf_model_type=model_type, extra_hf=dict(hf), **values)
+
+
+# ModelConfig fields (with their defaults) that no supported family's config.json can express yet. A
+# config that sets them (a model trained from scratch) keeps them under ENGINE_KEY so this engine reloads
+# the same model; transformers ignores that key. A family that gains such a layer maps its own keys instead.
+NO_HF_KEY = {"layer_sliding_windows": None, "layer_rope_thetas": None, "layer_rope_scalings": None,
+             "pre_norm": True, "post_attn_norm": False, "post_mlp_norm": False, "mlp_class": "dense"}
+ENGINE_KEY = "engine_layers"
+
+
+def _engine_fields(hf: dict, source: str) -> dict:
+    """The NO_HF_KEY fields a config.json carries under ENGINE_KEY (written by config_to_hf)."""
+    extra = hf.get(ENGINE_KEY)
+    if extra is None:
+        return {}
+    if not isinstance(extra, dict) or set(extra) - set(NO_HF_KEY):
+        raise ConfigError(f"{source}: '{ENGINE_KEY}': expected an object with keys from {', '.join(NO_HF_KEY)}, "
+                          f"got {extra!r}")
+    return dict(extra)
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
     """The config.json for `cfg`: the original file's keys kept, ours written over them."""
     hf = dict(cfg.extra_hf)
+    hf.pop(ENGINE_KEY, None)
+    custom = {f: getattr(cfg, f) for f, default in NO_HF_KEY.items() if getattr(cfg, f) != default}
+    if custom:
+        logger.warning("config.json: %s kept under '%s'; transformers will load a '%s' model without them",
+                       ", ".join(custom), ENGINE_KEY, cfg.hf_model_type)
+        as_json = {f: v for f, v in cfg.to_dict().items() if f in custom}  # tuples/RopeScaling -> lists/objects
+        hf[ENGINE_KEY] = json.loads(json.dumps(as_json))
     for key in ("rope_parameters", "rope_scaling", "rope_theta", "torch_dtype", "dtype", "transformers_version"):
         hf.pop(key, None)
     arch = {v: k for k, v in ARCHITECTURES.items()}[cfg.hf_model_type]

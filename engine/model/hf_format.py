@@ -87,17 +87,17 @@ def _open(path: Path):
         raise WeightsError(f"{path}: not a valid safetensors file, truncated or corrupt ({e})") from None
 
 
-def _read(f, path: Path, name: str, spec: Stored, shape: torch.Size) -> torch.Tensor:
-    """Read one native tensor: the right slice of the stored tensor, transposed back if needed."""
+def _read(f, path: Path, name: str, spec: Stored, shape: torch.Size, offset: int, total: int) -> torch.Tensor:
+    """Read one native tensor of `shape`: output rows [offset, offset + shape[0]) of a stored tensor that
+    fuses `total` rows (the parts' sizes summed; `total == shape[0]` when unfused), transposed back if needed."""
     sl = f.get_slice(name)
-    stored = list(shape[::-1] if spec.transposed else shape)
-    split_dim = len(stored) - 1 if spec.transposed else 0
-    stored[split_dim] *= spec.parts
+    native = [total, *shape[1:]]
+    stored = native[::-1] if spec.transposed else native
     if list(sl.get_shape()) != stored:
         raise WeightsError(f"{path}: tensor '{name}' has shape {list(sl.get_shape())}, expected {stored}")
-    size = stored[split_dim] // spec.parts
+    split_dim = len(stored) - 1 if spec.transposed else 0
     index = [slice(None)] * len(stored)
-    index[split_dim] = slice(spec.part * size, (spec.part + 1) * size)
+    index[split_dim] = slice(offset, offset + shape[0])
     try:
         t = sl[tuple(index)] if spec.parts > 1 else f.get_tensor(name)
     except (SafetensorError, RuntimeError, ValueError) as e:
@@ -149,8 +149,11 @@ def load_weights(model, files: dict[str, Path]) -> None:
         for path, names in by_file.items():
             with _open(path) as f:
                 for name in names:
-                    for spec, param in plan[name]:
-                        param.copy_(_read(f, path, name, spec, param.shape))
+                    parts = sorted(plan[name], key=lambda sp: sp[0].part)  # fused: [part 0 | part 1 | ...]
+                    total, offset = sum(p.shape[0] for _, p in parts), 0
+                    for spec, param in parts:
+                        param.copy_(_read(f, path, name, spec, param.shape, offset, total))
+                        offset += param.shape[0]
         if model.config.tie_word_embeddings and head in present and head not in plan:
             _check_tied_head(files[head], head, model.embed.weight)
 
