@@ -166,3 +166,41 @@ def test_hub_id_resolves_from_the_offline_cache(monkeypatch, tmp_path, hf_checkp
 def test_a_path_that_is_not_a_directory_is_named(tmp_path):
     with pytest.raises(WeightsError, match="not a model directory"):
         Transformer.from_pretrained(tmp_path / "nope" / "x")
+
+
+def _phi3_style_layout():
+    """Llama's table with q/k/v fused into one qkv_proj and gate/up into gate_up_proj (as Phi-3 stores them)."""
+    from engine.model.families import LLAMA_WEIGHTS, Stored, WeightLayout
+
+    table = {k: v for k, v in LLAMA_WEIGHTS.items() if not k.endswith(".bias")}
+    for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+        table[f"layers.{{}}.attn.{name}.weight"] = Stored("model.layers.{}.self_attn.qkv_proj.weight", part=i, parts=3)
+    for i, name in enumerate(("gate_proj", "up_proj")):
+        table[f"layers.{{}}.mlp.{name}.weight"] = Stored("model.layers.{}.mlp.gate_up_proj.weight", part=i, parts=2)
+    return WeightLayout(table)
+
+
+def test_fused_tensors_of_unequal_parts_split_and_fuse_back_exactly(monkeypatch, tmp_path):
+    from engine import ModelConfig
+    from engine.model import families
+    from engine.model.hf_format import hf_state_dict, load_weights, weight_files
+
+    monkeypatch.setitem(families.LAYOUTS, "llama", _phi3_style_layout())
+    cfg = ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=1, head_dim=8,
+                      intermediate_size=40, max_position_embeddings=32)
+    model = Transformer(cfg)
+    tensors = hf_state_dict(model)
+    qkv, a = tensors["model.layers.1.self_attn.qkv_proj.weight"], model.layers[1].attn
+    assert qkv.shape == (32 + 8 + 8, 32)  # q: 4 heads, k and v: 1 head each
+    assert torch.equal(qkv, torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+    assert tensors["model.layers.0.mlp.gate_up_proj.weight"].shape == (80, 32)
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(1)
+    fresh = Transformer(cfg)
+    load_weights(fresh, weight_files(tmp_path))
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(p, q), name
+    _edit_tensors(tmp_path, lambda t: {**t, "model.layers.0.self_attn.qkv_proj.weight": torch.zeros(64, 32)})
+    with pytest.raises(WeightsError, match=r"'model\.layers\.0\.self_attn\.qkv_proj\.weight' has shape \[64, 32\], "
+                                           r"expected \[48, 32\]"):
+        load_weights(fresh, weight_files(tmp_path))
