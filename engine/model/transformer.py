@@ -159,6 +159,15 @@ class Attention(nn.Module):
         y = kernels.attention(q, k, v, mask)  # SDPA; a faster grouped path for bf16 CPU training
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
+    def walk(self, w, x, rope: bool):
+        """forward's ops in order, on the memory planner's symbolic tensors (engine.train.memory_plan)."""
+        q, k, v = w.linear(self.q_proj, x), w.linear(self.k_proj, x), w.linear(self.v_proj, x)
+        if self.q_norm is not None:
+            q, k = w.norm(self.q_norm, q, rows=self.nh), w.norm(self.k_norm, k, rows=self.nkv)
+        if rope:
+            q, k = w.rope(q, k)
+        return w.linear(self.o_proj, w.attention(q, k, v, self.nh))
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -167,12 +176,20 @@ class MLP(nn.Module):
         self.gate_proj = Linear(C, F_, bias=cfg.mlp_bias) if cfg.gated_mlp else None
         self.up_proj = Linear(C, F_, bias=cfg.mlp_bias)
         self.down_proj = Linear(F_, C, bias=cfg.mlp_bias)
+        self.activation = cfg.activation
         self.act = ACTIVATIONS[cfg.activation]
 
     def forward(self, x):
         if self.gate_proj is not None:  # SwiGLU / GeGLU
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(self.act(self.up_proj(x)))
+
+    def walk(self, w, x):
+        """forward's ops in order, on the memory planner's symbolic tensors."""
+        if self.gate_proj is not None:
+            s = w.act(self.activation, w.linear(self.gate_proj, x))
+            return w.linear(self.down_proj, w.mul(s, w.linear(self.up_proj, x)))
+        return w.linear(self.down_proj, w.act(self.activation, w.linear(self.up_proj, x)))
 
 
 MLPS = {"dense": MLP}  # ModelConfig.mlp_class -> the class each Block builds (mixture-of-experts goes here)
@@ -201,6 +218,14 @@ class Block(nn.Module):
         x = x + (h if self.post_attn_norm is None else self.post_attn_norm(h))
         h = self.mlp(x if self.mlp_norm is None else self.mlp_norm(x))
         return x + (h if self.post_mlp_norm is None else self.post_mlp_norm(h))
+
+    def walk(self, w, x):
+        """forward's ops in order, on the memory planner's symbolic tensors: a change to forward changes
+        the plan only if it changes here too, beside it."""
+        h = self.attn.walk(w, x if self.attn_norm is None else w.norm(self.attn_norm, x), self.spec.rope is not None)
+        x = w.add(x, h if self.post_attn_norm is None else w.norm(self.post_attn_norm, h))
+        h = self.mlp.walk(w, x if self.mlp_norm is None else w.norm(self.mlp_norm, x))
+        return w.add(x, h if self.post_mlp_norm is None else w.norm(self.post_mlp_norm, h))
 
 
 class Transformer(nn.Module):
