@@ -13,6 +13,11 @@ from typing import Literal, NamedTuple, Optional
 from engine.config.parsing import ConfigError
 
 
+# Sizes past these are refused before anything is allocated: token ids beyond int32 (tokenizers count
+# in u32; no released model comes near), and more positions than any released context (~10M) by far.
+MAX_VOCAB, MAX_POSITIONS = 2**31, 2**24
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """Context-extension rescaling of RoPE frequencies (`rope_scaling` / `rope_parameters` in HF)."""
@@ -114,6 +119,9 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"model.{name}: expected a positive integer, got {value!r}")
+        for name, limit in (("vocab_size", MAX_VOCAB), ("max_position_embeddings", MAX_POSITIONS)):
+            if getattr(self, name) > limit:
+                raise ConfigError(f"model.{name}: {getattr(self, name)} is more than the supported {limit}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"model.num_heads ({self.num_heads}) must be a multiple of "
                               f"model.num_kv_heads ({self.num_kv_heads})")

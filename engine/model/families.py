@@ -163,6 +163,10 @@ def stored_as(layout: WeightLayout, native_name: str) -> Stored:
 
 def _model_type(hf: dict, source: str) -> str:
     archs = hf.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ConfigError(f"{source}: 'architectures': expected a list of class names, got {json.dumps(archs)}")
+    if "model_type" in hf and not isinstance(hf["model_type"], str):
+        raise ConfigError(f"{source}: 'model_type': expected a string, got {json.dumps(hf['model_type'])}")
     if archs:
         if archs[0] not in ARCHITECTURES:
             raise ConfigError(f"{source}: architecture '{archs[0]}' is not supported; "
@@ -175,9 +179,19 @@ def _model_type(hf: dict, source: str) -> str:
     return model_type
 
 
+REQUIRED_ROPE_KEYS = {"linear": ("factor",),
+                      "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
 def _rope(hf: dict, source: str) -> tuple[float, Optional[RopeScaling]]:
     """Read RoPE settings from either `rope_theta` + `rope_scaling` (transformers 4) or `rope_parameters` (5)."""
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{source}: 'rope_parameters' / 'rope_scaling': expected an object, got {json.dumps(params)}")
+    missing = [k for k in REQUIRED_ROPE_KEYS.get(params.get("rope_type", params.get("type")), ()) if k not in params]
+    if missing:
+        raise ConfigError(f"{source}: rope scaling '{params.get('rope_type', params.get('type'))}' is missing "
+                          f"{', '.join(map(repr, missing))}")
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
     kind = params.get("rope_type", params.get("type", "default"))
     if kind == "default":
@@ -190,11 +204,38 @@ def _rope(hf: dict, source: str) -> tuple[float, Optional[RopeScaling]]:
     raise ConfigError(f"{source}: rope scaling type '{kind}' is not implemented (supported: default, linear, llama3)")
 
 
+# config.json keys whose null means "derive it" (GPT-2's n_inner: 4 * n_embd; head_dim: hidden / heads);
+# any other key given as null is an error, not silently the default.
+NULL_MEANS_DEFAULT = ("num_kv_heads", "head_dim", "intermediate_size")
+
+
+def _checked_values(hf: dict, keys: dict, source: str) -> dict:
+    """ModelConfig field -> value of each present key, type-checked: errors name the file and the key."""
+    values = {}
+    for field, key in keys.items():
+        if key not in hf or (hf[key] is None and field in NULL_MEANS_DEFAULT):
+            continue
+        value = hf[key]
+        if field == "activation":
+            ok, expected = isinstance(value, str), "a string"
+        elif field == "norm_eps":
+            ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, \
+                "a positive number"
+        else:
+            ok, expected = isinstance(value, int) and not isinstance(value, bool) and value > 0, "a positive integer"
+        if not ok:
+            raise ConfigError(f"{source}: '{key}': expected {expected}, got {json.dumps(value)}")
+        values[field] = value
+    return values
+
+
 def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     """Translate a Hugging Face config.json dict into a ModelConfig; `source` names the file in errors."""
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(hf).__name__}")
     model_type = _model_type(hf, source)
     keys = CONFIG_KEYS.get(model_type, LLAMA_KEYS)
-    values = {field: hf[key] for field, key in keys.items() if hf.get(key) is not None}
+    values = _checked_values(hf, keys, source)
     for required in ("vocab_size", "hidden_size", "num_layers", "num_heads"):
         if required not in values:
             raise ConfigError(f"{source}: missing '{keys[required]}'")
@@ -227,7 +268,13 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     for tok in ("bos_token_id", "eos_token_id", "pad_token_id"):
         values[tok] = hf.get(tok)
     values.update(_engine_fields(hf, source))
-    return ModelConfig(hf_model_type=model_type, extra_hf=dict(hf), **values)
+    try:
+        return ModelConfig(hf_model_type=model_type, extra_hf=dict(hf), **values)
+    except ConfigError as e:  # name the file's keys, not our fields
+        message = str(e)
+        for field, key in keys.items():
+            message = message.replace(f"model.{field}:", f"'{key}':").replace(f"model.{field} ", f"'{key}' ")
+        raise ConfigError(f"{source}: {message}") from None
 
 
 # ModelConfig fields (with their defaults) that no supported family's config.json can express yet. A

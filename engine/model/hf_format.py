@@ -56,10 +56,26 @@ def read_config(directory: Path):
     path = directory / "config.json"
     try:
         return config_from_hf(read_json(path, "expected the model's config.json"), source=str(path))
-    except (TypeError, ValueError) as e:
-        if isinstance(e, (WeightsError, ConfigError)):
-            raise
-        raise ConfigError(f"{path}: {e}") from None
+    except (WeightsError, ConfigError):
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError) as e:  # a value of a wrong kind
+        raise ConfigError(f"{path}: {type(e).__name__}: {e}") from None
+
+
+def check_fits(cfg, dtype: torch.dtype, device, source) -> None:
+    """Refuse, before allocating, a model whose parameters alone exceed all the memory of `device`
+    (total RAM for the CPU, total VRAM for a GPU; a model that fits that may still fail to load)."""
+    need = cfg.num_params * torch.empty((), dtype=dtype).element_size()
+    device = torch.device(device)
+    if device.type == "cpu":
+        have, what = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "RAM"
+    elif device.type == "cuda" and torch.cuda.is_available():
+        have, what = torch.cuda.get_device_properties(device).total_memory, f"memory on {device}"
+    else:
+        return
+    if need > have:
+        raise WeightsError(f"{source}: {cfg.num_params:,} parameters need {need / 2**30:,.1f} GiB in {dtype}, more "
+                           f"than this machine's {have / 2**30:,.1f} GiB of {what}")
 
 
 def weight_files(directory: Path) -> dict[str, Path]:
@@ -109,6 +125,7 @@ def load_pretrained(cls, path_or_hub_id, dtype=None, device=None):
     """Build `cls(config)` from an HF directory or hub id and fill it with the stored weights."""
     directory = resolve_model_dir(path_or_hub_id)
     cfg = read_config(directory)
+    check_fits(cfg, dtype or torch.float32, device or "cpu", directory / "config.json")
     files = weight_files(directory)
     with torch.device("meta"):
         model = cls(cfg)

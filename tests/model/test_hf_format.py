@@ -204,3 +204,47 @@ def test_fused_tensors_of_unequal_parts_split_and_fuse_back_exactly(monkeypatch,
     with pytest.raises(WeightsError, match=r"'model\.layers\.0\.self_attn\.qkv_proj\.weight' has shape \[64, 32\], "
                                            r"expected \[48, 32\]"):
         load_weights(fresh, weight_files(tmp_path))
+
+
+def _write_config(directory, value):
+    (directory / "config.json").write_text(json.dumps(value))
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(num_attention_heads=0), r"'num_attention_heads': expected a positive integer, got 0"),
+    (dict(num_key_value_heads=3), r"'num_attention_heads' \(4\) must be a multiple of 'num_key_value_heads' \(3\)"),
+    (dict(rms_norm_eps=None), r"'rms_norm_eps': expected a positive number, got null"),
+    (dict(rms_norm_eps="1e-6"), r"'rms_norm_eps': expected a positive number, got \"1e-6\""),
+    (dict(hidden_size=64.0), r"'hidden_size': expected a positive integer, got 64.0"),
+    (dict(model_type=3), r"'model_type': expected a string, got 3"),
+    (dict(architectures="LlamaForCausalLM"), r"'architectures': expected a list of class names"),
+    (dict(vocab_size=10**12), r"'vocab_size': 1000000000000 is more than the supported 2147483648"),
+    (dict(max_position_embeddings=10**12), r"'max_position_embeddings': 1000000000000 is more than the supported"),
+    (dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}), r"rope scaling 'llama3' is missing 'low_freq_factor'"),
+])
+def test_bad_config_values_get_one_line_errors_naming_file_and_key(llama_dir, change, message):
+    _edit_config(llama_dir, **change)
+    with pytest.raises(ConfigError, match=message) as e:
+        Transformer.from_pretrained(llama_dir)
+    assert str(e.value).startswith(str(llama_dir / "config.json") + ": ") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("value", [[1, 2], "llama", 3, None])
+def test_a_config_json_that_is_not_an_object_is_named(llama_dir, value):
+    _write_config(llama_dir, value)
+    with pytest.raises(ConfigError, match=r"config\.json: expected a JSON object, got") as e:
+        Transformer.from_pretrained(llama_dir)
+    assert "\n" not in str(e.value)
+
+
+def test_a_model_larger_than_this_machines_memory_is_refused_before_allocating(llama_dir):
+    import tracemalloc
+
+    _edit_config(llama_dir, vocab_size=2**31, hidden_size=2**16, intermediate_size=2**16, num_attention_heads=2**9,
+                 num_key_value_heads=2**9, head_dim=128)  # ~10^15 bytes of parameters
+    tracemalloc.start()
+    with pytest.raises(WeightsError, match=r"config\.json: [\d,]+ parameters need [\d,.]+ GiB in torch.float32, "
+                                           r"more than this machine's [\d,.]+ GiB of RAM"):
+        Transformer.from_pretrained(llama_dir)
+    assert tracemalloc.get_traced_memory()[1] < 2**26
+    tracemalloc.stop()
