@@ -203,20 +203,19 @@ def alternatives(mc: ModelConfig, cfg: RunConfig, world_size: int, device: str =
 
 
 def plan_model_config(cfg: RunConfig) -> ModelConfig:
-    """The model's shape with its real vocab size, read without loading any weight (a hub id fetches config.json only)."""
+    """The model's shape with its real vocab size, read without loading any weight."""
     from engine.adapters.lora import check_lora_supported
-    from engine.model.hf_format import read_config
+    from engine.model.hf_format import CONFIG_FILES, TOKENIZER_FILES, read_config, resolve_model_dir
 
     src = cfg.model
-    if src.from_pretrained is not None:
-        mc = read_config(_config_dir(src.from_pretrained))
+    if src.from_pretrained is not None:  # a hub id fetches config.json only, never the weights
+        mc = read_config(resolve_model_dir(src.from_pretrained, allow_patterns=CONFIG_FILES))
     else:
         vocab = src.architecture.get("vocab_size")
         if vocab is None and src.tokenizer is not None:
             from engine.data.tokenizer import Tokenizer
-            from engine.model.hf_format import resolve_model_dir
 
-            vocab = len(Tokenizer.from_pretrained(resolve_model_dir(src.tokenizer)))
+            vocab = len(Tokenizer.from_pretrained(resolve_model_dir(src.tokenizer, allow_patterns=TOKENIZER_FILES)))
         arch = {**src.architecture, "vocab_size": vocab or src.bpe_vocab_size}
         mc = ModelConfig.from_dict(arch, where="model.architecture")
     if cfg.data.seq_len > mc.max_position_embeddings:
@@ -225,24 +224,6 @@ def plan_model_config(cfg: RunConfig) -> ModelConfig:
     if cfg.lora is not None:
         check_lora_supported(mc, cfg.lora)
     return mc
-
-
-def _config_dir(path_or_hub_id: str) -> Path:
-    """A local model dir, or the hub cache dir holding just its config.json (never the weights)."""
-    from engine.model.hf_format import WeightsError, resolve_model_dir
-
-    path = Path(path_or_hub_id).expanduser()
-    if path.is_dir() or path.exists() or str(path_or_hub_id).startswith((".", "/", "~")):
-        return resolve_model_dir(path_or_hub_id)  # its errors name the path
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(str(path_or_hub_id), "config.json", cache_dir=os.environ.get("HF_HUB_CACHE"),
-                                    local_files_only=os.environ.get("HF_HUB_OFFLINE", "").upper() in
-                                    ("1", "ON", "YES", "TRUE"))).parent
-    except Exception as e:  # network, auth, not-found and offline-cache misses all end here
-        raise WeightsError(f"'{path_or_hub_id}' is not a local directory and its config.json could not be "
-                           f"fetched from the Hugging Face hub ({type(e).__name__}: {e})") from None
 
 
 def plan_device(name: str) -> str:

@@ -248,3 +248,66 @@ def test_a_model_larger_than_this_machines_memory_is_refused_before_allocating(l
         Transformer.from_pretrained(llama_dir)
     assert tracemalloc.get_traced_memory()[1] < 2**26
     tracemalloc.stop()
+
+
+# ---------------------------------------------------------------------------- local paths vs hub ids
+
+
+@pytest.fixture
+def no_hub(monkeypatch, tmp_path):
+    """An empty HF cache and a hub endpoint nothing listens on."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+
+
+def _fails_fast(fn, match):
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(WeightsError, match=match) as e:
+        fn()
+    assert time.monotonic() - start < 3 and "\n" not in str(e.value)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("text", ["runs/nope", "./nope", "/no/such/dir", "a/b/c", "~/no-such-model-dir"])
+def test_a_local_looking_path_that_does_not_exist_is_not_found_without_asking_the_hub(no_hub, monkeypatch, tmp_path,
+                                                                                      text):
+    from engine.model.hf_format import resolve_model_dir
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    _fails_fast(lambda: resolve_model_dir(text), r"not found, so not a model directory")
+
+
+def test_a_hub_id_offline_fails_fast_naming_hf_hub_offline(no_hub, monkeypatch):
+    from engine.model.hf_format import resolve_model_dir
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    message = _fails_fast(lambda: resolve_model_dir("HuggingFaceTB/SmolLM2-135M"),
+                          r"'HuggingFaceTB/SmolLM2-135M' is not a local directory and could not be fetched")
+    assert "HF_HUB_OFFLINE=1" in message and "hf download HuggingFaceTB/SmolLM2-135M" in message
+
+
+def test_an_unreachable_hub_fails_fast_without_retries(no_hub):
+    from engine.model.hf_format import CONFIG_FILES, resolve_model_dir
+
+    for patterns in (CONFIG_FILES, ("*.json", "*.safetensors")):  # the planner's config.json and a full load
+        message = _fails_fast(lambda: resolve_model_dir("nobody/no-such-model", allow_patterns=patterns),
+                              r"the hub at http://127.0.0.1:9 is unreachable .*not in the local cache")
+        assert "hf download nobody/no-such-model" in message
+
+
+def test_an_unreachable_hub_falls_back_to_the_cache(no_hub, monkeypatch, tmp_path, hf_checkpoint):
+    src, hf = hf_checkpoint("qwen2")
+    repo = tmp_path / "hub-cache" / "models--acme--tiny"
+    shutil.copytree(src, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    model = Transformer.from_pretrained("acme/tiny")
+    ids = torch.randint(0, 211, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, rtol=0, atol=1e-4)

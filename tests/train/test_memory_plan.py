@@ -211,6 +211,23 @@ def test_bad_world_size_and_device_are_config_errors():
         estimate_memory(mc, cfg, device="tpu")
 
 
+def test_a_hub_id_on_an_unreachable_hub_fails_fast_like_every_cli(monkeypatch, tmp_path):
+    """One resolver (engine.model.hf_format.resolve_model_dir): no retries with backoff (it took 25 s)."""
+    import time
+
+    from engine.model.hf_format import WeightsError
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    raw = run_dict(lora={"rank": 4})
+    raw["model"]["from_pretrained"] = "nobody/no-such-model"
+    start = time.monotonic()
+    with pytest.raises(WeightsError, match="the hub at http://127.0.0.1:9 is unreachable"):
+        plan_model_config(from_dict(RunConfig, raw, where=""))
+    assert time.monotonic() - start < 3
+
+
 def _pretrained_dir(tmp_path) -> Path:
     """A model directory holding config.json alone: the planner never reads weights."""
     d = tmp_path / "model"
