@@ -214,10 +214,13 @@ class Block(nn.Module):
 
     def forward(self, x, rope, mask, cache):
         """x [B, T, C] -> [B, T, C]; rope: this layer's (cos, sin) or None; mask: this layer's (see _mask)."""
-        h = self.attn(x if self.attn_norm is None else self.attn_norm(x), rope, mask, cache, self.index)
-        x = x + (h if self.post_attn_norm is None else self.post_attn_norm(h))
-        h = self.mlp(x if self.mlp_norm is None else self.mlp_norm(x))
-        return x + (h if self.post_mlp_norm is None else self.post_mlp_norm(h))
+        # each submodule read once: nn.Module attribute lookups are a decoding step's Python overhead
+        pre, post = self.attn_norm, self.post_attn_norm
+        h = self.attn(x if pre is None else pre(x), rope, mask, cache, self.index)
+        x = x + (h if post is None else post(h))
+        pre, post = self.mlp_norm, self.post_mlp_norm
+        h = self.mlp(x if pre is None else pre(x))
+        return x + (h if post is None else post(h))
 
     def walk(self, w, x):
         """forward's ops in order, on the memory planner's symbolic tensors: a change to forward changes
@@ -328,7 +331,9 @@ class Transformer(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(position_ids)
         ropes = self._rope(position_ids, x.dtype)
-        masks = {w: self._mask(T, past, attn_mask, input_ids.device, lengths, w) for w in self._windows}
+        masks = {}  # one per distinct window (a plain loop: a comprehension is one more call per step)
+        for w in self._windows:
+            masks[w] = self._mask(T, past, attn_mask, input_ids.device, lengths, w)
         for block in self.layers:
             rope, mask = ropes[block.spec.rope], masks[block.spec.window]
             if self.gradient_checkpointing and self.training:
