@@ -201,8 +201,9 @@ class Block(nn.Module):
     `spec` says what this layer does (ModelConfig.layer_specs()[i]); parts it leaves out are None, not
     Identity modules, so a decoding step pays no call for them."""
 
-    def __init__(self, cfg: ModelConfig, spec: LayerSpec):
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec | int):
         super().__init__()
+        spec = cfg.layer_specs()[spec] if isinstance(spec, int) else spec  # Block(cfg, layer_index) works too
         self.spec, self.index = spec, spec.index
         C = cfg.hidden_size
         self.attn_norm = make_norm(cfg, C, feeds_linear=True) if spec.pre_norm else None

@@ -231,3 +231,21 @@ def test_per_layer_config_survives_save_and_reload(tmp_path):
     ids = torch.randint(0, 97, (1, 12))
     with torch.no_grad():
         assert torch.equal(reloaded(ids), model(ids))
+
+
+def test_per_row_cache_honours_each_layers_window():
+    """Continuous batching: rows of different lengths in one cache, decoded together, each equal to its own run."""
+    from engine.model.transformer import Block
+
+    model = _layered(layer_sliding_windows=(None, 4, 2), layer_rope_thetas=(1e4, 1e6, None))
+    assert Block(model.config, 1).spec == model.layers[1].spec  # a layer index builds the same block
+    a, b = torch.randint(0, 97, (1, 9)), torch.randint(0, 97, (1, 5))
+    with torch.no_grad():
+        cache = model.new_cache(2, 32, per_row=True)
+        model(a, cache=cache.rows(0, 1))
+        model(b, cache=cache.rows(1, 2))
+        cache.pos = 0  # hidden_states reads the longest row
+        steps = torch.randint(0, 97, (2, 6))
+        out = torch.cat([model(steps[:, t:t + 1], cache=cache) for t in range(6)], dim=1)
+        torch.testing.assert_close(out[0], model(torch.cat([a, steps[:1]], 1))[0, 9:], rtol=0, atol=1e-5)
+        torch.testing.assert_close(out[1], model(torch.cat([b, steps[1:]], 1))[0, 5:], rtol=0, atol=1e-5)
