@@ -66,6 +66,11 @@ def test_unsupported_hf_configs_are_named(hf, message):
     (dict(num_kv_heads=3), r"model.num_heads \(4\) must be a multiple of model.num_kv_heads \(3\)"),
     (dict(norm="batchnorm"), "model.norm: expected one of"),
     (dict(head_dim=7), "RoPE needs an even head_dim"),
+    (dict(layer_sliding_windows=(4,)), r"model.layer_sliding_windows: expected a list of 2 entries \(one per layer\)"),
+    (dict(layer_sliding_windows=(4, 0)), r"model.layer_sliding_windows\[1\]: expected a positive integer or null"),
+    (dict(layer_rope_thetas=(1e4, "x")), r"model.layer_rope_thetas\[1\]: expected a positive number or null"),
+    (dict(position="learned", layer_rope_thetas=(1e4, 1e4)), "model.layer_rope_thetas: only for position='rope'"),
+    (dict(mlp_class="moe"), "model.mlp_class: expected one of"),
 ])
 def test_impossible_model_configs_are_rejected(change, message):
     with pytest.raises(ConfigError, match=message):
@@ -79,6 +84,19 @@ def test_from_dict_suggests_the_closest_key_and_round_trips():
         ModelConfig.from_dict({k: v for k, v in TINY.items() if k != "vocab_size"})
     cfg = ModelConfig(**TINY, rope_scaling={"kind": "linear", "factor": 2.0})
     assert ModelConfig.from_dict(json.loads(cfg.to_json())) == cfg
+
+
+def test_per_layer_fields_round_trip_through_json_and_config_json():
+    cfg = ModelConfig(**TINY, layer_sliding_windows=[None, 8], layer_rope_thetas=[1e4, None],
+                      layer_rope_scalings=[{"kind": "linear", "factor": 2.0}, None], post_mlp_norm=True)
+    assert cfg.layer_sliding_windows == (None, 8) and cfg.layer_rope_scalings[0].factor == 2.0
+    assert hash(cfg) == hash(ModelConfig.from_dict(json.loads(cfg.to_json())))
+    assert ModelConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    hf = json.loads(json.dumps(config_to_hf(cfg)))
+    assert set(hf["engine_layers"]) == {"layer_sliding_windows", "layer_rope_thetas", "layer_rope_scalings",
+                                        "post_mlp_norm"}
+    assert config_from_hf(hf) == cfg
+    assert "engine_layers" not in config_to_hf(ModelConfig(**TINY))
 
 
 def test_a_from_scratch_model_saves_a_config_transformers_loads(tmp_path):

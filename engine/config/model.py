@@ -8,9 +8,14 @@ from __future__ import annotations
 import difflib
 import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Literal, Optional
+from typing import Literal, NamedTuple, Optional
 
 from engine.config.parsing import ConfigError
+
+
+# Sizes past these are refused before anything is allocated: token ids beyond int32 (tokenizers count
+# in u32; no released model comes near), and more positions than any released context (~10M) by far.
+MAX_VOCAB, MAX_POSITIONS = 2**31, 2**24
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,40 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+
+
+class LayerRope(NamedTuple):
+    """One layer's RoPE: base and optional rescaling (layers with equal ones share a cos/sin table)."""
+
+    theta: float
+    scaling: Optional[RopeScaling]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What may differ from one block to the next, computed from ModelConfig by `layer_specs()`."""
+
+    index: int
+    window: Optional[int]  # sliding window (a key is visible while q_pos - k_pos < window); None: global
+    rope: Optional[LayerRope]  # None: no RoPE on this layer (learned positions, or SmolLM3's NoPE layers)
+    pre_norm: bool  # norm the block's input before attention and before the MLP
+    post_attn_norm: bool  # norm the attention output before the residual add (Gemma 2/3, OLMo 2)
+    post_mlp_norm: bool  # ... and the MLP output
+    mlp: str  # key of engine.model.transformer.MLPS: which MLP class the block builds
+
+
+def _positive(v, kinds=(int,)) -> bool:
+    return isinstance(v, kinds) and not isinstance(v, bool) and v > 0
+
+
+# Per-layer fields (a tuple of num_layers entries overriding the global value on each layer) and what
+# an entry other than null must be.
+_PER_LAYER_ENTRY = {
+    "layer_sliding_windows": (_positive, "a positive integer"),
+    "layer_rope_thetas": (lambda v: _positive(v, (int, float)), "a positive number"),
+    "layer_rope_scalings": (lambda v: isinstance(v, RopeScaling), "a rope scaling object"),
+}
+PER_LAYER = tuple(_PER_LAYER_ENTRY)
 
 
 @dataclass(frozen=True)
@@ -54,6 +93,15 @@ class ModelConfig:
     position: Literal["rope", "learned"] = "rope"
     rope_theta: float = 10000.0
     rope_scaling: Optional[RopeScaling] = None
+    # per layer (None: every layer takes the global value above; else one entry per layer)
+    layer_sliding_windows: Optional[tuple[Optional[int], ...]] = None  # an entry None: global attention there
+    layer_rope_thetas: Optional[tuple[Optional[float], ...]] = None  # an entry None: no RoPE on that layer
+    layer_rope_scalings: Optional[tuple[Optional[RopeScaling], ...]] = None  # given: explicit (None = unscaled)
+    # block layout
+    pre_norm: bool = True  # False: OLMo 2 norms only the outputs of attention and MLP
+    post_attn_norm: bool = False  # Gemma 2/3, OLMo 2: norm the attention output before the residual add
+    post_mlp_norm: bool = False  # ... and the MLP output
+    mlp_class: Literal["dense"] = "dense"  # engine.model.transformer.MLPS: mixture-of-experts plugs in here
     # embeddings and head
     scale_embeddings: bool = False  # Gemma multiplies token embeddings by sqrt(hidden_size)
     tie_word_embeddings: bool = False
@@ -71,11 +119,14 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"model.{name}: expected a positive integer, got {value!r}")
+        for name, limit in (("vocab_size", MAX_VOCAB), ("max_position_embeddings", MAX_POSITIONS)):
+            if getattr(self, name) > limit:
+                raise ConfigError(f"model.{name}: {getattr(self, name)} is more than the supported {limit}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"model.num_heads ({self.num_heads}) must be a multiple of "
                               f"model.num_kv_heads ({self.num_kv_heads})")
         choices = {"norm": ("rmsnorm", "layernorm"), "activation": ("silu", "gelu_tanh", "gelu", "relu"),
-                   "position": ("rope", "learned")}
+                   "position": ("rope", "learned"), "mlp_class": ("dense",)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name}: expected one of {allowed}, got {getattr(self, name)!r}")
@@ -87,6 +138,40 @@ class ModelConfig:
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        self._check_per_layer()
+
+    def _check_per_layer(self) -> None:
+        """Per-layer tuples: num_layers entries of the right kind (lists and dicts from JSON are converted)."""
+        for name in PER_LAYER:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, (list, tuple)) or len(value) != self.num_layers:
+                raise ConfigError(f"model.{name}: expected a list of {self.num_layers} entries (one per layer), "
+                                  f"got {value!r}")
+            if name == "layer_rope_scalings":
+                value = tuple(RopeScaling(**v) if isinstance(v, dict) else v for v in value)
+            object.__setattr__(self, name, tuple(value))
+            check, expected = _PER_LAYER_ENTRY[name]
+            for i, v in enumerate(getattr(self, name)):
+                if v is not None and not check(v):
+                    raise ConfigError(f"model.{name}[{i}]: expected {expected} or null, got {v!r}")
+            if name != "layer_sliding_windows" and self.position != "rope":
+                raise ConfigError(f"model.{name}: only for position='rope', got position={self.position!r}")
+
+    def layer_specs(self) -> tuple[LayerSpec, ...]:
+        """Each block's LayerSpec: the per-layer fields where given, else the global ones."""
+        specs = []
+        for i in range(self.num_layers):
+            window = self.sliding_window if self.layer_sliding_windows is None else self.layer_sliding_windows[i]
+            rope = None
+            if self.position == "rope":
+                theta = self.rope_theta if self.layer_rope_thetas is None else self.layer_rope_thetas[i]
+                scaling = self.rope_scaling if self.layer_rope_scalings is None else self.layer_rope_scalings[i]
+                rope = None if theta is None else LayerRope(float(theta), scaling)
+            specs.append(LayerSpec(i, window, rope, self.pre_norm, self.post_attn_norm, self.post_mlp_norm,
+                                   self.mlp_class))
+        return tuple(specs)
 
     @property
     def num_params(self) -> int:
@@ -98,7 +183,8 @@ class ModelConfig:
         mlp = C * self.intermediate_size * (3 if self.gated_mlp else 2)
         mlp += (self.intermediate_size * (2 if self.gated_mlp else 1) + C) if self.mlp_bias else 0
         norm = C * (2 if self.norm == "layernorm" else 1)
-        total = self.num_layers * (attn + mlp + 2 * norm) + norm + self.vocab_size * C
+        norms = 2 * self.pre_norm + self.post_attn_norm + self.post_mlp_norm
+        total = self.num_layers * (attn + mlp + norms * norm) + norm + self.vocab_size * C
         total += 0 if self.tie_word_embeddings else self.vocab_size * C
         total += self.max_position_embeddings * C if self.position == "learned" else 0
         return total

@@ -1,14 +1,18 @@
 """Hugging Face config.json <-> ModelConfig, and the HF <-> native weight-name tables, as data.
 
-Everything a family changes is a row in a table below (see shared/FAMILIES.md); model.py never asks
+Everything a family changes is a row in a table below (see docs/families.md); transformer.py never asks
 which family it is running.
 """
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
 from engine.config import ConfigError, ModelConfig, RopeScaling
+
+logger = logging.getLogger(__name__)
 
 # `architectures[0]` in config.json -> model_type. Anything else is rejected by name.
 ARCHITECTURES = {
@@ -59,8 +63,11 @@ class Stored:
 
     name: str
     transposed: bool = False  # GPT-2's Conv1D keeps weights as [in, out]
-    part: int = 0  # this tensor is slice `part` of `parts` equal slices along the output dim
-    parts: int = 1  # (GPT-2's c_attn holds [q | k | v])
+    # This tensor is slice `part` of the `parts` native tensors fused along the output dim, in part order
+    # (GPT-2's c_attn holds [q | k | v]). Each slice is as long as its native tensor, so the slices may
+    # differ in size (Phi-3's qkv_proj with fewer k/v heads than q heads; gate_up_proj).
+    part: int = 0
+    parts: int = 1
 
 
 def _with_biases(table: dict) -> dict:
@@ -85,6 +92,10 @@ LLAMA_WEIGHTS = _with_biases({
     "layers.{}.mlp.gate_proj.weight": "model.layers.{}.mlp.gate_proj.weight",
     "layers.{}.mlp.up_proj.weight": "model.layers.{}.mlp.up_proj.weight",
     "layers.{}.mlp.down_proj.weight": "model.layers.{}.mlp.down_proj.weight",
+    # Post-norms: no Llama-layout family has them yet; these names (Gemma 2's post_feedforward_layernorm;
+    # its post_attention_layernorm would clash with Llama's pre-MLP norm) let such a model save and reload.
+    "layers.{}.post_attn_norm.weight": "model.layers.{}.post_attn_output_layernorm.weight",
+    "layers.{}.post_mlp_norm.weight": "model.layers.{}.post_feedforward_layernorm.weight",
     "norm.weight": "model.norm.weight",
     "lm_head.weight": "lm_head.weight",
 })
@@ -152,6 +163,10 @@ def stored_as(layout: WeightLayout, native_name: str) -> Stored:
 
 def _model_type(hf: dict, source: str) -> str:
     archs = hf.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ConfigError(f"{source}: 'architectures': expected a list of class names, got {json.dumps(archs)}")
+    if "model_type" in hf and not isinstance(hf["model_type"], str):
+        raise ConfigError(f"{source}: 'model_type': expected a string, got {json.dumps(hf['model_type'])}")
     if archs:
         if archs[0] not in ARCHITECTURES:
             raise ConfigError(f"{source}: architecture '{archs[0]}' is not supported; "
@@ -164,9 +179,19 @@ def _model_type(hf: dict, source: str) -> str:
     return model_type
 
 
+REQUIRED_ROPE_KEYS = {"linear": ("factor",),
+                      "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
 def _rope(hf: dict, source: str) -> tuple[float, Optional[RopeScaling]]:
     """Read RoPE settings from either `rope_theta` + `rope_scaling` (transformers 4) or `rope_parameters` (5)."""
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{source}: 'rope_parameters' / 'rope_scaling': expected an object, got {json.dumps(params)}")
+    missing = [k for k in REQUIRED_ROPE_KEYS.get(params.get("rope_type", params.get("type")), ()) if k not in params]
+    if missing:
+        raise ConfigError(f"{source}: rope scaling '{params.get('rope_type', params.get('type'))}' is missing "
+                          f"{', '.join(map(repr, missing))}")
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
     kind = params.get("rope_type", params.get("type", "default"))
     if kind == "default":
@@ -179,11 +204,38 @@ def _rope(hf: dict, source: str) -> tuple[float, Optional[RopeScaling]]:
     raise ConfigError(f"{source}: rope scaling type '{kind}' is not implemented (supported: default, linear, llama3)")
 
 
+# config.json keys whose null means "derive it" (GPT-2's n_inner: 4 * n_embd; head_dim: hidden / heads);
+# any other key given as null is an error, not silently the default.
+NULL_MEANS_DEFAULT = ("num_kv_heads", "head_dim", "intermediate_size")
+
+
+def _checked_values(hf: dict, keys: dict, source: str) -> dict:
+    """ModelConfig field -> value of each present key, type-checked: errors name the file and the key."""
+    values = {}
+    for field, key in keys.items():
+        if key not in hf or (hf[key] is None and field in NULL_MEANS_DEFAULT):
+            continue
+        value = hf[key]
+        if field == "activation":
+            ok, expected = isinstance(value, str), "a string"
+        elif field == "norm_eps":
+            ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, \
+                "a positive number"
+        else:
+            ok, expected = isinstance(value, int) and not isinstance(value, bool) and value > 0, "a positive integer"
+        if not ok:
+            raise ConfigError(f"{source}: '{key}': expected {expected}, got {json.dumps(value)}")
+        values[field] = value
+    return values
+
+
 def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     """Translate a Hugging Face config.json dict into a ModelConfig; `source` names the file in errors."""
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(hf).__name__}")
     model_type = _model_type(hf, source)
     keys = CONFIG_KEYS.get(model_type, LLAMA_KEYS)
-    values = {field: hf[key] for field, key in keys.items() if hf.get(key) is not None}
+    values = _checked_values(hf, keys, source)
     for required in ("vocab_size", "hidden_size", "num_layers", "num_heads"):
         if required not in values:
             raise ConfigError(f"{source}: missing '{keys[required]}'")
@@ -215,12 +267,45 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     values["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings", model_type in ("gemma", "gpt2")))
     for tok in ("bos_token_id", "eos_token_id", "pad_token_id"):
         values[tok] = hf.get(tok)
-    return ModelConfig(hf_model_type=model_type, extra_hf=dict(hf), **values)
+    values.update(_engine_fields(hf, source))
+    try:
+        return ModelConfig(hf_model_type=model_type, extra_hf=dict(hf), **values)
+    except ConfigError as e:  # name the file's keys, not our fields
+        message = str(e)
+        for field, key in keys.items():
+            message = message.replace(f"model.{field}:", f"'{key}':").replace(f"model.{field} ", f"'{key}' ")
+        raise ConfigError(f"{source}: {message}") from None
+
+
+# ModelConfig fields (with their defaults) that no supported family's config.json can express yet. A
+# config that sets them (a model trained from scratch) keeps them under ENGINE_KEY so this engine reloads
+# the same model; transformers ignores that key. A family that gains such a layer maps its own keys instead.
+NO_HF_KEY = {"layer_sliding_windows": None, "layer_rope_thetas": None, "layer_rope_scalings": None,
+             "pre_norm": True, "post_attn_norm": False, "post_mlp_norm": False, "mlp_class": "dense"}
+ENGINE_KEY = "engine_layers"
+
+
+def _engine_fields(hf: dict, source: str) -> dict:
+    """The NO_HF_KEY fields a config.json carries under ENGINE_KEY (written by config_to_hf)."""
+    extra = hf.get(ENGINE_KEY)
+    if extra is None:
+        return {}
+    if not isinstance(extra, dict) or set(extra) - set(NO_HF_KEY):
+        raise ConfigError(f"{source}: '{ENGINE_KEY}': expected an object with keys from {', '.join(NO_HF_KEY)}, "
+                          f"got {extra!r}")
+    return dict(extra)
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
     """The config.json for `cfg`: the original file's keys kept, ours written over them."""
     hf = dict(cfg.extra_hf)
+    hf.pop(ENGINE_KEY, None)
+    custom = {f: getattr(cfg, f) for f, default in NO_HF_KEY.items() if getattr(cfg, f) != default}
+    if custom:
+        logger.warning("config.json: %s kept under '%s'; transformers will load a '%s' model without them",
+                       ", ".join(custom), ENGINE_KEY, cfg.hf_model_type)
+        as_json = {f: v for f, v in cfg.to_dict().items() if f in custom}  # tuples/RopeScaling -> lists/objects
+        hf[ENGINE_KEY] = json.loads(json.dumps(as_json))
     for key in ("rope_parameters", "rope_scaling", "rope_theta", "torch_dtype", "dtype", "transformers_version"):
         hf.pop(key, None)
     arch = {v: k for k, v in ARCHITECTURES.items()}[cfg.hf_model_type]

@@ -6,8 +6,12 @@ tensors in one at a time through `safe_open`, so peak memory is the model plus o
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
 from pathlib import Path
+from typing import Optional
+from urllib.parse import urlsplit
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -17,29 +21,83 @@ from engine.config import ConfigError
 from engine.model.families import Stored, config_from_hf, config_to_hf, stored_as, weight_layout
 
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+logger = logging.getLogger(__name__)
 
 
 class WeightsError(ValueError):
     """A checkpoint file or tensor is missing, corrupt or of the wrong shape; the message names it."""
 
 
-def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> Path:
-    """A local directory as is; anything else is a hub id fetched (or found in the offline cache)."""
+MODEL_FILES = ("*.json", "*.safetensors", "*.jinja")  # what from_pretrained reads (config, weights, tokenizer)
+CONFIG_FILES = ("config.json",)  # what the memory planner reads
+TOKENIZER_FILES = ("*.json", "*.jinja")
+CONNECT_TIMEOUT_S = 5.0  # one connection attempt to the hub before anything else: fail fast, never retry
+
+
+def looks_local(path_or_hub_id: str | os.PathLike) -> bool:
+    """True for what can only be a local path: it exists, starts with '.', '/' or '~', has more than one
+    '/' or a '\\', or its first part exists here (`runs/nope` when ./runs exists). Else it is a hub id."""
+    text = str(path_or_hub_id)
+    path = Path(text).expanduser()
+    return (path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+            or Path(text.split("/", 1)[0]).exists())
+
+
+def resolve_model_dir(path_or_hub_id: str | os.PathLike, allow_patterns=MODEL_FILES) -> Path:
+    """The one resolver of every CLI: a local directory as is (a local-looking path that is not one is an
+    error), else a hub id fetched (files matching `allow_patterns`) or found in the cache."""
     path = Path(path_or_hub_id).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or str(path_or_hub_id).startswith((".", "/", "~")) or str(path_or_hub_id).count("/") > 1:
-        raise WeightsError(f"{path}: not a model directory")
+    if path.exists():
+        raise WeightsError(f"{path}: not a model directory (a file)")
+    if looks_local(path_or_hub_id):
+        raise WeightsError(f"{path}: not found, so not a model directory (a path like this is local, never a "
+                           "Hugging Face hub id)")
+    return _from_hub(str(path_or_hub_id), list(allow_patterns))
+
+
+def _hub_unreachable(endpoint: str) -> Optional[str]:
+    """Why the hub endpoint cannot be reached (one TCP connection, CONNECT_TIMEOUT_S), or None. Skipped
+    behind a proxy, which only the HTTP client knows how to use."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                       "all_proxy")):
+        return None
+    url = urlsplit(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _from_hub(hub_id: str, allow_patterns: list) -> Path:
     from huggingface_hub import snapshot_download
 
     # huggingface_hub reads these once at import; read them per call so a script can set them late.
     offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    kwargs = dict(allow_patterns=allow_patterns, cache_dir=os.environ.get("HF_HUB_CACHE"), endpoint=endpoint)
+    download = f"download it first while online (`hf download {hub_id}`), or pass a local directory"
+    why = None if offline else _hub_unreachable(endpoint)
+    if offline or why:  # the cache only: huggingface_hub would retry an unreachable hub with backoff
+        try:
+            found = Path(snapshot_download(hub_id, local_files_only=True, **kwargs))
+        except Exception:  # not cached (or cached incompletely)
+            reason = "HF_HUB_OFFLINE=1 is set" if offline else f"the hub at {endpoint} is unreachable ({why})"
+            raise WeightsError(f"'{hub_id}' is not a local directory and could not be fetched from the Hugging Face "
+                               f"hub: {reason} and it is not in the local cache; {download}") from None
+        if why:
+            logger.warning("the Hugging Face hub at %s is unreachable (%s): using the cached '%s'", endpoint, why,
+                           hub_id)
+        return found
     try:
-        return Path(snapshot_download(str(path_or_hub_id), allow_patterns=["*.json", "*.safetensors", "*.jinja"],
-                                      cache_dir=os.environ.get("HF_HUB_CACHE"), local_files_only=offline))
-    except Exception as e:  # network, auth, not-found and offline-cache misses all end here
-        raise WeightsError(f"'{path_or_hub_id}' is not a local directory and could not be fetched from the "
-                           f"Hugging Face hub ({type(e).__name__}: {e})") from None
+        return Path(snapshot_download(hub_id, **kwargs))
+    except Exception as e:  # auth, not-found, network errors after the first connection
+        raise WeightsError(f"'{hub_id}' is not a local directory and could not be fetched from the Hugging Face hub "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); set HF_HUB_OFFLINE=1 "
+                           f"to use the local cache, or pass a local directory") from None
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -56,10 +114,26 @@ def read_config(directory: Path):
     path = directory / "config.json"
     try:
         return config_from_hf(read_json(path, "expected the model's config.json"), source=str(path))
-    except (TypeError, ValueError) as e:
-        if isinstance(e, (WeightsError, ConfigError)):
-            raise
-        raise ConfigError(f"{path}: {e}") from None
+    except (WeightsError, ConfigError):
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError) as e:  # a value of a wrong kind
+        raise ConfigError(f"{path}: {type(e).__name__}: {e}") from None
+
+
+def check_fits(cfg, dtype: torch.dtype, device, source) -> None:
+    """Refuse, before allocating, a model whose parameters alone exceed all the memory of `device`
+    (total RAM for the CPU, total VRAM for a GPU; a model that fits that may still fail to load)."""
+    need = cfg.num_params * torch.empty((), dtype=dtype).element_size()
+    device = torch.device(device)
+    if device.type == "cpu":
+        have, what = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "RAM"
+    elif device.type == "cuda" and torch.cuda.is_available():
+        have, what = torch.cuda.get_device_properties(device).total_memory, f"memory on {device}"
+    else:
+        return
+    if need > have:
+        raise WeightsError(f"{source}: {cfg.num_params:,} parameters need {need / 2**30:,.1f} GiB in {dtype}, more "
+                           f"than this machine's {have / 2**30:,.1f} GiB of {what}")
 
 
 def weight_files(directory: Path) -> dict[str, Path]:
@@ -87,17 +161,17 @@ def _open(path: Path):
         raise WeightsError(f"{path}: not a valid safetensors file, truncated or corrupt ({e})") from None
 
 
-def _read(f, path: Path, name: str, spec: Stored, shape: torch.Size) -> torch.Tensor:
-    """Read one native tensor: the right slice of the stored tensor, transposed back if needed."""
+def _read(f, path: Path, name: str, spec: Stored, shape: torch.Size, offset: int, total: int) -> torch.Tensor:
+    """Read one native tensor of `shape`: output rows [offset, offset + shape[0]) of a stored tensor that
+    fuses `total` rows (the parts' sizes summed; `total == shape[0]` when unfused), transposed back if needed."""
     sl = f.get_slice(name)
-    stored = list(shape[::-1] if spec.transposed else shape)
-    split_dim = len(stored) - 1 if spec.transposed else 0
-    stored[split_dim] *= spec.parts
+    native = [total, *shape[1:]]
+    stored = native[::-1] if spec.transposed else native
     if list(sl.get_shape()) != stored:
         raise WeightsError(f"{path}: tensor '{name}' has shape {list(sl.get_shape())}, expected {stored}")
-    size = stored[split_dim] // spec.parts
+    split_dim = len(stored) - 1 if spec.transposed else 0
     index = [slice(None)] * len(stored)
-    index[split_dim] = slice(spec.part * size, (spec.part + 1) * size)
+    index[split_dim] = slice(offset, offset + shape[0])
     try:
         t = sl[tuple(index)] if spec.parts > 1 else f.get_tensor(name)
     except (SafetensorError, RuntimeError, ValueError) as e:
@@ -109,6 +183,7 @@ def load_pretrained(cls, path_or_hub_id, dtype=None, device=None):
     """Build `cls(config)` from an HF directory or hub id and fill it with the stored weights."""
     directory = resolve_model_dir(path_or_hub_id)
     cfg = read_config(directory)
+    check_fits(cfg, dtype or torch.float32, device or "cpu", directory / "config.json")
     files = weight_files(directory)
     with torch.device("meta"):
         model = cls(cfg)
@@ -149,8 +224,11 @@ def load_weights(model, files: dict[str, Path]) -> None:
         for path, names in by_file.items():
             with _open(path) as f:
                 for name in names:
-                    for spec, param in plan[name]:
-                        param.copy_(_read(f, path, name, spec, param.shape))
+                    parts = sorted(plan[name], key=lambda sp: sp[0].part)  # fused: [part 0 | part 1 | ...]
+                    total, offset = sum(p.shape[0] for _, p in parts), 0
+                    for spec, param in parts:
+                        param.copy_(_read(f, path, name, spec, param.shape, offset, total))
+                        offset += param.shape[0]
         if model.config.tie_word_embeddings and head in present and head not in plan:
             _check_tied_head(files[head], head, model.embed.weight)
 

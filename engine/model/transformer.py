@@ -4,7 +4,10 @@ B = batch, T = time (new tokens), S = keys visible (cached + new), C = hidden_si
 nh = query heads, nkv = key/value heads, hd = head_dim, V = vocab_size.
 
 Every family (Llama, Mistral, Qwen2/3, Gemma, GPT-2) is this one module with different ModelConfig
-fields; engine.model.families maps their weight names onto ours.
+fields; engine.model.families maps their weight names onto ours. What may change from layer to layer
+(sliding window, RoPE base and scaling or none, post-norms, the MLP class) reaches each Block as its
+LayerSpec (ModelConfig.layer_specs()); layers that share a RoPE share its cos/sin table, and layers that
+share a window share its mask.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 import kernels
 
-from engine.config import ModelConfig
+from engine.config import LayerSpec, ModelConfig, RopeScaling
 
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": partial(F.gelu, approximate="tanh"), "gelu": F.gelu, "relu": F.relu}
 
@@ -62,11 +65,9 @@ def make_norm(cfg: ModelConfig, dim: int, feeds_linear: bool = False) -> nn.Modu
     return RMSNorm(dim, cfg.norm_eps, cfg.norm_weight_offset, feeds_linear)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Per-pair rotation frequencies [hd/2] in fp32, rescaled for long context when the config asks."""
-    hd = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
-    s = cfg.rope_scaling
+def rope_inv_freq(hd: int, theta: float, s: Optional[RopeScaling]) -> torch.Tensor:
+    """Per-pair rotation frequencies [hd/2] in fp32 for base `theta`, rescaled for long context by `s`."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
     if s is None:
         return inv_freq
     if s.kind == "linear":
@@ -158,6 +159,15 @@ class Attention(nn.Module):
         y = kernels.attention(q, k, v, mask)  # SDPA; a faster grouped path for bf16 CPU training
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
+    def walk(self, w, x, rope: bool):
+        """forward's ops in order, on the memory planner's symbolic tensors (engine.train.memory_plan)."""
+        q, k, v = w.linear(self.q_proj, x), w.linear(self.k_proj, x), w.linear(self.v_proj, x)
+        if self.q_norm is not None:
+            q, k = w.norm(self.q_norm, q, rows=self.nh), w.norm(self.k_norm, k, rows=self.nkv)
+        if rope:
+            q, k = w.rope(q, k)
+        return w.linear(self.o_proj, w.attention(q, k, v, self.nh))
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -166,6 +176,7 @@ class MLP(nn.Module):
         self.gate_proj = Linear(C, F_, bias=cfg.mlp_bias) if cfg.gated_mlp else None
         self.up_proj = Linear(C, F_, bias=cfg.mlp_bias)
         self.down_proj = Linear(F_, C, bias=cfg.mlp_bias)
+        self.activation = cfg.activation
         self.act = ACTIVATIONS[cfg.activation]
 
     def forward(self, x):
@@ -173,18 +184,52 @@ class MLP(nn.Module):
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(self.act(self.up_proj(x)))
 
+    def walk(self, w, x):
+        """forward's ops in order, on the memory planner's symbolic tensors."""
+        if self.gate_proj is not None:
+            s = w.act(self.activation, w.linear(self.gate_proj, x))
+            return w.linear(self.down_proj, w.mul(s, w.linear(self.up_proj, x)))
+        return w.linear(self.down_proj, w.act(self.activation, w.linear(self.up_proj, x)))
+
+
+MLPS = {"dense": MLP}  # ModelConfig.mlp_class -> the class each Block builds (mixture-of-experts goes here)
+
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.attn_norm = make_norm(cfg, cfg.hidden_size, feeds_linear=True)
-        self.attn = Attention(cfg)
-        self.mlp_norm = make_norm(cfg, cfg.hidden_size, feeds_linear=True)
-        self.mlp = MLP(cfg)
+    """One layer: x + [post_attn_norm](attn([attn_norm](x))), then the same around the MLP.
 
-    def forward(self, x, rope, mask, cache, layer):
-        x = x + self.attn(self.attn_norm(x), rope, mask, cache, layer)
-        return x + self.mlp(self.mlp_norm(x))
+    `spec` says what this layer does (ModelConfig.layer_specs()[i]); parts it leaves out are None, not
+    Identity modules, so a decoding step pays no call for them."""
+
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec | int):
+        super().__init__()
+        spec = cfg.layer_specs()[spec] if isinstance(spec, int) else spec  # Block(cfg, layer_index) works too
+        self.spec, self.index = spec, spec.index
+        C = cfg.hidden_size
+        self.attn_norm = make_norm(cfg, C, feeds_linear=True) if spec.pre_norm else None
+        self.attn = Attention(cfg)
+        self.post_attn_norm = make_norm(cfg, C) if spec.post_attn_norm else None
+        self.mlp_norm = make_norm(cfg, C, feeds_linear=True) if spec.pre_norm else None
+        self.mlp = MLPS[spec.mlp](cfg)
+        self.post_mlp_norm = make_norm(cfg, C) if spec.post_mlp_norm else None
+
+    def forward(self, x, rope, mask, cache):
+        """x [B, T, C] -> [B, T, C]; rope: this layer's (cos, sin) or None; mask: this layer's (see _mask)."""
+        # each submodule read once: nn.Module attribute lookups are a decoding step's Python overhead
+        pre, post = self.attn_norm, self.post_attn_norm
+        h = self.attn(x if pre is None else pre(x), rope, mask, cache, self.index)
+        x = x + (h if post is None else post(h))
+        pre, post = self.mlp_norm, self.post_mlp_norm
+        h = self.mlp(x if pre is None else pre(x))
+        return x + (h if post is None else post(h))
+
+    def walk(self, w, x):
+        """forward's ops in order, on the memory planner's symbolic tensors: a change to forward changes
+        the plan only if it changes here too, beside it."""
+        h = self.attn.walk(w, x if self.attn_norm is None else w.norm(self.attn_norm, x), self.spec.rope is not None)
+        x = w.add(x, h if self.post_attn_norm is None else w.norm(self.post_attn_norm, h))
+        h = self.mlp.walk(w, x if self.mlp_norm is None else w.norm(self.mlp_norm, x))
+        return w.add(x, h if self.post_mlp_norm is None else w.norm(self.post_mlp_norm, h))
 
 
 class Transformer(nn.Module):
@@ -195,12 +240,14 @@ class Transformer(nn.Module):
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.pos_embed = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size) if cfg.position == "learned" else None
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Block(cfg, spec) for spec in cfg.layer_specs())
+        self._ropes = tuple(dict.fromkeys(b.spec.rope for b in self.layers if b.spec.rope is not None))
+        self._windows = tuple(dict.fromkeys(b.spec.window for b in self.layers))
         self.norm = make_norm(cfg, cfg.hidden_size)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.gradient_checkpointing = False  # recompute each block in backward to save activation memory
-        self._rope_cache: dict = {}  # device -> (cos, sin) [max_pos, hd] in fp32; kept out of .to(dtype)
+        self._rope_cache: dict = {}  # (device, LayerRope) -> (cos, sin) [max_pos, hd] fp32; kept out of .to(dtype)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -225,25 +272,28 @@ class Transformer(nn.Module):
         self._rope_cache = {}
 
     # ------------------------------------------------------------------ forward
-    def _rope(self, position_ids, dtype):
-        if self.config.position != "rope":
-            return None
-        device = position_ids.device
-        if device not in self._rope_cache:
-            t = torch.arange(self.config.max_position_embeddings, device=device, dtype=torch.float32)
-            freqs = torch.outer(t, rope_inv_freq(self.config).to(device))
-            emb = torch.cat((freqs, freqs), dim=-1)  # [max_pos, hd]
-            self._rope_cache[device] = (emb.cos(), emb.sin())
-        cos, sin = self._rope_cache[device]
-        return cos[position_ids].to(dtype), sin[position_ids].to(dtype)  # (B|1, T, hd)
+    def _rope(self, position_ids, dtype) -> dict:
+        """LayerRope -> (cos, sin) (B|1, T, hd) of `position_ids`, for every distinct RoPE of the layers."""
+        device, out = position_ids.device, {}
+        for rope in self._ropes:
+            key = (device, rope)
+            if key not in self._rope_cache:
+                t = torch.arange(self.config.max_position_embeddings, device=device, dtype=torch.float32)
+                freqs = torch.outer(t, rope_inv_freq(self.config.head_dim, *rope).to(device))
+                emb = torch.cat((freqs, freqs), dim=-1)  # [max_pos, hd]
+                self._rope_cache[key] = (emb.cos(), emb.sin())
+            cos, sin = self._rope_cache[key]
+            out[rope] = cos[position_ids].to(dtype), sin[position_ids].to(dtype)
+        out[None] = None  # layers without RoPE
+        return out
 
-    def _mask(self, T: int, past: int, attn_mask, device, lengths=None):
+    def _mask(self, T: int, past: int, attn_mask, device, lengths=None, window: Optional[int] = None):
         """A bool mask (True = attend) of shape broadcastable to (B, nh, T, S), or None for plain causal.
 
         lengths [B] (a per-row cache): row b's queries sit at slots lengths[b] + arange(T), so the slots
         past them, padding up to the longest row, are masked too.
         """
-        S, window = past + T, self.config.sliding_window
+        S = past + T
         needs_window = window is not None and S > window
         if attn_mask is None and lengths is None and (past == 0 or T == 1) and not needs_window:
             return None
@@ -281,13 +331,16 @@ class Transformer(nn.Module):
             x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
         if self.pos_embed is not None:
             x = x + self.pos_embed(position_ids)
-        rope = self._rope(position_ids, x.dtype)
-        mask = self._mask(T, past, attn_mask, input_ids.device, lengths)
-        for i, block in enumerate(self.layers):
+        ropes = self._rope(position_ids, x.dtype)
+        masks = {}  # one per distinct window (a plain loop: a comprehension is one more call per step)
+        for w in self._windows:
+            masks[w] = self._mask(T, past, attn_mask, input_ids.device, lengths, w)
+        for block in self.layers:
+            rope, mask = ropes[block.spec.rope], masks[block.spec.window]
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, rope, mask, cache, i, use_reentrant=False)
+                x = checkpoint(block, x, rope, mask, cache, use_reentrant=False)
             else:
-                x = block(x, rope, mask, cache, i)
+                x = block(x, rope, mask, cache)
         if cache is not None:
             cache.advance(T)
         return self.norm(x)

@@ -9,13 +9,10 @@ V = vocab_size, L = num_layers. Per rank:
       backward end    every gradient + the first layer's activations (the others are freed by then)
 
 Gradients appear while activations are freed, so the peak is below the sum of the rows. Activations
-are counted by walking engine/model/transformer.py's Block as autograd records it: each op saves only what its
-backward needs given which inputs require grad (a matmul keeps its input only when its weight trains),
-in the dtype it has (under autocast every Linear casts its fp32 input to bf16 on its own, and that
-copy is what is saved). What the kernels keep is modelled on kernels/: attention saves q, k, v and
-the output (SDPA), or also the [T, T] probabilities (kernels/grouped_attention.py: bf16 training on CPU); the
-fused LM-head loss holds one chunk of logits (kept across steps on CPU) and computes the head's
-gradient during forward. tests/train/test_memory_plan.py holds the estimate to the measured peak of real steps.
+are counted by walking the model's own blocks, layer by layer (engine/train/activation_bytes.py: the
+ops are Block.walk's, the kernel paths are asked of kernels); the fused LM-head loss holds one chunk of
+logits (kernels' chunk size; kept across steps on CPU) and computes the head's gradient during forward.
+tests/train/test_memory_plan.py holds the estimate to the measured peak of real steps.
 """
 from __future__ import annotations
 
@@ -26,9 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from engine.config import ConfigError, LoraConfig, ModelConfig, RunConfig
-
-FP32, HALF = 4, 2  # bytes per element
-LOGITS_CHUNK_BYTES = 1 << 27  # kernels/fused_linear_ce.py: logits per chunk of the fused LM-head loss
+from engine.train.activation_bytes import FP32, HALF, KernelPaths, logits_chunk_rows, walk_layers
 
 
 @dataclass(frozen=True)
@@ -47,170 +42,6 @@ class MemoryPlan:
     world_size: int
     strategy: str  # "single process", "ddp" or "fsdp"
     device: str  # "cpu" or "cuda": the kernels keep different things on each
-
-
-# ---------------------------------------------------------------------------- activations
-
-
-class _T:
-    """A tensor, per token: `n` elements of `b` bytes; `rg`: requires grad."""
-
-    def __init__(self, n: int, b: int, rg: bool):
-        self.n, self.b, self.rg = n, b, rg
-
-
-class _BlockWalk:
-    """Mirrors Block.forward (engine/model/transformer.py) op by op, adding up what autograd saves per token."""
-
-    def __init__(self, mc: ModelConfig, seq_len: int, amp: bool, param_bytes: int, full: bool,
-                 lora: Optional[LoraConfig], kernels: "_Kernels"):
-        self.mc, self.T, self.amp, self.param_bytes, self.full = mc, seq_len, amp, param_bytes, full
-        self.compute = HALF if amp else param_bytes  # dtype of matmul outputs
-        self.targets, self.rank = (set(lora.targets), lora.rank) if lora else (set(), 0)
-        self.kernels = kernels
-        self.saved_ids: dict[int, _T] = {}  # a tensor saved by several ops counts once
-        self.saved = 0  # bytes per token
-        self.weight_copies = 0  # bytes of bf16 weight casts autocast keeps for backward
-
-    def save(self, *tensors: _T) -> None:
-        for t in tensors:
-            if id(t) not in self.saved_ids:
-                self.saved_ids[id(t)] = t
-                self.saved += t.n * t.b
-
-    @staticmethod
-    def cast(x: _T, b: int) -> _T:
-        return x if x.b == b else _T(x.n, b, x.rg)
-
-    def linear(self, x: _T, n_in: int, n_out: int, name: str) -> _T:
-        xin = self.cast(x, self.compute)  # autocast casts the input again for every Linear
-        if self.full:  # grad of the weight needs the input
-            self.save(xin)
-        if self.amp and self.param_bytes != HALF and (self.full or x.rg):  # grad of x needs the (cast) weight
-            self.weight_copies += HALF * n_in * n_out
-        if name not in self.targets:
-            return _T(n_out, self.compute, x.rg or self.full)
-        adapter = HALF if self.amp else FP32  # adapters are fp32 parameters
-        self.save(self.cast(x, adapter), _T(self.rank, adapter, True))  # inputs of lora_A and lora_B
-        if self.amp:
-            self.weight_copies += HALF * self.rank * (n_in + n_out)
-        return _T(n_out, self.compute, True)
-
-    def norm(self, x: _T, rows: int = 1, offset: float = 0.0, feeds_linear: bool = False) -> _T:
-        """RMSNorm (normalized in fp32) or LayerNorm over the last dim; `rows` normalized rows per token.
-
-        feeds_linear: under autocast the output is written in bf16, once for all the Linears reading it."""
-        if self.mc.norm == "layernorm":
-            out = _T(x.n, x.b, x.rg or self.full)
-            if out.rg:
-                self.save(x, _T(2 * rows, FP32, False))  # input, mean and rstd
-            return out
-        natural = x.b if offset else max(x.b, self.param_bytes)
-        out = _T(x.n, HALF if feeds_linear and self.amp else natural, x.rg or self.full)
-        if self.kernels.fused_norm_rope and out.b in (FP32, HALF) and out.rg:  # x and 1/rms; backward recomputes
-            self.save(x, _T(rows, FP32, False))
-            return out
-        if x.rg:
-            self.save(self.cast(x, FP32), _T(rows, FP32, False))  # x (fp32) and 1/rms(x)
-        if self.full:  # weight * normalized: the weight's grad needs the normalized input
-            self.save(_T(x.n, FP32 if offset else x.b, True))
-        return out
-
-    def attention(self, x: _T) -> _T:
-        mc = self.mc
-        q_dim, kv_dim = mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim
-        q = self.linear(x, mc.hidden_size, q_dim, "q_proj")
-        k = self.linear(x, mc.hidden_size, kv_dim, "k_proj")
-        v = self.linear(x, mc.hidden_size, kv_dim, "v_proj")
-        if mc.qk_norm:
-            q, k = self.norm(q, mc.num_heads), self.norm(k, mc.num_kv_heads)
-        if mc.position == "rope":  # saves only the cos/sin tables; writes the autocast dtype (else the wider one)
-            b = HALF if self.amp else max(q.b, self.param_bytes)
-            q, k = _T(q.n, b, q.rg), _T(k.n, b, k.rg)
-        b = HALF if self.amp else q.b  # kernels.attention casts q, k, v to the autocast dtype
-        q, k, v = self.cast(q, b), self.cast(k, b), self.cast(v, b)
-        rg = q.rg or k.rg or v.rg
-        y = _T(q_dim, b, rg)
-        if rg and self.kernels.probs_attention(b):  # q, k, a [B*nkv, T, hd] copy of v, the [T, T] probabilities
-            self.save(q, k, _T(kv_dim, b, True), _T(mc.num_heads * self.T, b, True))
-        elif rg:  # SDPA (flash / memory-efficient): q, k, v, output and logsumexp; no T x T matrix
-            self.save(q, k, v, y, _T(mc.num_heads, FP32, False))
-        # o_proj reads y as [B, T, nh * hd]: a view when y is laid out like that (SDPA follows q's layout,
-        # and only the fused RoPE writes q as [B, nh, T, hd]); else a copy
-        view = not self.kernels.probs_attention(b) and not (mc.position == "rope" and self.kernels.fused_norm_rope)
-        return self.linear(y if view else _T(q_dim, b, rg), q_dim, mc.hidden_size, "o_proj")
-
-    def mlp(self, x: _T) -> _T:
-        C, F = self.mc.hidden_size, self.mc.intermediate_size
-        relu = self.mc.activation == "relu"  # relu's backward reads its output, the others their input
-        if not self.mc.gated_mlp:
-            u = self.linear(x, C, F, "up_proj")
-            s = _T(F, u.b, u.rg)
-            if u.rg:
-                self.save(s if relu else u)
-            return self.linear(s, F, C, "down_proj")
-        g = self.linear(x, C, F, "gate_proj")
-        s = _T(F, g.b, g.rg)
-        if g.rg:
-            self.save(s if relu else g)
-        u = self.linear(x, C, F, "up_proj")
-        if u.rg:  # s * u: each factor is saved for the other's grad
-            self.save(s)
-        if s.rg:
-            self.save(u)
-        p = _T(F, max(s.b, u.b), s.rg or u.rg)
-        return self.linear(p, F, C, "down_proj")
-
-    def block(self, x: _T) -> _T:
-        offset = self.mc.norm_weight_offset
-        attn = self.attention(self.norm(x, offset=offset, feeds_linear=True))
-        h = _T(x.n, max(x.b, attn.b), x.rg or attn.rg)  # the residual keeps the wider dtype
-        mlp = self.mlp(self.norm(h, offset=offset, feeds_linear=True))
-        return _T(h.n, max(h.b, mlp.b), h.rg or mlp.rg)
-
-
-@dataclass(frozen=True)
-class _Kernels:
-    """Which kernels.* implementations a training step takes (kernels/__init__.py decides the same way)."""
-
-    fused_norm_rope: bool  # CPU training with the compiled module: RMSNorm saves x and 1/rms only
-    grouped_attention: bool  # CPU training (not ENGINE_KERNELS=torch): bf16 attention keeps its probabilities
-
-    def probs_attention(self, b: int) -> bool:
-        return self.grouped_attention and b == HALF
-
-    @staticmethod
-    def for_device(device: str) -> "_Kernels":
-        import kernels
-
-        info = kernels.info()
-        cpu = device == "cpu"
-        return _Kernels(fused_norm_rope=cpu and info["native"], grouped_attention=cpu and info["env"] != "torch")
-
-
-@dataclass(frozen=True)
-class _Activations:
-    first_layer: int  # bytes per token saved by layer 0 (with LoRA its input needs no grad)
-    layer: int  # bytes per token saved by each later layer
-    final: int  # bytes per token saved outside the layers (final norm, token ids)
-    layer_input: int  # bytes per token of a layer's input (all that activation checkpointing keeps)
-    first_layer_weight_copies: int  # bytes of autocast bf16 weight copies kept by layer 0
-    layer_weight_copies: int  # ... and by each later layer
-    head_bytes: int  # dtype of the hidden states entering the LM-head loss
-
-
-def _walk(mc: ModelConfig, seq_len: int, amp: bool, param_bytes: int, full: bool, lora,
-          kernels: _Kernels) -> _Activations:
-    walk = _BlockWalk(mc, seq_len, amp, param_bytes, full, lora, kernels)
-    x0 = _T(mc.hidden_size, param_bytes, full)  # embedding output: needs grad only if the embedding trains
-    x1 = walk.block(x0)
-    first, first_copies = walk.saved, walk.weight_copies
-    x2 = walk.block(x1)
-    layer = walk.saved - first
-    walk.norm(x2, offset=mc.norm_weight_offset)
-    final = walk.saved - first - layer + (8 if full else 0)  # + int64 token ids for the embedding's grad
-    return _Activations(first, layer, final, x1.b * x1.n, first_copies, walk.weight_copies - first_copies,
-                        HALF if amp else x2.b)
 
 
 # ---------------------------------------------------------------------------- parameters
@@ -253,31 +84,32 @@ class _StepBytes:
     probs_attention: bool
 
 
-def _step_activations(mc: ModelConfig, cfg: RunConfig, amp: bool, param_bytes: int, kernels: _Kernels) -> _StepBytes:
-    full, t, L = cfg.lora is None, cfg.train, mc.num_layers
+def _step_activations(mc: ModelConfig, cfg: RunConfig, amp: bool, param_bytes: int, kernels: KernelPaths) -> _StepBytes:
+    full, t, specs = cfg.lora is None, cfg.train, mc.layer_specs()
     B, T = t.batch_size, cfg.data.seq_len
     N = B * T
-    probs_attention = kernels.probs_attention(HALF if amp else param_bytes)
-    act = _walk(mc, T, amp, param_bytes, full, cfg.lora, kernels)
-    # SFT rows carry a [B, 1, T, T] mask, sliding windows a [T, T] one; SDPA keeps a float copy per layer.
-    window = mc.sliding_window is not None and T > mc.sliding_window
-    mask = 0 if probs_attention else (B * T * T if cfg.data.format == "sft" else T * T if window else 0)
-    mask *= HALF if amp else param_bytes
-    # RoPE's cos/sin [B|1, T, hd] fp32 are shared by the layers, except that the fused kernel takes an
-    # fp32 copy of bf16 tables (a bf16 base) in every layer.
-    rope = 0
-    if mc.position == "rope":
-        rope = 2 * mc.head_dim * FP32 * (N if cfg.data.format == "sft" else T)
-        rope *= L if kernels.fused_norm_rope and param_bytes != FP32 else 1
-    copies = act.first_layer_weight_copies + (L - 1) * act.layer_weight_copies  # autocast's cache, until forward ends
+    probs_attention = kernels.fused("attention", HALF if amp else param_bytes, T)
+    act = walk_layers(mc, T, amp, param_bytes, full, cfg.lora, kernels)
+    # SFT rows carry a [B, 1, T, T] mask, windowed layers a [T, T] one; SDPA keeps a float copy per layer.
+    sft = cfg.data.format == "sft"
+    masks = [0 if probs_attention else B * T * T if sft else T * T if s.window is not None and T > s.window else 0
+             for s in specs]
+    masks = [m * (HALF if amp else param_bytes) for m in masks]
+    # RoPE's cos/sin [B|1, T, hd] fp32 are shared by the layers with the same RoPE, except that the fused
+    # kernel takes an fp32 copy of bf16 tables (a bf16 base) in every layer.
+    table = 2 * mc.head_dim * FP32 * (N if sft else T)
+    with_rope = [s.rope for s in specs if s.rope is not None]
+    copied = kernels.fused("rope", HALF if amp else param_bytes) and param_bytes != FP32
+    rope = table * (len(with_rope) if copied else len(set(with_rope)))
+    copies = sum(act.weight_copies)  # autocast's cache, until forward ends
     if t.activation_checkpointing:  # each layer keeps its input; backward recomputes one layer at a time
-        recomputed = act.layer * N + mask
-        return _StepBytes(saved=(L * act.layer_input + act.final) * N + rope, recomputed=recomputed,
-                          last_layer=recomputed + act.layer_input * N, copies_forward=copies,
-                          copies_backward=act.layer_weight_copies, head_bytes=act.head_bytes,
+        recomputed = max(act.layers[1:] or act.layers) * N + max(masks)
+        return _StepBytes(saved=(act.layer_inputs + act.final) * N + rope, recomputed=recomputed,
+                          last_layer=recomputed + act.layer_inputs // len(specs) * N, copies_forward=copies,
+                          copies_backward=act.weight_copies[-1], head_bytes=act.head_bytes,
                           probs_attention=probs_attention)
-    return _StepBytes(saved=(act.first_layer + (L - 1) * act.layer + act.final) * N + L * mask + rope, recomputed=0,
-                      last_layer=act.first_layer * N + mask, copies_forward=copies, copies_backward=copies,
+    return _StepBytes(saved=(sum(act.layers) + act.final) * N + sum(masks) + rope, recomputed=0,
+                      last_layer=act.layers[0] * N + masks[0], copies_forward=copies, copies_backward=copies,
                       head_bytes=act.head_bytes, probs_attention=probs_attention)
 
 
@@ -287,7 +119,7 @@ def _lm_head(mc: ModelConfig, N: int, hb: int, trains: bool, casts_weight: bool,
     head trains, its grad [V, C], computed during forward (one chunk: one GEMM in the hidden dtype; more:
     an fp32 accumulator, cast at the end); under autocast, a bf16 copy of the head weight."""
     V, C = mc.vocab_size, mc.hidden_size
-    chunk = max(1, min(N, LOGITS_CHUNK_BYTES // (V * hb)))
+    chunk = logits_chunk_rows(N, V, hb)
     logits = chunk * V * hb
     forward = 2 * N * C * hb + (0 if cpu else logits * (2 if N > chunk else 1))  # CUDA: a new chunk per step
     if trains:
@@ -312,7 +144,7 @@ def estimate_memory(mc: ModelConfig, cfg: RunConfig, world_size: int = 1, device
     grads, optimizer = trainable * FP32, 2 * trainable * FP32
     C, V, N = mc.hidden_size, mc.vocab_size, t.batch_size * cfg.data.seq_len
     strategy = "single process" if world_size == 1 else cfg.distributed.strategy
-    step = _step_activations(mc, cfg, amp, param_bytes, _Kernels.for_device(device))
+    step = _step_activations(mc, cfg, amp, param_bytes, KernelPaths(device))
     # FSDP under autocast gathers the weights in bf16 itself (engine.distributed.wrap's MixedPrecisionPolicy),
     # so autocast makes no weight copies.
     gathers_half = strategy == "fsdp" and amp
@@ -371,20 +203,19 @@ def alternatives(mc: ModelConfig, cfg: RunConfig, world_size: int, device: str =
 
 
 def plan_model_config(cfg: RunConfig) -> ModelConfig:
-    """The model's shape with its real vocab size, read without loading any weight (a hub id fetches config.json only)."""
+    """The model's shape with its real vocab size, read without loading any weight."""
     from engine.adapters.lora import check_lora_supported
-    from engine.model.hf_format import read_config
+    from engine.model.hf_format import CONFIG_FILES, TOKENIZER_FILES, read_config, resolve_model_dir
 
     src = cfg.model
-    if src.from_pretrained is not None:
-        mc = read_config(_config_dir(src.from_pretrained))
+    if src.from_pretrained is not None:  # a hub id fetches config.json only, never the weights
+        mc = read_config(resolve_model_dir(src.from_pretrained, allow_patterns=CONFIG_FILES))
     else:
         vocab = src.architecture.get("vocab_size")
         if vocab is None and src.tokenizer is not None:
             from engine.data.tokenizer import Tokenizer
-            from engine.model.hf_format import resolve_model_dir
 
-            vocab = len(Tokenizer.from_pretrained(resolve_model_dir(src.tokenizer)))
+            vocab = len(Tokenizer.from_pretrained(resolve_model_dir(src.tokenizer, allow_patterns=TOKENIZER_FILES)))
         arch = {**src.architecture, "vocab_size": vocab or src.bpe_vocab_size}
         mc = ModelConfig.from_dict(arch, where="model.architecture")
     if cfg.data.seq_len > mc.max_position_embeddings:
@@ -393,24 +224,6 @@ def plan_model_config(cfg: RunConfig) -> ModelConfig:
     if cfg.lora is not None:
         check_lora_supported(mc, cfg.lora)
     return mc
-
-
-def _config_dir(path_or_hub_id: str) -> Path:
-    """A local model dir, or the hub cache dir holding just its config.json (never the weights)."""
-    from engine.model.hf_format import WeightsError, resolve_model_dir
-
-    path = Path(path_or_hub_id).expanduser()
-    if path.is_dir() or path.exists() or str(path_or_hub_id).startswith((".", "/", "~")):
-        return resolve_model_dir(path_or_hub_id)  # its errors name the path
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(str(path_or_hub_id), "config.json", cache_dir=os.environ.get("HF_HUB_CACHE"),
-                                    local_files_only=os.environ.get("HF_HUB_OFFLINE", "").upper() in
-                                    ("1", "ON", "YES", "TRUE"))).parent
-    except Exception as e:  # network, auth, not-found and offline-cache misses all end here
-        raise WeightsError(f"'{path_or_hub_id}' is not a local directory and its config.json could not be "
-                           f"fetched from the Hugging Face hub ({type(e).__name__}: {e})") from None
 
 
 def plan_device(name: str) -> str:

@@ -151,3 +151,101 @@ def test_gradient_checkpointing_gives_the_same_gradients(hf_checkpoint):
         grads.append([p.grad.clone() for p in model.parameters()])
     for g0, g1 in zip(*grads):
         torch.testing.assert_close(g0, g1)
+
+
+# ---------------------------------------------------------------------------- per-layer specs
+
+LAYERED = dict(vocab_size=97, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8,
+               intermediate_size=48, max_position_embeddings=64)
+
+
+def _layered(**fields):
+    from engine import ModelConfig
+
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(**{**LAYERED, **fields})).eval()
+
+
+def test_each_block_gets_its_layer_index_and_spec():
+    from engine.config import LayerRope, RopeScaling
+
+    scaled = RopeScaling("linear", 4.0)
+    model = _layered(layer_sliding_windows=(None, 4, None), layer_rope_thetas=(1e4, 1e6, None),
+                     layer_rope_scalings=(None, scaled, None), post_attn_norm=True, post_mlp_norm=True)
+    specs = model.config.layer_specs()
+    assert [b.index for b in model.layers] == [0, 1, 2]
+    assert [b.spec for b in model.layers] == list(specs)
+    assert [s.window for s in specs] == [None, 4, None]
+    assert [s.rope for s in specs] == [LayerRope(1e4, None), LayerRope(1e6, scaled), None]
+    assert all(b.post_attn_norm is not None and b.post_mlp_norm is not None for b in model.layers)
+    assert model.config.num_params == sum(p.numel() for p in model.parameters())
+    plain = _layered()  # no per-layer fields: every layer takes the global values, no post-norms
+    assert {b.spec.window for b in plain.layers} == {None} and {b.spec.rope for b in plain.layers} == {
+        LayerRope(10000.0, None)}
+    assert all(b.post_attn_norm is None and b.post_mlp_norm is None for b in plain.layers)
+
+
+def test_per_layer_fields_equal_to_the_global_ones_give_identical_logits():
+    ids = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        glob = _layered(sliding_window=6, rope_theta=5e4)(ids)
+        per_layer = _layered(layer_sliding_windows=(6, 6, 6), layer_rope_thetas=(5e4, 5e4, 5e4))(ids)
+    assert torch.equal(glob, per_layer)
+
+
+def test_a_layer_window_or_rope_base_changes_only_that_layer():
+    ids = torch.randint(0, 97, (1, 20))
+    with torch.no_grad():
+        base = _layered()(ids)
+        windowed = _layered(layer_sliding_windows=(None, 5, None))(ids)
+        nope = _layered(layer_rope_thetas=(1e4, 1e4, None))(ids)
+    assert torch.equal(windowed[:, :5], base[:, :5])  # within the window nothing changes
+    assert not torch.allclose(windowed[:, 5:], base[:, 5:])
+    assert not torch.allclose(nope, base)
+
+
+@pytest.mark.parametrize("post_norms", [False, True])
+def test_mixed_windows_and_rope_bases_decode_like_a_full_forward(post_norms):
+    model = _layered(layer_sliding_windows=(None, 5, 3), layer_rope_thetas=(1e4, 1e6, None),
+                     post_attn_norm=post_norms, post_mlp_norm=post_norms, pre_norm=not post_norms)
+    ids = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(2, 24)
+        chunks = [model(ids[:, :9], cache=cache), model(ids[:, 9:14], cache=cache)]  # prefill longer than a window
+        chunks += [model(ids[:, t:t + 1], cache=cache) for t in range(14, 24)]
+        torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=0, atol=1e-5)
+        out = generate(model, ids[:, :4], 16, eos_token_id=[])  # greedy with the KV cache ...
+        seq = ids[:, :4]
+        for _ in range(16):  # ... equals greedy by full recompute
+            seq = torch.cat([seq, model(seq)[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, seq)
+
+
+def test_per_layer_config_survives_save_and_reload(tmp_path):
+    model = _layered(layer_sliding_windows=(None, 5, None), layer_rope_thetas=(1e4, 1e6, None),
+                     post_attn_norm=True, post_mlp_norm=True)
+    model.save_pretrained(tmp_path)
+    reloaded = Transformer.from_pretrained(tmp_path)
+    assert reloaded.config == model.config
+    ids = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids), model(ids))
+
+
+def test_per_row_cache_honours_each_layers_window():
+    """Continuous batching: rows of different lengths in one cache, decoded together, each equal to its own run."""
+    from engine.model.transformer import Block
+
+    model = _layered(layer_sliding_windows=(None, 4, 2), layer_rope_thetas=(1e4, 1e6, None))
+    assert Block(model.config, 1).spec == model.layers[1].spec  # a layer index builds the same block
+    a, b = torch.randint(0, 97, (1, 9)), torch.randint(0, 97, (1, 5))
+    with torch.no_grad():
+        cache = model.new_cache(2, 32, per_row=True)
+        model(a, cache=cache.rows(0, 1))
+        model(b, cache=cache.rows(1, 2))
+        cache.pos = 0  # hidden_states reads the longest row
+        steps = torch.randint(0, 97, (2, 6))
+        out = torch.cat([model(steps[:, t:t + 1], cache=cache) for t in range(6)], dim=1)
+        torch.testing.assert_close(out[0], model(torch.cat([a, steps[:1]], 1))[0, 9:], rtol=0, atol=1e-5)
+        torch.testing.assert_close(out[1], model(torch.cat([b, steps[1:]], 1))[0, 5:], rtol=0, atol=1e-5)

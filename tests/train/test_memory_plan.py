@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from engine.config import ConfigError, ModelConfig, RunConfig, from_dict
+from engine.config.model import PER_LAYER
 from engine.model.families import config_to_hf
 from engine.train.memory_plan import estimate_memory, lora_params, plan_model_config
 
@@ -34,7 +35,13 @@ MEASURED = {  # name -> (train.*, lora.* or None)
     "bf16": ({"precision": "bf16"}, None),
     "fp32 activation checkpointing": ({"activation_checkpointing": True}, None),
     "bf16 LoRA, bf16 base": ({"precision": "bf16"}, {"rank": 8, "targets": "all-linear", "base_dtype": "bf16"}),
+    "fp32 per-layer windows, RoPE bases, post-norms": ({}, None),
+    "bf16 per-layer windows, RoPE bases, post-norms": ({"precision": "bf16"}, None),
 }
+# Layers that differ (Gemma-2-like alternation, a NoPE layer, post-norms): the plan walks each one.
+LAYERED = {"layer_sliding_windows": [None, 64] * 3, "layer_rope_thetas": [1e4, 1e6, 1e4, 1e6, 1e4, None],
+           "post_attn_norm": True, "post_mlp_norm": True}
+MEASURED_ARCH = {name: {**ARCH, **LAYERED} for name in MEASURED if "per-layer" in name}
 
 
 def run_dict(train: dict | None = None, lora: dict | None = None, arch: dict | None = None, seq_len: int = 256) -> dict:
@@ -84,8 +91,9 @@ def measure(spec: dict) -> dict:
     from tests.peak_memory import measure_peaks
 
     cfg, mc = from_dict(RunConfig, spec["run"], where=""), ModelConfig.from_dict(spec["arch"])
+    first_layer = {f: getattr(mc, f)[:1] for f in PER_LAYER if getattr(mc, f) is not None}
     tiny = dataclasses.replace(mc, vocab_size=64, hidden_size=32, num_heads=2, num_kv_heads=1, head_dim=16,
-                               intermediate_size=64, num_layers=1)
+                               intermediate_size=64, num_layers=1, **first_layer)
     _steps(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=1)), tiny, 2)  # warm-up
     gc.collect()
     return {**measure_peaks(lambda: _steps(cfg, mc, 2)), "estimated": estimate_memory(mc, cfg, 1, "cpu").peak}
@@ -97,7 +105,7 @@ def measured():
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1"}
     procs, results = {}, {}
     for name, (train, lora) in MEASURED.items():
-        spec = {"run": run_dict(train, lora), "arch": ARCH}
+        spec = {"run": run_dict(train, lora), "arch": MEASURED_ARCH.get(name, ARCH)}
         procs[name] = subprocess.Popen([sys.executable, "-m", "tests.train.test_memory_plan", json.dumps(spec)], cwd=ROOT,
                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if len(procs) % 2 == 0:  # two cores: two at a time
@@ -175,6 +183,20 @@ def test_activations_scale_with_tokens_and_shrink_with_checkpointing():
     assert ckpt.activations < big.activations / 3 and ckpt.peak < big.peak
 
 
+def test_the_plan_walks_each_layer_windowed_layers_add_their_mask():
+    mc, cfg = ModelConfig.from_dict(ARCH), run_config()  # fp32: SDPA keeps a float copy of each layer's mask
+    base = estimate_memory(mc, cfg)
+    windowed = estimate_memory(dataclasses.replace(mc, layer_sliding_windows=(None, 64) * 3), cfg)
+    assert windowed.activations - base.activations == 3 * 256 * 256 * 4  # 3 windowed layers, [T, T] fp32
+    post = estimate_memory(dataclasses.replace(mc, post_attn_norm=True, post_mlp_norm=True), cfg)
+    assert post.activations > base.activations  # Block.walk's post-norms are counted
+    # bf16 on CPU: up to 512 keys kernels.attention keeps [T, T] probabilities, beyond it takes SDPA (linear in T)
+    mc = dataclasses.replace(mc, max_position_embeddings=1024)
+    short, long = (estimate_memory(mc, run_config(train={"precision": "bf16"}, seq_len=T)).activations
+                   for T in (384, 768))
+    assert long < 2 * short
+
+
 def test_grad_accumulation_keeps_grads_during_the_next_forward():
     mc = ModelConfig.from_dict(ARCH)
     one, two = (estimate_memory(mc, run_config(train={"grad_accum": k})) for k in (1, 2))
@@ -187,6 +209,23 @@ def test_bad_world_size_and_device_are_config_errors():
         estimate_memory(mc, cfg, world_size=0)
     with pytest.raises(ConfigError, match="device: expected 'cpu' or 'cuda'"):
         estimate_memory(mc, cfg, device="tpu")
+
+
+def test_a_hub_id_on_an_unreachable_hub_fails_fast_like_every_cli(monkeypatch, tmp_path):
+    """One resolver (engine.model.hf_format.resolve_model_dir): no retries with backoff (it took 25 s)."""
+    import time
+
+    from engine.model.hf_format import WeightsError
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    raw = run_dict(lora={"rank": 4})
+    raw["model"]["from_pretrained"] = "nobody/no-such-model"
+    start = time.monotonic()
+    with pytest.raises(WeightsError, match="the hub at http://127.0.0.1:9 is unreachable"):
+        plan_model_config(from_dict(RunConfig, raw, where=""))
+    assert time.monotonic() - start < 3
 
 
 def _pretrained_dir(tmp_path) -> Path:
