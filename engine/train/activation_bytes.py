@@ -165,10 +165,8 @@ def _takes_fused_path(op: str, device: str, b: int, keys: int, _env: Optional[st
 
 def logits_chunk_rows(n_rows: int, vocab: int, itemsize: int) -> int:
     """Rows per chunk of kernels.linear_cross_entropy (its own default)."""
-    try:  # the kernels dispatch table (kernels/ops/); before it, kernels/fused_linear_ce.py
-        from kernels.ops.linear_cross_entropy import default_chunk_size
-    except ImportError:
-        from kernels.fused_linear_ce import default_chunk_size
+    from kernels.ops.linear_cross_entropy import default_chunk_size
+
     return default_chunk_size(n_rows, vocab, itemsize)
 
 
