@@ -156,7 +156,11 @@ def test_a_huge_prompt_is_tokenized_off_the_event_loop(server):
         latencies.append(timed_get(url)[1])
     thread.join()
     assert result["r"].status_code == 400 and "tokens" in result["r"].json()["error"]["message"]
-    assert len(latencies) >= 2 and max(latencies) < 0.5, (latencies, result["seconds"])
+    # On the event loop, tokenizing would hold every /health for the whole request. Off it, /health answers
+    # many times meanwhile; on a loaded machine each answer may be slow, but not as slow as the request.
+    typical = sorted(latencies)[len(latencies) // 2]
+    assert len(latencies) >= 2 and (max(latencies) < 0.5 or typical < 0.25 * result["seconds"]), \
+        (latencies, result["seconds"])
 
 
 def test_looping_chat_templates_are_stopped_while_health_and_completions_answer(server):
