@@ -22,7 +22,7 @@ import kernels
 from engine.train import distributed
 from engine.train.run_factory import build_data, build_model, build_tokenizer, check_run_config, resolve_device
 from engine.train.checkpoint import (find_resume, is_sharded, load_model_weights, load_training_state, prune_checkpoints,
-                               save_checkpoint, save_model)
+                               save_checkpoint, save_final)
 from engine.config import RunConfig, TrainConfig
 from engine.train.distributed import SINGLE, Dist
 from engine.adapters.lora import is_lora, trainable_summary
@@ -200,7 +200,7 @@ def _train(cfg: RunConfig, group: Dist, device: torch.device, progress: bool, on
         train_windows = data.windows("train", cfg.data.seq_len, seed=t.seed)
         val_windows = data.windows("val", cfg.data.seq_len) if data.meta["val_tokens"] > cfg.data.seq_len else None
     out_dir = Path(cfg.out_dir)
-    resume_from = find_resume(out_dir, cfg.resume)
+    resume_from = find_resume(out_dir, cfg.resume, group)
     if resume_from is not None and not is_sharded(resume_from):
         load_model_weights(resume_from, model)  # before DDP/FSDP take the weights over
     hidden_fn = torch.compile(model.hidden_states) if t.compile else None
@@ -240,6 +240,7 @@ def _train(cfg: RunConfig, group: Dist, device: torch.device, progress: bool, on
                                cfg.to_dict(), group, loss_module)
         if group.is_main:
             prune_checkpoints(out_dir, t.keep_last)
+            metrics.sync()  # the rows up to a checkpoint are kept on resume: make them as durable as it
         return path
 
     metrics = MetricsLog(out_dir / "metrics.jsonl", truncate_after=state["step"]) if group.is_main else None
@@ -302,6 +303,5 @@ def _save_final(directory: Path, model, tokenizer, group: Dist) -> None:
     """The trained model in HF layout (a LoRA run: the adapter alone, PEFT layout; cli.export merges it)."""
     params = distributed.full_params(model, group)
     if group.is_main:
-        save_model(directory, model, params)
-        tokenizer.save_pretrained(directory)
+        save_final(directory, model, tokenizer, params)
     group.barrier()
