@@ -89,9 +89,9 @@ def save_checkpoint(out_dir, step: int, model, tokenizer, optimizer, scaler, tra
             group.barrier()  # every rank's files are in tmp before it becomes the checkpoint
             if group.is_main:
                 atomic_write(tmp / MARKER, marker_text(tmp, step))  # last: its presence means "complete"
-                crash_point("checkpoint:written")
+                crash_point(f"checkpoint:written:{final.name}")  # fault tests aim kills at one save
                 publish_dir(tmp, final, replace=True)  # fsyncs every file and dir, then the rename
-                crash_point("checkpoint:published")
+                crash_point(f"checkpoint:published:{final.name}")
         group.barrier()
     except BaseException:
         if group.is_main:
