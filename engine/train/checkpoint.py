@@ -116,19 +116,19 @@ def _write_files(tmp: Path, model, tokenizer, optimizer, scaler, trainer_state, 
 
 
 @contextmanager
-def disk_full_as_error(final: Path, model, optimizer):
+def disk_full_as_error(final: Path, model, optimizer=None):
     """A full disk (ENOSPC) while saving `final` becomes one CheckpointError line with the bytes needed."""
     try:
         yield
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
-        tensors = list(model.parameters()) + [t for s in optimizer.state.values() for t in s.values()
-                                              if isinstance(t, torch.Tensor)]
+        states = optimizer.state.values() if optimizer is not None else []
+        tensors = list(model.parameters()) + [t for s in states for t in s.values() if isinstance(t, torch.Tensor)]
         need = sum(t.numel() * t.element_size() for t in tensors)
         free = shutil.disk_usage(final.parent).free if final.parent.is_dir() else 0
-        kept = "; the previous checkpoints are intact" if final.parent.is_dir() else ""
-        raise CheckpointError(f"{final}: disk full while writing {e.filename or final} (a checkpoint needs about "
+        kept = "; what was there before is intact" if final.parent.is_dir() else ""
+        raise CheckpointError(f"{final}: disk full while writing {e.filename or final} (it needs about "
                               f"{need / 1e6:.1f} MB, {free / 1e6:.1f} MB free){kept}") from None
 
 
@@ -140,7 +140,8 @@ def save_final(directory: Path, model, tokenizer, params=None) -> Path:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    write_dir(Path(directory), fill)
+    with disk_full_as_error(Path(directory), model):
+        write_dir(Path(directory), fill)
     return Path(directory)
 
 
@@ -271,6 +272,7 @@ def load_training_state(path, model, optimizer, scaler, group: Dist = SINGLE, mo
 
 def _load_sharded(path: Path, model, optimizer, module) -> None:
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optim_state = get_state_dict(module, optimizer, options=_state_dict_options(model))
@@ -278,7 +280,8 @@ def _load_sharded(path: Path, model, optimizer, module) -> None:
     check_dcp_state(path / "dcp", state)
     try:
         dcp.load(state, checkpoint_id=path / "dcp", no_dist=not torch.distributed.is_initialized())
-    except (RuntimeError, ValueError, KeyError, OSError, EOFError) as e:  # torch wraps per-rank failures
+    except (CheckpointException, RuntimeError, ValueError, KeyError, OSError, EOFError) as e:
+        # CheckpointException (a BaseException) carries each rank's traceback: its last line is the reason
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path / 'dcp'}: cannot load the sharded state ({reason[:300]})") from None
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],

@@ -1,6 +1,7 @@
 """What a run reports: metrics.jsonl (always), a tqdm progress bar, and a loss-curve PNG (if matplotlib)."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -33,8 +34,13 @@ class MetricsLog:
 
     def write(self, row: dict, every: int = 1) -> None:
         if is_logged(row, every):
-            with self.path.open("a") as f:
-                f.write(_dumps(row) + "\n")
+            try:
+                with self.path.open("a") as f:
+                    f.write(_dumps(row) + "\n")
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                raise MetricsError(f"{self.path}: disk full while logging step {row['step']}") from None
 
     def sync(self) -> None:
         """fsync metrics.jsonl: the rows written so far survive a power loss."""

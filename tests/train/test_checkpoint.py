@@ -163,7 +163,7 @@ def test_a_full_disk_is_one_line_with_the_bytes_needed_and_the_old_checkpoint_in
     monkeypatch.setattr(checkpoint_module.torch, "save", full)
     err = _one_line(capsys, lambda: _save(tmp_path, step=4))
     monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
-    assert "disk full" in err and "step_000004" in err and "MB" in err and "needs about" in err
+    assert "disk full" in err and "step_000004" in err and "MB" in err and "needs about" in err and "intact" in err
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000002"]
     assert {p.name: p.read_bytes() for p in old.iterdir()} == before
     model, optimizer = _trained(seed=1)
@@ -176,3 +176,32 @@ def test_the_marker_lists_every_file_and_its_size(tmp_path):
     marker = json.loads((path / "COMPLETE").read_text())
     files = {p.name: p.stat().st_size for p in path.iterdir() if p.name != "COMPLETE"}
     assert marker == {"step": 2, "files": files}
+
+
+def _save_sharded_one_process(tmp_path):
+    """A checkpoint with dcp/ as torchrun writes it (here from one process: the same files, unsharded)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, optimizer = _trained()
+    path = _save(tmp_path, model=model, optimizer=optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path / "dcp")
+    (path / "COMPLETE").unlink()  # the files changed after the save: only the dcp/ checks are under test here
+    return path, model
+
+
+def test_a_sharded_checkpoint_of_other_shapes_is_refused_naming_the_parameter(tmp_path, capsys):
+    path, saved = _save_sharded_one_process(tmp_path)
+    model, optimizer = _trained(seed=1)
+    load_training_state(path, model, optimizer, None)  # the matching model loads its weights from dcp/
+    assert all(torch.equal(a, b) for a, b in zip(saved.parameters(), model.parameters()))
+    wider = dataclasses.replace(TINY, intermediate_size=96)
+    err = _one_line(capsys, lambda: load_training_state(path, *_trained(seed=1, config=wider), None))
+    assert str(path / "dcp") in err and "'layers.0.mlp.gate_proj.weight' has shape [64, 32]" in err
+    deeper = dataclasses.replace(TINY, num_layers=3)  # tensors dcp/ lacks: dcp.load's own failure, as one line
+    err = _one_line(capsys, lambda: load_training_state(path, *_trained(seed=1, config=deeper), None))
+    assert str(path / "dcp") in err and "cannot load the sharded state" in err and "layers.2" in err
+    (path / "dcp" / ".metadata").write_bytes(b"\x80")  # truncated
+    err = _one_line(capsys, lambda: load_training_state(path, *_trained(seed=1), None))
+    assert str(path / "dcp" / ".metadata") in err and "truncated or corrupt" in err

@@ -57,3 +57,22 @@ def test_save_pretrained_and_the_final_export_fsync_what_they_write(tmp_path, fs
     assert tmp_path.resolve() in fsynced  # the directory the final/ rename happened in
     again = Transformer.from_pretrained(final)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+
+
+def test_a_full_disk_during_the_final_export_is_one_error_and_keeps_the_old_copy(tmp_path, monkeypatch):
+    # A full disk can't be made here: the safetensors write fails as it would on one.
+    import errno
+
+    import engine.model.hf_format as hf_format
+    from engine.train.checkpoint import CheckpointError
+
+    model = Transformer(TINY)
+    final = save_final(tmp_path / "final", model, None)
+    before = {p.name: p.read_bytes() for p in final.iterdir()}
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(hf_format, "atomic_write", full)
+    with pytest.raises(CheckpointError, match=r"final: disk full while writing .*model.safetensors \(it needs about"):
+        save_final(final, Transformer(TINY), None)
+    assert {p.name: p.read_bytes() for p in final.iterdir()} == before and os.listdir(tmp_path) == ["final"]

@@ -108,3 +108,17 @@ def test_sync_fsyncs_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(engine.train.metrics, "fsync_path", synced.append)
     log.sync()
     assert synced == [tmp_path / "m.jsonl"]
+
+
+def test_a_full_disk_while_logging_is_one_error_naming_the_file(tmp_path, monkeypatch):
+    # A full disk can't be made here: the append fails as it would on one.
+    import errno
+    import pathlib
+
+    log = MetricsLog(tmp_path / "m.jsonl")
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(pathlib.Path, "open", full)
+    with pytest.raises(MetricsError, match=r"m.jsonl: disk full while logging step 3"):
+        log.write({"step": 3, "loss": 1.0})
