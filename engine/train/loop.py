@@ -233,6 +233,8 @@ def _train(cfg: RunConfig, group: Dist, device: torch.device, progress: bool, on
                         lora.base_dtype, trainable_summary(model))
 
     def checkpoint():
+        if group.is_main:
+            metrics.sync()  # a resume keeps the rows up to its checkpoint: durable before the checkpoint is
         trainer_state = {**state, "world_size": group.world_size, "tokens_per_step": tokens_per_step,
                          "sampler": {"seed": t.seed, "next_step": state["step"]},
                          "scheduler": {"kind": t.schedule, "total_steps": steps, "next_lr": lr_at(state["step"], t, steps)}}
@@ -240,7 +242,6 @@ def _train(cfg: RunConfig, group: Dist, device: torch.device, progress: bool, on
                                cfg.to_dict(), group, loss_module)
         if group.is_main:
             prune_checkpoints(out_dir, t.keep_last)
-            metrics.sync()  # the rows up to a checkpoint are kept on resume: make them as durable as it
         return path
 
     metrics = MetricsLog(out_dir / "metrics.jsonl", truncate_after=state["step"]) if group.is_main else None
