@@ -117,19 +117,36 @@ def _write_files(tmp: Path, model, tokenizer, optimizer, scaler, trainer_state, 
 
 @contextmanager
 def disk_full_as_error(final: Path, model, optimizer=None):
-    """A full disk (ENOSPC) while saving `final` becomes one CheckpointError line with the bytes needed."""
+    """A full disk while saving `final` becomes one CheckpointError line with the bytes needed."""
     try:
         yield
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        states = optimizer.state.values() if optimizer is not None else []
-        tensors = list(model.parameters()) + [t for s in states for t in s.values() if isinstance(t, torch.Tensor)]
-        need = sum(t.numel() * t.element_size() for t in tensors)
+    except Exception as e:
+        need = _bytes_to_save(model, optimizer)
         free = shutil.disk_usage(final.parent).free if final.parent.is_dir() else 0
+        if not _is_disk_full(e, need, free):
+            raise
+        where = getattr(e, "filename", None) or final
         kept = "; what was there before is intact" if final.parent.is_dir() else ""
-        raise CheckpointError(f"{final}: disk full while writing {e.filename or final} (it needs about "
-                              f"{need / 1e6:.1f} MB, {free / 1e6:.1f} MB free){kept}") from None
+        raise CheckpointError(f"{final}: disk full while writing {where} (it needs about {need / 1e6:.1f} MB, "
+                              f"{free / 1e6:.1f} MB free){kept}") from None
+
+
+def _is_disk_full(e: Exception, need: int, free: int) -> bool:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    text = str(e)
+    if "No space left on device" in text or "os error 28" in text:  # the tokenizers library (Rust) says so
+        return True
+    # torch.save's C++ writer loses the errno ("PytorchStreamWriter failed writing file ..."): judge by space
+    return isinstance(e, RuntimeError) and "write" in text.lower() and free < need
+
+
+def _bytes_to_save(model, optimizer) -> int:
+    """About what a checkpoint of `model` takes: the weights it writes plus the optimizer's tensors."""
+    params = [p for p in model.parameters() if p.requires_grad] if is_lora(model) else list(model.parameters())
+    states = optimizer.state.values() if optimizer is not None else []
+    tensors = params + [t for s in states for t in s.values() if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def save_final(directory: Path, model, tokenizer, params=None) -> Path:

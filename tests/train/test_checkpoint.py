@@ -4,6 +4,7 @@ import dataclasses
 import errno
 import json
 import logging
+import shutil
 
 import pytest
 import torch
@@ -169,6 +170,20 @@ def test_a_full_disk_is_one_line_with_the_bytes_needed_and_the_old_checkpoint_in
     model, optimizer = _trained(seed=1)
     load_model_weights(old, model)
     load_training_state(find_resume(tmp_path, "auto"), model, optimizer, None)
+
+
+def test_torch_saves_write_failure_on_a_full_disk_is_reported_as_one(tmp_path, monkeypatch, capsys):
+    # torch.save's C++ writer raises a RuntimeError without the errno; the free space tells it apart
+    def full(obj, f, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+    monkeypatch.setattr(checkpoint_module.torch, "save", full)
+    monkeypatch.setattr(checkpoint_module.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    err = _one_line(capsys, lambda: _save(tmp_path, step=4))
+    assert "disk full" in err and "0.0 MB free" in err
+    monkeypatch.setattr(checkpoint_module.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, 10**12))
+    with pytest.raises(RuntimeError, match="PytorchStreamWriter"):  # space left: not a full disk, left as it is
+        _save(tmp_path, step=4)
 
 
 def test_the_marker_lists_every_file_and_its_size(tmp_path):
