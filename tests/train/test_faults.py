@@ -68,6 +68,7 @@ def test_kill_between_the_renames_of_a_resave_loses_nothing(baseline, tmp_path):
     done = _train(baseline["cfg"], run)
     assert done.returncode == 0, done.stderr
     assert "no model.safetensors" not in done.stderr
+    assert f"resumed from {run / 'checkpoints' / 'step_000008'} at step 8" in done.stderr  # the set-aside copy
     _assert_same_as(baseline, run)
 
 
