@@ -103,7 +103,7 @@ def test_resume_auto_skips_an_incomplete_checkpoint_with_a_warning(tmp_path, cap
     _save(tmp_path, step=2)
     half = _save(tmp_path, step=4)
     for name in ("model.safetensors", "optimizer.pt", "COMPLETE"):  # what the old rmtree-then-rename left
-        (half / name).unlink()
+        (half / name).unlink(missing_ok=True)
     with caplog.at_level(logging.WARNING):
         assert find_resume(tmp_path, "auto").name == "step_000002"
     assert str(half) in caplog.text and "did not finish" in caplog.text
@@ -114,7 +114,7 @@ def test_resume_auto_skips_an_incomplete_checkpoint_with_a_warning(tmp_path, cap
 
 def test_a_checkpoint_from_before_the_marker_still_resumes(tmp_path):
     path = _save(tmp_path, step=2)
-    (path / "COMPLETE").unlink()  # written by an engine without the marker, all its files there
+    (path / "COMPLETE").unlink(missing_ok=True)  # written by an engine without the marker, all its files there
     assert find_resume(tmp_path, "auto") == path
 
 
@@ -125,7 +125,7 @@ def test_a_truncated_pt_file_is_one_line(tmp_path, capsys, name):
     (path / name).write_bytes(data[: len(data) // 2])
     err = _one_line(capsys, lambda: find_resume(tmp_path, "auto"))  # the marker's sizes catch it first
     assert str(path / name) in err and "truncated" in err
-    (path / "COMPLETE").unlink()  # without the marker, torch.load's failure is the one line
+    (path / "COMPLETE").unlink(missing_ok=True)  # without the marker, torch.load's failure is the one line
     err = _one_line(capsys, lambda: load_training_state(path, *_trained(seed=1), None))
     assert str(path / name) in err and "truncated or corrupt" in err
 
@@ -136,7 +136,7 @@ class NotATensor:
 
 def test_a_pickled_object_is_not_a_checkpoint_this_engine_wrote(tmp_path, capsys):
     path = _save(tmp_path)
-    (path / "COMPLETE").unlink()
+    (path / "COMPLETE").unlink(missing_ok=True)
     torch.save({"scaler": None, "rng": NotATensor()}, path / "trainer.pt")
     err = _one_line(capsys, lambda: load_training_state(path, *_trained(seed=1), None))
     assert str(path / "trainer.pt") in err and "not a checkpoint file this engine wrote" in err
@@ -147,7 +147,7 @@ def test_a_pickled_object_is_not_a_checkpoint_this_engine_wrote(tmp_path, capsys
                                           ("[4]", "expected a JSON object"), ('{"step": 2}', "'tokens_seen'")])
 def test_a_malformed_trainer_state_is_one_line(tmp_path, capsys, text, message):
     path = _save(tmp_path)
-    (path / "COMPLETE").unlink()  # as if damaged by hand; the marker would report the size change first
+    (path / "COMPLETE").unlink(missing_ok=True)  # as if damaged by hand; the marker would report the size change first
     (path / "trainer_state.json").write_text(text)
     err = _one_line(capsys, lambda: find_resume(tmp_path, str(path)))
     assert str(path / "trainer_state.json") in err and message in err
@@ -202,7 +202,7 @@ def _save_sharded_one_process(tmp_path):
     path = _save(tmp_path, model=model, optimizer=optimizer)
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path / "dcp")
-    (path / "COMPLETE").unlink()  # the files changed after the save: only the dcp/ checks are under test here
+    (path / "COMPLETE").unlink(missing_ok=True)  # the files changed after the save: only the dcp/ checks are under test here
     return path, model
 
 
