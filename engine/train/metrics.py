@@ -43,9 +43,11 @@ class MetricsLog:
                 raise MetricsError(f"{self.path}: disk full while logging step {row['step']}") from None
 
     def sync(self) -> None:
-        """fsync metrics.jsonl: the rows written so far survive a power loss."""
+        """fsync metrics.jsonl (and its directory, which holds the file's creation): the rows written so far
+        survive a power loss."""
         if self.path.exists():
             fsync_path(self.path)
+            fsync_path(self.path.parent)
 
     def close(self) -> None:
         self.sync()

@@ -107,7 +107,7 @@ def test_sync_fsyncs_the_file(tmp_path, monkeypatch):
     synced = []
     monkeypatch.setattr(engine.train.metrics, "fsync_path", synced.append)
     log.sync()
-    assert synced == [tmp_path / "m.jsonl"]
+    assert synced == [tmp_path / "m.jsonl", tmp_path]
 
 
 def test_a_full_disk_while_logging_is_one_error_naming_the_file(tmp_path, monkeypatch):
