@@ -58,6 +58,7 @@ def atomic_write(path, data: bytes | str) -> Path:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+        crash_point(f"atomic_write:{path.name}")  # the temp is complete, the target still the old file
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

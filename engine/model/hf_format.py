@@ -15,9 +15,10 @@ from urllib.parse import urlsplit
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from engine.config import ConfigError
+from engine.files import atomic_write
 from engine.model.families import Stored, config_from_hf, config_to_hf, stored_as, weight_layout
 
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
@@ -311,18 +312,11 @@ def save_pretrained(model, directory, max_shard_size: int | str = "2GB",
             _atomic_save(shard, directory / fname)
             weight_map.update(dict.fromkeys(shard, fname))
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        _atomic_write_text(directory / INDEX_FILE,
-                           json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    _atomic_write_text(directory / "config.json", json.dumps(hf_config, indent=2, sort_keys=True))
+        atomic_write(directory / INDEX_FILE,
+                     json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    atomic_write(directory / "config.json", json.dumps(hf_config, indent=2, sort_keys=True))
 
 
 def _atomic_save(tensors: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    # serialized in memory (one shard, at most max_shard_size) so engine.files writes it atomically and durably
+    atomic_write(path, save(tensors, metadata={"format": "pt"}))

@@ -1,4 +1,5 @@
-"""Training checkpoints: written to a temp dir and renamed into place, so a crash never leaves a half one.
+"""Training checkpoints: written to a temp dir, fsynced and renamed into place (engine.files), so neither a
+kill nor a power loss leaves a half one; every file is checked on resume (engine.train.checkpoint_check).
 
 <out_dir>/checkpoints/step_000100/
     config.json, model*.safetensors   HF layout: loads with Transformer.from_pretrained and transformers
@@ -8,6 +9,7 @@
     trainer.pt                        GradScaler state and RNG states (python, numpy, torch, cuda)
     trainer_state.json                step, tokens seen, sampler position, schedule, val/best loss
     run_config.json                   the resolved run config
+    COMPLETE                          written last: every file and its size (resume=auto skips a dir without it)
 
 Under torchrun (engine.train.distributed) a checkpoint holds the same files except the optimizer, plus:
     dcp/                              model + optimizer state via torch.distributed.checkpoint: sharded
@@ -18,11 +20,12 @@ Transformer.from_pretrained and transformers whatever the run's strategy was.
 """
 from __future__ import annotations
 
+import errno
 import json
-import os
+import logging
 import random
 import shutil
-import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -32,8 +35,12 @@ import torch
 from engine.train.distributed import SINGLE, Dist, full_params
 from engine.adapters.lora import is_lora
 from engine.adapters.peft_format import load_adapter_weights, save_adapter
+from engine.files import TEMP_PREFIX, atomic_write, crash_point, publish_dir, remove_stale_temps, temp_dir_beside, write_dir
 from engine.model.hf_format import load_weights, save_pretrained, weight_files
+from engine.train.checkpoint_check import (MARKER, CheckpointError, check_dcp_state, check_files, check_optimizer_state,
+                                           check_trainer_extra, is_complete, load_pt, marker_text, read_trainer_state)
 
+logger = logging.getLogger("engine.train.checkpoint")
 PREFIX = "step_"
 
 
@@ -65,42 +72,95 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(out_dir, step: int, model, tokenizer, optimizer, scaler, trainer_state: dict,
                     run_config: dict, group: Dist = SINGLE, module=None) -> Path:
-    """Write checkpoint `step` atomically (temp dir, then rename) and return its directory.
+    """Write checkpoint `step` atomically and durably (temp dir, COMPLETE marker last, fsync, rename) and
+    return its directory. Re-saving an existing step swaps the new copy in by rename-aside-then-rename, so
+    a kill at any instant leaves a complete copy (recovered by recover_interrupted_save).
 
     Distributed (group.enabled): every rank calls this; `module` is the wrapped training module whose
     state (with the optimizer's) goes to dcp/, and rank 0 writes the files that exist once.
     """
     root = checkpoint_root(out_dir)
     final = root / f"{PREFIX}{step:06d}"
-    tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}" if group.is_main else None
+    tmp = temp_dir_beside(final) if group.is_main else None
     tmp = group.broadcast(tmp)  # one temp dir for all ranks
     try:
-        if group.is_main:
-            tmp.mkdir(parents=True)
         group.barrier()
-        if group.enabled:
-            _save_sharded(tmp, model, optimizer, module, group)
-            torch.save(_trainer_extra(scaler), tmp / f"trainer_rank{group.rank}.pt")
-        else:
-            save_model(tmp, model)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(_trainer_extra(scaler), tmp / "trainer.pt")
-        if group.is_main:
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-            (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2))
-        group.barrier()  # every rank's files are in tmp before it becomes the checkpoint
-        if group.is_main:
-            if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
-                shutil.rmtree(final)
-            os.rename(tmp, final)
+        with disk_full_as_error(final, model, optimizer):
+            _write_files(tmp, model, tokenizer, optimizer, scaler, trainer_state, run_config, group, module)
+            group.barrier()  # every rank's files are in tmp before it becomes the checkpoint
+            if group.is_main:
+                atomic_write(tmp / MARKER, marker_text(tmp, step))  # last: its presence means "complete"
+                crash_point(f"checkpoint:written:{final.name}")  # fault tests aim kills at one save
+                publish_dir(tmp, final, replace=True)  # fsyncs every file and dir, then the rename
+                crash_point(f"checkpoint:published:{final.name}")
         group.barrier()
     except BaseException:
         if group.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _write_files(tmp: Path, model, tokenizer, optimizer, scaler, trainer_state, run_config, group, module):
+    if group.enabled:
+        _save_sharded(tmp, model, optimizer, module, group)
+        torch.save(_trainer_extra(scaler), tmp / f"trainer_rank{group.rank}.pt")
+    else:
+        save_model(tmp, model)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(_trainer_extra(scaler), tmp / "trainer.pt")
+    if group.is_main:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2))
+
+
+@contextmanager
+def disk_full_as_error(final: Path, model, optimizer=None):
+    """A full disk while saving `final` becomes one CheckpointError line with the bytes needed."""
+    try:
+        yield
+    except Exception as e:
+        need = _bytes_to_save(model, optimizer)
+        free = shutil.disk_usage(final.parent).free if final.parent.is_dir() else 0
+        if not _is_disk_full(e, need, free):
+            raise
+        where = getattr(e, "filename", None) or final
+        kept = "; what was there before is intact" if final.parent.is_dir() else ""
+        raise CheckpointError(f"{final}: disk full while writing {where} (it needs about {need / 1e6:.1f} MB, "
+                              f"{free / 1e6:.1f} MB free){kept}") from None
+
+
+def _is_disk_full(e: Exception, need: int, free: int) -> bool:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    text = str(e)
+    if "No space left on device" in text or "os error 28" in text:  # the tokenizers library (Rust) says so
+        return True
+    # torch.save's C++ writer loses the errno ("PytorchStreamWriter failed writing file ..."): judge by space
+    return isinstance(e, RuntimeError) and "write" in text.lower() and free < need
+
+
+def _bytes_to_save(model, optimizer) -> int:
+    """About what a checkpoint of `model` takes: the weights it writes plus the optimizer's tensors."""
+    params = [p for p in model.parameters() if p.requires_grad] if is_lora(model) else list(model.parameters())
+    states = optimizer.state.values() if optimizer is not None else []
+    tensors = params + [t for s in states for t in s.values() if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def save_final(directory: Path, model, tokenizer, params=None) -> Path:
+    """The trained model (or a LoRA run's adapter) and its tokenizer as one directory, published atomically
+    and durably: an existing copy is replaced only once the new one is complete."""
+    def fill(tmp: Path) -> None:
+        save_model(tmp, model, params)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    with disk_full_as_error(Path(directory), model):
+        write_dir(Path(directory), fill)
+    return Path(directory)
 
 
 def _trainer_extra(scaler) -> dict:
@@ -144,24 +204,53 @@ def is_sharded(path) -> bool:
 
 
 def list_checkpoints(out_dir) -> list[Path]:
-    """Complete checkpoints, oldest first (temp dirs of interrupted saves are not listed)."""
+    """Complete checkpoints, oldest first (temp dirs of interrupted saves and incomplete dirs are not listed)."""
+    return [p for p in _step_dirs(out_dir) if is_complete(p)]
+
+
+def _step_dirs(out_dir) -> list[Path]:
     root = checkpoint_root(out_dir)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
-                  and (p / "trainer_state.json").is_file())
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
-def find_resume(out_dir, resume: Optional[str]) -> Optional[Path]:
-    """The checkpoint `resume` asks for: None, "auto" (the latest in out_dir, if any) or a path."""
+def recover_interrupted_save(out_dir) -> list[Path]:
+    """Undo what a kill during save_checkpoint left: a `.old-step_N-*` copy set aside with no step_N is
+    renamed back, then leftover temp dirs are deleted. Returns what was removed. Only the main process
+    may call it, before the run starts (no other process writes there then)."""
+    removed = remove_stale_temps(checkpoint_root(out_dir))
+    if removed:
+        logger.info("checkpoints: removed %s left by an interrupted save", ", ".join(p.name for p in removed))
+    return removed
+
+
+def find_resume(out_dir, resume: Optional[str], group: Dist = SINGLE) -> Optional[Path]:
+    """The checkpoint `resume` asks for: None, "auto" (the latest complete one in out_dir, if any) or a path.
+
+    "auto" first recovers an interrupted save (on the main process; the others wait), then skips, with a
+    warning naming it, any checkpoint whose save did not finish. The chosen one's files are checked.
+    """
     if resume is None:
         return None
     if resume == "auto":
+        if group.is_main:
+            recover_interrupted_save(out_dir)
+        group.barrier()
+        for p in _step_dirs(out_dir):
+            if not is_complete(p):
+                logger.warning("resume=auto: skipping %s: its save did not finish (no %s marker)", p, MARKER)
         found = list_checkpoints(out_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"resume: {path} is not a checkpoint directory (no trainer_state.json)")
+        path = found[-1] if found else None
+    else:
+        path = Path(resume)
+        if not (path / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"resume: {path} is not a checkpoint directory (no trainer_state.json)")
+        if not is_complete(path):
+            raise CheckpointError(f"resume: {path} is incomplete: its save did not finish (no {MARKER} marker)")
+    if path is not None:
+        check_files(path)
+        read_trainer_state(path)
     return path
 
 
@@ -183,24 +272,38 @@ def load_training_state(path, model, optimizer, scaler, group: Dist = SINGLE, mo
     """
     path = Path(path)
     if is_sharded(path):
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        module = module if module is not None else model
-        model_state, optim_state = get_state_dict(module, optimizer, options=_state_dict_options(model))
-        state = {"model": model_state, "optim": optim_state}
-        dcp.load(state, checkpoint_id=path / "dcp", no_dist=not torch.distributed.is_initialized())
-        set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=_state_dict_options(model))
+        _load_sharded(path, model, optimizer, module if module is not None else model)
     else:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+        file = path / "optimizer.pt"
+        saved = load_pt(file)
+        check_optimizer_state(file, saved, model, optimizer)  # before the optimizer can step with it
+        optimizer.load_state_dict(saved)
         _shard_optimizer_state(optimizer)
     own = [path / f"trainer_rank{group.rank}.pt", path / "trainer_rank0.pt", path / "trainer.pt"]
-    extra = torch.load(next(p for p in own if p.is_file()), weights_only=True)
+    file = next((p for p in own if p.is_file()), own[-1])
+    extra = check_trainer_extra(file, load_pt(file))
     if scaler is not None and extra["scaler"] is not None:
         scaler.load_state_dict(extra["scaler"])
     set_rng_state(extra["rng"])
-    return json.loads((path / "trainer_state.json").read_text())
+    return read_trainer_state(path)
+
+
+def _load_sharded(path: Path, model, optimizer, module) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(module, optimizer, options=_state_dict_options(model))
+    state = {"model": model_state, "optim": optim_state}
+    check_dcp_state(path / "dcp", state)
+    try:
+        dcp.load(state, checkpoint_id=path / "dcp", no_dist=not torch.distributed.is_initialized())
+    except (CheckpointException, RuntimeError, ValueError, KeyError, OSError, EOFError) as e:
+        # CheckpointException (a BaseException) carries each rank's traceback: its last line is the reason
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path / 'dcp'}: cannot load the sharded state ({reason[:300]})") from None
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_state_dict_options(model))
 
 
 def _shard_optimizer_state(optimizer) -> None:
@@ -218,11 +321,19 @@ def _shard_optimizer_state(optimizer) -> None:
 def prune_checkpoints(out_dir, keep_last: int) -> None:
     """Delete all but the newest `keep_last` checkpoints and the best one by val loss."""
     found = list_checkpoints(out_dir)
-    states = {p: json.loads((p / "trainer_state.json").read_text()) for p in found}
-    scored = [p for p in found if states[p].get("val_loss") is not None]
-    best = min(scored, key=lambda p: states[p]["val_loss"]) if scored else None
+    scores = {p: _val_loss(p) for p in found}
+    scored = [p for p in found if scores[p] is not None]
+    best = min(scored, key=lambda p: scores[p]) if scored else None
     for p in found[:-keep_last]:
         if p != best:
             shutil.rmtree(p)
-    for stale in checkpoint_root(out_dir).glob(".tmp-*"):  # left by a crash mid-save
+    for stale in checkpoint_root(out_dir).glob(f"{TEMP_PREFIX}*"):  # left by a crash mid-save
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def _val_loss(path: Path) -> Optional[float]:
+    try:
+        value = read_trainer_state(path).get("val_loss")
+    except CheckpointError:  # a damaged checkpoint is never "the best" one
+        return None
+    return value if isinstance(value, (int, float)) else None

@@ -22,7 +22,7 @@ import kernels
 from engine.train import distributed
 from engine.train.run_factory import build_data, build_model, build_tokenizer, check_run_config, resolve_device
 from engine.train.checkpoint import (find_resume, is_sharded, load_model_weights, load_training_state, prune_checkpoints,
-                               save_checkpoint, save_model)
+                               save_checkpoint, save_final)
 from engine.config import RunConfig, TrainConfig
 from engine.dtypes import DTYPES
 from engine.train.distributed import SINGLE, Dist
@@ -201,7 +201,7 @@ def _train(cfg: RunConfig, group: Dist, device: torch.device, progress: bool, on
         train_windows = data.windows("train", cfg.data.seq_len, seed=t.seed)
         val_windows = data.windows("val", cfg.data.seq_len) if data.meta["val_tokens"] > cfg.data.seq_len else None
     out_dir = Path(cfg.out_dir)
-    resume_from = find_resume(out_dir, cfg.resume)
+    resume_from = find_resume(out_dir, cfg.resume, group)
     if resume_from is not None and not is_sharded(resume_from):
         load_model_weights(resume_from, model)  # before DDP/FSDP take the weights over
     hidden_fn = torch.compile(model.hidden_states) if t.compile else None
@@ -234,6 +234,8 @@ def _train(cfg: RunConfig, group: Dist, device: torch.device, progress: bool, on
                         lora.base_dtype, trainable_summary(model))
 
     def checkpoint():
+        if group.is_main:
+            metrics.sync()  # a resume keeps the rows up to its checkpoint: durable before the checkpoint is
         trainer_state = {**state, "world_size": group.world_size, "tokens_per_step": tokens_per_step,
                          "sampler": {"seed": t.seed, "next_step": state["step"]},
                          "scheduler": {"kind": t.schedule, "total_steps": steps, "next_lr": lr_at(state["step"], t, steps)}}
@@ -303,6 +305,5 @@ def _save_final(directory: Path, model, tokenizer, group: Dist) -> None:
     """The trained model in HF layout (a LoRA run: the adapter alone, PEFT layout; cli.export merges it)."""
     params = distributed.full_params(model, group)
     if group.is_main:
-        save_model(directory, model, params)
-        tokenizer.save_pretrained(directory)
+        save_final(directory, model, tokenizer, params)
     group.barrier()
