@@ -1,12 +1,13 @@
 """The training loop: AMP, gradient accumulation, clipping, LR schedule, eval, checkpoints, exact resume.
 
-Small pure helpers first (lr_at, param_groups, token_loss_sum, train_step, evaluate), then `train`, which
-wires them to a RunConfig. The loss and the optimizer go through `kernels` (fused when compiled,
-exact PyTorch fallbacks otherwise): `token_loss_sum` and `make_optimizer` are the only two call sites.
+Small pure helpers first (lr_at, param_groups, train_step, evaluate), then `train`: `_setup` builds a `Run`
+from a RunConfig (model, batch sources, objective, optimizer, resumed state), `_loop` runs it step by step.
+What is optimized is the run's Objective (engine.train.objectives): the loop never looks inside a batch.
+The loss and the optimizer go through `kernels` (fused when compiled, exact PyTorch fallbacks otherwise):
+the objective's `token_loss_sum` and `make_optimizer` are the only two call sites.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -19,17 +20,19 @@ import torch
 import torch.nn as nn
 
 import kernels
-from engine.train import distributed
-from engine.train.run_factory import build_data, build_model, build_tokenizer, check_run_config, resolve_device
-from engine.train.checkpoint import (find_resume, is_sharded, load_model_weights, load_training_state, prune_checkpoints,
-                               save_checkpoint, save_model)
-from engine.config import RunConfig, TrainConfig
-from engine.train.distributed import SINGLE, Dist
 from engine.adapters.lora import is_lora, trainable_summary
+from engine.config import RunConfig, TrainConfig
+from engine.files import atomic_write
+from engine.train import distributed
+from engine.train.checkpoint import (find_resume, is_sharded, load_model_weights, load_training_state,
+                                     prune_checkpoints, save_checkpoint, save_model)
+from engine.train.distributed import SINGLE, Dist
+from engine.train.objectives import AMP_DTYPES, IGNORE_INDEX, TokenLoss, autocast, to_device  # noqa: F401
+from engine.train.run_factory import (RunData, build_batch_sources, build_model, build_objective, build_tokenizer,
+                                      check_run_config, resolve_device)
+from engine.train.run_state import RunState, finite_or_none
 
 logger = logging.getLogger("engine.train.loop")
-IGNORE_INDEX = -100
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -58,92 +61,89 @@ def make_optimizer(model, cfg: TrainConfig):
                          eps=cfg.eps, max_grad_norm=cfg.grad_clip or None)
 
 
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=AMP_DTYPES[precision])
-
-
-def token_loss_sum(model, inputs, targets, precision: str = "fp32", hidden_fn=None, position_ids=None,
-                   attn_mask=None) -> torch.Tensor:
-    """Summed cross-entropy over the non-ignored targets [B, T]; the LM head is fused into the loss.
-
-    position_ids [B, T] and attn_mask [B, 1, T, T] (bool) come with packed SFT rows (engine.data.sft).
-    """
-    h = (hidden_fn or model.hidden_states)(inputs, position_ids=position_ids, attn_mask=attn_mask)  # (B, T, C)
-    w = model.output_weight
-    if precision != "fp32":  # what autocast would do to the head matmul, done explicitly for the fused op
-        h, w = h.to(AMP_DTYPES[precision]), w.to(AMP_DTYPES[precision])
-    return kernels.linear_cross_entropy(h.reshape(-1, h.shape[-1]), w, targets.reshape(-1),
-                                        ignore_index=IGNORE_INDEX, reduction="sum", out_dtype=torch.float32)
-
-
-class TokenLoss(nn.Module):
-    """token_loss_sum as a module's forward. This is the module DDP and FSDP wrap: they hook forward(),
-    and the loss (with its fused LM head) must run inside it."""
-
-    def __init__(self, model, precision: str = "fp32", hidden_fn=None):
-        super().__init__()
-        self.model, self.precision, self.hidden_fn = model, precision, hidden_fn
-
-    def forward(self, inputs, targets, position_ids=None, attn_mask=None):
-        return token_loss_sum(self.model, inputs, targets, self.precision, self.hidden_fn, position_ids, attn_mask)
-
-
 def train_step(model, optimizer, micro_batches, *, device, precision="fp32", scaler=None, hidden_fn=None,
                loss_module=None, group: Dist = SINGLE) -> dict:
-    """One optimizer step over `micro_batches` [(inputs, targets[, position_ids, attn_mask])], normalized by the
-    window's target tokens.
+    """One optimizer step over `micro_batches` (batches of the objective; for TokenLoss (inputs, targets[,
+    position_ids, attn_mask])), normalized by the units (target tokens) of the whole window.
 
-    Dividing every micro-batch's summed loss by the tokens of the *whole* window makes k micro-batches
+    Dividing every micro-batch's summed loss by the units of the *whole* window makes k micro-batches
     of b sequences give the same gradient as one batch of k*b, even when ignore_index counts differ.
     Under torchrun the window spans all ranks (see engine.train.distributed); `loss_module` is then the
-    DDP/FSDP-wrapped TokenLoss, and the returned loss is the global one.
+    DDP/FSDP-wrapped objective, and the returned loss is the global one. A non-finite loss or gradient
+    norm is not applied (`skipped`): the weights and the optimizer state stay as they were.
     """
-    loss_module = loss_module if loss_module is not None else TokenLoss(model, precision, hidden_fn)
-    n_tokens = int(group.sum(sum(int((mb[1] != IGNORE_INDEX).sum()) for mb in micro_batches)))
-    total = 0.0
-    for i, (x, y, *packed) in enumerate(micro_batches):
-        x, y, packed = x.to(device, non_blocking=True), y.to(device, non_blocking=True), _packing(packed, device)
-        with distributed.gradient_sync(loss_module, group, sync=i == len(micro_batches) - 1):
+    objective = loss_module if loss_module is not None else TokenLoss(model, precision, hidden_fn)
+    units = distributed.unwrap(objective).units
+    n_units = int(group.sum(sum(units(mb) for mb in micro_batches)))
+    total, sums = 0.0, {}
+    for i, batch in enumerate(micro_batches):
+        batch = to_device(batch, device)
+        with distributed.gradient_sync(objective, group, sync=i == len(micro_batches) - 1):
             with autocast(device, precision):
-                loss = loss_module(x, y, **packed) / max(n_tokens, 1)
+                loss_sum, metrics = objective(batch)
+                loss = loss_sum / max(n_units, 1)
             # DDP/FSDP average the ranks' gradients; the global loss is their sum
             (scaler.scale(loss * group.world_size) if scaler is not None else loss * group.world_size).backward()
         total += float(loss.detach())
-    if scaler is not None:  # fp16: unscale before the optimizer clips and steps; skip steps with inf/NaN
-        scaler.unscale_(optimizer)
-        scaler.step(optimizer)
+        for name, value in metrics.items():
+            sums[name] = sums.get(name, 0.0) + float(value)
+    total = group.sum(total)
+    grad_norm, applied = _apply_update(optimizer, scaler, group, loss_finite=math.isfinite(total))
+    optimizer.zero_grad(set_to_none=True)
+    means = {name: group.sum(value) / max(n_units, 1) for name, value in sums.items()}
+    return {"loss": total, "tokens": n_units, "grad_norm": grad_norm, "skipped": not applied, **means}
+
+
+def _apply_update(optimizer, scaler, group: Dist, loss_finite: bool) -> tuple[Optional[float], bool]:
+    """Step the optimizer unless the loss or the gradients are non-finite; (grad norm or None, applied).
+
+    fp16: the GradScaler already skips steps with inf/NaN gradients (and backs its scale off); those are the
+    scaler's normal work, so only a non-finite loss counts as a skipped step there.
+    """
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # before the optimizer clips and steps
+        if loss_finite:
+            scaler.step(optimizer)
         scaler.update()
+        applied = loss_finite
     else:
+        norm = _grad_norm(optimizer, group) if loss_finite else math.nan
+        applied = math.isfinite(norm)
+        if not applied:
+            return norm, False
         optimizer.step()
     grad_norm = getattr(optimizer, "last_grad_norm", None)
-    optimizer.zero_grad(set_to_none=True)
-    return {"loss": group.sum(total), "tokens": n_tokens, "grad_norm": None if grad_norm is None else float(grad_norm)}
+    return (None if grad_norm is None else float(grad_norm)), applied
 
 
-def _packing(extra, device) -> dict:
-    """(position_ids, attn_mask) of a packed batch as token_loss_sum kwargs; {} for plain windows."""
-    return dict(zip(("position_ids", "attn_mask"), (t.to(device, non_blocking=True) for t in extra)))
+def _grad_norm(optimizer, group: Dist) -> float:
+    """Global L2 norm of the gradients, to check them before they reach the weights and AdamW's moments."""
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP: this rank's shards
+    if not grads:
+        return 0.0
+    sumsq = float(torch.stack([n.float() for n in torch._foreach_norm(grads)]).square().sum())
+    if group.enabled and group.strategy == "fsdp":  # DDP's gradients are whole after the all-reduce
+        sumsq = group.sum(sumsq)
+    return math.sqrt(sumsq) if math.isfinite(sumsq) else math.nan
 
 
 @torch.no_grad()
 def evaluate(model, windows, *, batch_size: int, max_batches: int, device, precision="fp32", loss_module=None,
              group: Dist = SINGLE) -> float:
-    """Mean per-token validation loss over the first `max_batches` val batches (deterministic); under
+    """Mean per-unit validation loss over the first `max_batches` val batches (deterministic); under
     torchrun each rank takes every world_size-th batch and the sums are combined."""
     # DDP: the wrapped module alone (its forward would sync buffers, and ranks may run different batch counts).
     # FSDP: every forward all-gathers weights, a collective, so every rank runs every batch.
-    loss_module = distributed.unwrap(loss_module) if loss_module is not None else TokenLoss(model, precision)
+    objective = distributed.unwrap(loss_module) if loss_module is not None else TokenLoss(model, precision)
     split = group if group.strategy != "fsdp" else SINGLE
     was_training = model.training
     model.eval()
     loss_sum, n = 0.0, 0
-    for x, y, *packed in windows.eval_batches(batch_size, max_batches, rank=split.rank, world_size=split.world_size):
-        x, y = x.to(device), y.to(device)
+    for batch in windows.eval_batches(batch_size, max_batches, rank=split.rank, world_size=split.world_size):
+        n += objective.units(batch)
         with autocast(device, precision):
-            loss_sum += float(loss_module(x, y, **_packing(packed, device)))
-        n += int((y != IGNORE_INDEX).sum())
+            loss_sum += float(objective(to_device(batch, device))[0])
     model.train(was_training)
     return split.sum(loss_sum) / max(split.sum(n), 1)
 
@@ -164,138 +164,208 @@ def total_steps(cfg: TrainConfig, tokens_per_step: int) -> int:
     return min(s for s in (cfg.max_steps, by_tokens) if s is not None)
 
 
+@dataclass
+class Run:
+    """What `_setup` builds from a RunConfig; only `state` changes while the loop runs."""
+
+    cfg: RunConfig
+    group: Dist
+    device: torch.device
+    tokenizer: object
+    model: nn.Module
+    data: RunData  # the train and val batch sources
+    objective: nn.Module  # the Objective, wrapped by DDP/FSDP under torchrun
+    optimizer: torch.optim.Optimizer
+    scaler: Optional[torch.amp.GradScaler]
+    tokens_per_step: int
+    steps: int  # the step the run ends at (train.max_steps / max_tokens)
+    state: RunState
+    resume_from: Optional[Path] = None
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+
 def train(cfg: RunConfig, *, progress: bool = True, on_step: Optional[Callable[[dict], None]] = None) -> RunResult:
     """Run (or resume) the training described by `cfg`; return where it ended and the per-step losses.
 
     Under torchrun (WORLD_SIZE > 1) every rank runs this; rank 0 prepares the data and tokenizer first,
     and alone logs, shows progress and writes metrics (see engine.train.distributed).
     """
-    t = cfg.train
     check_run_config(cfg)
-    group, device = distributed.init_distributed(cfg, resolve_device(t.device))
+    group, device = distributed.init_distributed(cfg, resolve_device(cfg.train.device))
     try:
-        return _train(cfg, group, device, progress and group.is_main, on_step)
+        run = _setup(cfg, group, device, progress and group.is_main)
+        return _loop(run, progress and group.is_main, on_step)
     finally:
         kernels.release_workspace()  # the loss's reusable logits buffer: not needed after training
         distributed.shutdown(group)
 
 
-def _train(cfg: RunConfig, group: Dist, device: torch.device, progress: bool, on_step) -> RunResult:
-    from engine.train.metrics import MetricsLog, ProgressBar, is_logged
-    from engine.train.tracking import Trackers
-
+def _setup(cfg: RunConfig, group: Dist, device: torch.device, progress: bool) -> Run:
+    """Tokenizer, model, data, objective, optimizer, and the state of the checkpoint being resumed (if any)."""
     t = cfg.train
     torch.manual_seed(t.seed)  # the same initial weights on every rank
 
     def prepare():
         tokenizer, tokenizer_dir = build_tokenizer(cfg, progress)
         model = build_model(cfg, tokenizer).to(device)
-        return tokenizer, model, build_data(cfg, tokenizer, tokenizer_dir, progress)
+        return tokenizer, model, build_batch_sources(cfg, tokenizer, tokenizer_dir, progress)
 
     # rank 0 trains the tokenizer and tokenizes the corpus once; the others reuse its cache
     tokenizer, model, data = group.main_first(prepare)
-    if cfg.data.format == "sft":  # packed examples, sampled like windows
-        train_windows, val_windows = data.train, data.val
-    else:
-        train_windows = data.windows("train", cfg.data.seq_len, seed=t.seed)
-        val_windows = data.windows("val", cfg.data.seq_len) if data.meta["val_tokens"] > cfg.data.seq_len else None
-    out_dir = Path(cfg.out_dir)
-    resume_from = find_resume(out_dir, cfg.resume)
+    resume_from = find_resume(Path(cfg.out_dir), cfg.resume)
     if resume_from is not None and not is_sharded(resume_from):
         load_model_weights(resume_from, model)  # before DDP/FSDP take the weights over
     hidden_fn = torch.compile(model.hidden_states) if t.compile else None
-    loss_module = distributed.wrap(TokenLoss(model, t.precision, hidden_fn), model.layers, group, device,
-                                   AMP_DTYPES.get(t.precision))
+    objective = distributed.wrap(build_objective(cfg, model, hidden_fn), model.layers, group, device,
+                                 AMP_DTYPES.get(t.precision))
     optimizer = make_optimizer(model, t)  # after wrap: FSDP replaced the parameters by their shards
     scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
     if group.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-
-    state = {"step": 0, "tokens_seen": 0, "val_loss": None, "best_val_loss": None}
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write(Path(cfg.out_dir) / "run_config.json", json.dumps(cfg.to_dict(), indent=2))
     tokens_per_step = t.batch_size * t.grad_accum * group.world_size * cfg.data.seq_len
+    run = Run(cfg, group, device, tokenizer, model, data, objective, optimizer, scaler, tokens_per_step,
+              total_steps(t, tokens_per_step), RunState(), resume_from)
     if resume_from is not None:
-        state.update(load_training_state(resume_from, model, optimizer, scaler, group, loss_module))
-        logger.info("resumed from %s at step %d", resume_from, state["step"])
-        if state.get("tokens_per_step", tokens_per_step) != tokens_per_step:
-            logger.warning("resume: this run takes %d tokens per step, the checkpoint's took %d; the data order "
-                           "continues exactly only when batch_size x grad_accum x ranks stays the same",
-                           tokens_per_step, state["tokens_per_step"])
-    steps = total_steps(t, tokens_per_step)
-    result = RunResult(out_dir, state["step"], state["tokens_seen"])
+        _resume(run)
     if group.is_main:
-        logger.info("model: %.2fM params on %s, %s, %d tokens per step%s", model.config.num_params / 1e6, device,
-                    t.precision, tokens_per_step,
-                    f" ({group.world_size} ranks, {group.strategy})" if group.enabled else "")
-        if is_lora(model):
-            lora = cfg.lora
-            logger.info("lora: r=%d alpha=%g on %s, base %s: %s", lora.rank, lora.alpha, ",".join(lora.targets),
-                        lora.base_dtype, trainable_summary(model))
+        _log_start(run)
+    return run
 
-    def checkpoint():
-        trainer_state = {**state, "world_size": group.world_size, "tokens_per_step": tokens_per_step,
-                         "sampler": {"seed": t.seed, "next_step": state["step"]},
-                         "scheduler": {"kind": t.schedule, "total_steps": steps, "next_lr": lr_at(state["step"], t, steps)}}
-        path = save_checkpoint(out_dir, state["step"], model, tokenizer, optimizer, scaler, trainer_state,
-                               cfg.to_dict(), group, loss_module)
-        if group.is_main:
-            prune_checkpoints(out_dir, t.keep_last)
-        return path
 
-    metrics = MetricsLog(out_dir / "metrics.jsonl", truncate_after=state["step"]) if group.is_main else None
-    trackers = Trackers(cfg.logging, out_dir, cfg.to_dict()) if group.is_main else None
-    bar = ProgressBar(steps, state["step"], enabled=progress)
-    stop = distributed.StopRequest(group)
-    model.train()
+def _resume(run: Run) -> None:
+    """Load the optimizer, scaler, RNG and counters of `run.resume_from` (its weights are loaded already)."""
+    saved = load_training_state(run.resume_from, run.model, run.optimizer, run.scaler, run.group, run.objective)
+    run.state = RunState.from_trainer_state(saved)
+    logger.info("resumed from %s at step %d", run.resume_from, run.state.step)
+    if saved.get("tokens_per_step", run.tokens_per_step) != run.tokens_per_step:
+        logger.warning("resume: this run takes %d tokens per step, the checkpoint's took %d; the data order "
+                       "continues exactly only when batch_size x grad_accum x ranks stays the same",
+                       run.tokens_per_step, saved["tokens_per_step"])
+
+
+def _log_start(run: Run) -> None:
+    cfg, group, model = run.cfg, run.group, run.model
+    logger.info("model: %.2fM params on %s, %s, %d tokens per step%s", model.config.num_params / 1e6, run.device,
+                cfg.train.precision, run.tokens_per_step,
+                f" ({group.world_size} ranks, {group.strategy})" if group.enabled else "")
+    if is_lora(model):
+        lora = cfg.lora
+        logger.info("lora: r=%d alpha=%g on %s, base %s: %s", lora.rank, lora.alpha, ",".join(lora.targets),
+                    lora.base_dtype, trainable_summary(model))
+
+
+def _loop(run: Run, progress: bool, on_step) -> RunResult:
+    """Step until run.steps (or Ctrl-C / SIGTERM), evaluating and checkpointing on schedule; then the
+    last checkpoint and, when the run completed, final/."""
+    from engine.train.metrics import ProgressBar
+
+    state, t = run.state, run.cfg.train
+    result = RunResult(run.out_dir, state.step, state.tokens_seen)
+    report = _Reporter(run) if run.group.is_main else None
+    bar = ProgressBar(run.steps, state.step, enabled=progress)
+    stop = distributed.StopRequest(run.group)
+    run.model.train()
     try:
-        while state["step"] < steps:
-            step = state["step"]
-            lr = lr_at(step, t, steps)
-            for param_group in optimizer.param_groups:
-                param_group["lr"] = lr
-            batches = [train_windows.batch(step, m, batch_size=t.batch_size, accum=t.grad_accum, rank=group.rank,
-                                           world_size=group.world_size) for m in range(t.grad_accum)]
-            started = time.perf_counter()
-            out = train_step(model, optimizer, batches, device=device, precision=t.precision, scaler=scaler,
-                             loss_module=loss_module, group=group)
-            state["step"] = step + 1
-            state["tokens_seen"] += tokens_per_step
-            row = {"step": step + 1, "loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"],
-                   "tokens_per_s": tokens_per_step / (time.perf_counter() - started), "tokens_seen": state["tokens_seen"]}
-            result.losses.append((step + 1, out["loss"]))
-            if val_windows is not None and t.eval_every and (state["step"] % t.eval_every == 0 or state["step"] == steps):
-                state["val_loss"] = evaluate(model, val_windows, batch_size=t.batch_size, max_batches=t.eval_batches,
-                                             device=device, precision=t.precision, loss_module=loss_module, group=group)
-                state["best_val_loss"] = min(state["val_loss"], state["best_val_loss"] or math.inf)
-                row.update(val_loss=state["val_loss"], val_ppl=math.exp(min(state["val_loss"], 50.0)))
-            if group.is_main:
-                metrics.write(row, every=t.log_every)
-                if is_logged(row, t.log_every):
-                    trackers.log(row)
+        while state.step < run.steps:
+            row = _train_one_step(run)
+            result.losses.append((state.step, row["loss"]))
+            if run.data.val is not None and t.eval_every and (state.step % t.eval_every == 0
+                                                              or state.step == run.steps):
+                row.update(_eval_row(run))
+            if report is not None:
+                report.step(row)
             bar.update(row)
             if on_step is not None:
                 on_step(row)
-            if t.save_every and state["step"] % t.save_every == 0 and state["step"] < steps:
-                checkpoint()
+            if t.save_every and state.step % t.save_every == 0 and state.step < run.steps:
+                _checkpoint(run)
             if stop.requested():
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         result.interrupted = True
-        if group.is_main:
-            bar.write(f"interrupted at step {state['step']}: saving a checkpoint")
+        if run.group.is_main:
+            bar.write(f"interrupted at step {state.step}: saving a checkpoint")
     finally:
         stop.close()
         bar.close()
-        if trackers is not None:
-            trackers.close()
-    last = checkpoint()
-    result.step, result.tokens_seen, result.val_loss = state["step"], state["tokens_seen"], state["val_loss"]
+        if report is not None:
+            report.close()
+    last = _checkpoint(run)
+    result.step, result.tokens_seen, result.val_loss = state.step, state.tokens_seen, state.val_loss
     if not result.interrupted:
-        result.final_dir = out_dir / "final"
-        _save_final(result.final_dir, model, tokenizer, group)
-    if group.is_main:
+        result.final_dir = run.out_dir / "final"
+        _save_final(result.final_dir, run.model, run.tokenizer, run.group)
+    if run.group.is_main:
         logger.info("checkpoint: %s", last)
     return result
+
+
+def _train_one_step(run: Run) -> dict:
+    """One optimizer step at run.state.step: set the lr, read the step's micro-batches, step; its metrics row."""
+    state, t, group = run.state, run.cfg.train, run.group
+    lr = lr_at(state.step, t, run.steps)
+    for param_group in run.optimizer.param_groups:
+        param_group["lr"] = lr
+    batches = [run.data.train.batch(state.step, m, batch_size=t.batch_size, accum=t.grad_accum, rank=group.rank,
+                                    world_size=group.world_size) for m in range(t.grad_accum)]
+    started = time.perf_counter()
+    out = train_step(run.model, run.optimizer, batches, device=run.device, precision=t.precision,
+                     scaler=run.scaler, loss_module=run.objective, group=group)
+    state.step += 1
+    state.tokens_seen += run.tokens_per_step
+    extra = {k: v for k, v in out.items() if k not in ("loss", "tokens", "grad_norm", "skipped")}
+    return {"step": state.step, "loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"],
+            "tokens_per_s": run.tokens_per_step / (time.perf_counter() - started), "tokens_seen": state.tokens_seen,
+            **extra}
+
+
+def _eval_row(run: Run) -> dict:
+    t = run.cfg.train
+    val_loss = evaluate(run.model, run.data.val, batch_size=t.batch_size, max_batches=t.eval_batches,
+                        device=run.device, precision=t.precision, loss_module=run.objective, group=run.group)
+    run.state.record_eval(val_loss)
+    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+
+class _Reporter:
+    """Rank 0's outputs of a step: metrics.jsonl (every train.log_every steps and at evals) and trackers."""
+
+    def __init__(self, run: Run):
+        from engine.train.metrics import MetricsLog
+        from engine.train.tracking import Trackers
+
+        self.every = run.cfg.train.log_every
+        self.metrics = MetricsLog(run.out_dir / "metrics.jsonl", truncate_after=run.state.step)
+        self.trackers = Trackers(run.cfg.logging, run.out_dir, run.cfg.to_dict())
+
+    def step(self, row: dict) -> None:
+        from engine.train.metrics import is_logged
+
+        row = {k: finite_or_none(v) for k, v in row.items()}  # JSON has no NaN
+        self.metrics.write(row, every=self.every)
+        if is_logged(row, self.every):
+            self.trackers.log(row)
+
+    def close(self) -> None:
+        self.trackers.close()
+
+
+def _checkpoint(run: Run) -> Path:
+    """Save a checkpoint of the current step (every rank takes part) and prune old ones."""
+    state, t = run.state, run.cfg.train
+    trainer_state = state.trainer_state(
+        world_size=run.group.world_size, tokens_per_step=run.tokens_per_step,
+        sampler={"seed": t.seed, "next_step": state.step},
+        scheduler={"kind": t.schedule, "total_steps": run.steps, "next_lr": lr_at(state.step, t, run.steps)})
+    path = save_checkpoint(run.out_dir, state.step, run.model, run.tokenizer, run.optimizer, run.scaler,
+                           trainer_state, run.cfg.to_dict(), run.group, run.objective)
+    if run.group.is_main:
+        prune_checkpoints(run.out_dir, t.keep_last)
+    return path
 
 
 def _save_final(directory: Path, model, tokenizer, group: Dist) -> None:
