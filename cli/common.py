@@ -10,6 +10,7 @@ from engine.config import ConfigError
 from engine.data.text import DataError
 from engine.train.distributed import RankZeroFailed
 from engine.train.metrics import MetricsError
+from engine.train.run_state import TrainingStopped
 from engine.data.tokenizer import TokenizerError
 from engine.model.hf_format import WeightsError
 
@@ -26,6 +27,9 @@ def exit_on_user_error(prog: str):
     except USER_ERRORS as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingStopped as e:  # NaN loss, a collective timeout: one line, exit 1, no traceback
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(1)
     except RankZeroFailed as e:  # under torchrun: rank 0 printed the error; leave with its exit code
         sys.exit(2 if isinstance(e.error, USER_ERRORS) else 1)
     except KeyboardInterrupt:

@@ -1,13 +1,14 @@
-"""The training loop: AMP, gradient accumulation, clipping, LR schedule, eval, checkpoints, exact resume.
+"""The training loop: eval and checkpoints on schedule, exact resume, Ctrl-C/SIGTERM, NaN guard, logs.
 
-Small pure helpers first (lr_at, param_groups, train_step, evaluate), then `train`: `_setup` builds a `Run`
-from a RunConfig (model, batch sources, objective, optimizer, resumed state), `_loop` runs it step by step.
-What is optimized is the run's Objective (engine.train.objectives): the loop never looks inside a batch.
-The loss and the optimizer go through `kernels` (fused when compiled, exact PyTorch fallbacks otherwise):
-the objective's `token_loss_sum` and `make_optimizer` are the only two call sites.
+`train` = `_setup` (a `Run` built from a RunConfig: model, batch sources, objective, optimizer, resumed state)
+then `_loop` (step by step, top to bottom). The math of one step (AMP, gradient accumulation, clipping, LR
+schedule) is in engine.train.step and re-exported here; what is optimized is the run's Objective
+(engine.train.objectives): the loop never looks inside a batch. The loss and the optimizer go through
+`kernels` (fused when compiled, exact PyTorch fallbacks otherwise).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -24,128 +25,17 @@ from engine.adapters.lora import is_lora, trainable_summary
 from engine.config import RunConfig, TrainConfig
 from engine.files import atomic_write
 from engine.train import distributed
-from engine.train.checkpoint import (find_resume, is_sharded, load_model_weights, load_training_state,
+from engine.train.checkpoint import (is_sharded, list_checkpoints, load_model_weights, load_training_state,
                                      prune_checkpoints, save_checkpoint, save_model)
-from engine.train.distributed import SINGLE, Dist
-from engine.train.objectives import AMP_DTYPES, IGNORE_INDEX, TokenLoss, autocast, to_device  # noqa: F401
+from engine.train.distributed import Dist
+from engine.train.run_dir import claim_out_dir
+from engine.train.objectives import AMP_DTYPES, IGNORE_INDEX, TokenLoss  # noqa: F401  (re-exported)
 from engine.train.run_factory import (RunData, build_batch_sources, build_model, build_objective, build_tokenizer,
                                       check_run_config, resolve_device)
-from engine.train.run_state import RunState, finite_or_none
+from engine.train.step import evaluate, lr_at, make_optimizer, param_groups, train_step  # noqa: F401
+from engine.train.run_state import CollectiveTimeout, NonFiniteLoss, RunState, finite_or_none
 
 logger = logging.getLogger("engine.train.loop")
-
-
-def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine/linear/constant decay."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return cfg.lr
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-    floor = cfg.lr * cfg.min_lr_ratio
-    if cfg.schedule == "linear":
-        return cfg.lr - (cfg.lr - floor) * progress
-    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def param_groups(model, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (>= 2-D: linears, embeddings) only; never on norms or biases."""
-    params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-
-
-def make_optimizer(model, cfg: TrainConfig):
-    """kernels.AdamW (fused when built) with global-norm clipping folded into its step."""
-    return kernels.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                         eps=cfg.eps, max_grad_norm=cfg.grad_clip or None)
-
-
-def train_step(model, optimizer, micro_batches, *, device, precision="fp32", scaler=None, hidden_fn=None,
-               loss_module=None, group: Dist = SINGLE) -> dict:
-    """One optimizer step over `micro_batches` (batches of the objective; for TokenLoss (inputs, targets[,
-    position_ids, attn_mask])), normalized by the units (target tokens) of the whole window.
-
-    Dividing every micro-batch's summed loss by the units of the *whole* window makes k micro-batches
-    of b sequences give the same gradient as one batch of k*b, even when ignore_index counts differ.
-    Under torchrun the window spans all ranks (see engine.train.distributed); `loss_module` is then the
-    DDP/FSDP-wrapped objective, and the returned loss is the global one. A non-finite loss or gradient
-    norm is not applied (`skipped`): the weights and the optimizer state stay as they were.
-    """
-    objective = loss_module if loss_module is not None else TokenLoss(model, precision, hidden_fn)
-    units = distributed.unwrap(objective).units
-    n_units = int(group.sum(sum(units(mb) for mb in micro_batches)))
-    total, sums = 0.0, {}
-    for i, batch in enumerate(micro_batches):
-        batch = to_device(batch, device)
-        with distributed.gradient_sync(objective, group, sync=i == len(micro_batches) - 1):
-            with autocast(device, precision):
-                loss_sum, metrics = objective(batch)
-                loss = loss_sum / max(n_units, 1)
-            # DDP/FSDP average the ranks' gradients; the global loss is their sum
-            (scaler.scale(loss * group.world_size) if scaler is not None else loss * group.world_size).backward()
-        total += float(loss.detach())
-        for name, value in metrics.items():
-            sums[name] = sums.get(name, 0.0) + float(value)
-    total = group.sum(total)
-    grad_norm, applied = _apply_update(optimizer, scaler, group, loss_finite=math.isfinite(total))
-    optimizer.zero_grad(set_to_none=True)
-    means = {name: group.sum(value) / max(n_units, 1) for name, value in sums.items()}
-    return {"loss": total, "tokens": n_units, "grad_norm": grad_norm, "skipped": not applied, **means}
-
-
-def _apply_update(optimizer, scaler, group: Dist, loss_finite: bool) -> tuple[Optional[float], bool]:
-    """Step the optimizer unless the loss or the gradients are non-finite; (grad norm or None, applied).
-
-    fp16: the GradScaler already skips steps with inf/NaN gradients (and backs its scale off); those are the
-    scaler's normal work, so only a non-finite loss counts as a skipped step there.
-    """
-    if scaler is not None:
-        scaler.unscale_(optimizer)  # before the optimizer clips and steps
-        if loss_finite:
-            scaler.step(optimizer)
-        scaler.update()
-        applied = loss_finite
-    else:
-        norm = _grad_norm(optimizer, group) if loss_finite else math.nan
-        applied = math.isfinite(norm)
-        if not applied:
-            return norm, False
-        optimizer.step()
-    grad_norm = getattr(optimizer, "last_grad_norm", None)
-    return (None if grad_norm is None else float(grad_norm)), applied
-
-
-def _grad_norm(optimizer, group: Dist) -> float:
-    """Global L2 norm of the gradients, to check them before they reach the weights and AdamW's moments."""
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP: this rank's shards
-    if not grads:
-        return 0.0
-    sumsq = float(torch.stack([n.float() for n in torch._foreach_norm(grads)]).square().sum())
-    if group.enabled and group.strategy == "fsdp":  # DDP's gradients are whole after the all-reduce
-        sumsq = group.sum(sumsq)
-    return math.sqrt(sumsq) if math.isfinite(sumsq) else math.nan
-
-
-@torch.no_grad()
-def evaluate(model, windows, *, batch_size: int, max_batches: int, device, precision="fp32", loss_module=None,
-             group: Dist = SINGLE) -> float:
-    """Mean per-unit validation loss over the first `max_batches` val batches (deterministic); under
-    torchrun each rank takes every world_size-th batch and the sums are combined."""
-    # DDP: the wrapped module alone (its forward would sync buffers, and ranks may run different batch counts).
-    # FSDP: every forward all-gathers weights, a collective, so every rank runs every batch.
-    objective = distributed.unwrap(loss_module) if loss_module is not None else TokenLoss(model, precision)
-    split = group if group.strategy != "fsdp" else SINGLE
-    was_training = model.training
-    model.eval()
-    loss_sum, n = 0.0, 0
-    for batch in windows.eval_batches(batch_size, max_batches, rank=split.rank, world_size=split.world_size):
-        n += objective.units(batch)
-        with autocast(device, precision):
-            loss_sum += float(objective(to_device(batch, device))[0])
-    model.train(was_training)
-    return split.sum(loss_sum) / max(split.sum(n), 1)
 
 
 @dataclass
@@ -198,6 +88,13 @@ def train(cfg: RunConfig, *, progress: bool = True, on_step: Optional[Callable[[
     try:
         run = _setup(cfg, group, device, progress and group.is_main)
         return _loop(run, progress and group.is_main, on_step)
+    except RuntimeError as exc:
+        if group.enabled and distributed.is_timeout(exc):
+            raise CollectiveTimeout(
+                f"distributed: rank {group.rank} waited more than distributed.timeout_s={cfg.distributed.timeout_s:g} s "
+                f"for another rank in a collective (a rank is stuck or died); raise distributed.timeout_s if a "
+                f"step or save legitimately takes longer ({str(exc).splitlines()[0][-160:]})") from None
+        raise
     finally:
         kernels.release_workspace()  # the loss's reusable logits buffer: not needed after training
         distributed.shutdown(group)
@@ -209,13 +106,14 @@ def _setup(cfg: RunConfig, group: Dist, device: torch.device, progress: bool) ->
     torch.manual_seed(t.seed)  # the same initial weights on every rank
 
     def prepare():
+        resume_from = claim_out_dir(cfg) if group.is_main else None  # first: it may refuse the out_dir
         tokenizer, tokenizer_dir = build_tokenizer(cfg, progress)
         model = build_model(cfg, tokenizer).to(device)
-        return tokenizer, model, build_batch_sources(cfg, tokenizer, tokenizer_dir, progress)
+        return resume_from, tokenizer, model, build_batch_sources(cfg, tokenizer, tokenizer_dir, progress)
 
     # rank 0 trains the tokenizer and tokenizes the corpus once; the others reuse its cache
-    tokenizer, model, data = group.main_first(prepare)
-    resume_from = find_resume(Path(cfg.out_dir), cfg.resume)
+    resume_from, tokenizer, model, data = group.main_first(prepare)
+    resume_from = group.broadcast(resume_from)
     if resume_from is not None and not is_sharded(resume_from):
         load_model_weights(resume_from, model)  # before DDP/FSDP take the weights over
     hidden_fn = torch.compile(model.hidden_states) if t.compile else None
@@ -252,6 +150,9 @@ def _log_start(run: Run) -> None:
     logger.info("model: %.2fM params on %s, %s, %d tokens per step%s", model.config.num_params / 1e6, run.device,
                 cfg.train.precision, run.tokens_per_step,
                 f" ({group.world_size} ranks, {group.strategy})" if group.enabled else "")
+    if cfg.train.precision == "fp16" and run.device.type == "cpu":
+        logger.warning("train.precision: fp16 on CPU runs slower than fp32 and needs loss scaling; bf16 is the "
+                       "mixed precision for CPUs")
     if is_lora(model):
         lora = cfg.lora
         logger.info("lora: r=%d alpha=%g on %s, base %s: %s", lora.rank, lora.alpha, ",".join(lora.targets),
@@ -265,26 +166,30 @@ def _loop(run: Run, progress: bool, on_step) -> RunResult:
 
     state, t = run.state, run.cfg.train
     result = RunResult(run.out_dir, state.step, state.tokens_seen)
-    report = _Reporter(run) if run.group.is_main else None
+    if state.step >= run.steps:
+        return _nothing_to_train(run, result)
+    report = _Reporter(run, progress) if run.group.is_main else None
     bar = ProgressBar(run.steps, state.step, enabled=progress)
     stop = distributed.StopRequest(run.group)
     run.model.train()
     try:
-        while state.step < run.steps:
-            row = _train_one_step(run)
-            result.losses.append((state.step, row["loss"]))
-            if run.data.val is not None and t.eval_every and (state.step % t.eval_every == 0
-                                                              or state.step == run.steps):
-                row.update(_eval_row(run))
-            if report is not None:
-                report.step(row)
-            bar.update(row)
-            if on_step is not None:
-                on_step(row)
-            if t.save_every and state.step % t.save_every == 0 and state.step < run.steps:
-                _checkpoint(run)
-            if stop.requested():
-                raise KeyboardInterrupt
+        with _console(progress):  # log lines above the bar, not through it
+            while state.step < run.steps:
+                row = _train_one_step(run)
+                result.losses.append((state.step, row["loss"]))
+                if run.data.val is not None and t.eval_every and (state.step % t.eval_every == 0
+                                                                  or state.step == run.steps):
+                    row.update(_eval_row(run))
+                if report is not None:
+                    report.step(row)
+                _check_finite(run, row)
+                bar.update(row)
+                if on_step is not None:
+                    on_step(row)
+                if t.save_every and state.step % t.save_every == 0 and state.step < run.steps:
+                    _checkpoint(run)
+                if stop.requested():
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
         result.interrupted = True
         if run.group.is_main:
@@ -304,6 +209,45 @@ def _loop(run: Run, progress: bool, on_step) -> RunResult:
     return result
 
 
+def _console(progress: bool):
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm() if progress else contextlib.nullcontext()
+
+
+def _nothing_to_train(run: Run, result: RunResult) -> RunResult:
+    """A resumed checkpoint already at (or past) the run's last step: say so, write nothing but a missing final/."""
+    state = run.state
+    if run.group.is_main:
+        logger.warning("resume: %s is at step %d, %s the run's %d steps (train.max_steps / train.max_tokens): "
+                       "nothing to train; raise train.max_steps to train further", run.resume_from, state.step,
+                       "already at" if state.step == run.steps else "past", run.steps)
+    result.val_loss, result.final_dir = state.val_loss, run.out_dir / "final"
+    if not result.final_dir.is_dir():  # e.g. interrupted right after the last step
+        _save_final(result.final_dir, run.model, run.tokenizer, run.group)
+    return result
+
+
+def _check_finite(run: Run, row: dict) -> None:
+    """Count a step whose update was skipped for a NaN/inf loss or grad norm; NonFiniteLoss once more than
+    train.max_nonfinite_steps came in a row (nothing more is saved: the checkpoints hold finite weights)."""
+    state, limit = run.state, run.cfg.train.max_nonfinite_steps
+    if not row.get("skipped"):
+        state.nonfinite_streak = 0
+        return
+    state.nonfinite_streak += 1
+    what = "loss" if not math.isfinite(row["loss"]) else "gradient norm"
+    if state.nonfinite_streak > limit:
+        saved = list_checkpoints(run.out_dir)
+        raise NonFiniteLoss(f"non-finite {what} at step {row['step']} ({state.nonfinite_streak} in a row, more than "
+                            f"train.max_nonfinite_steps={limit}); stopped without saving. Latest checkpoint: "
+                            f"{saved[-1] if saved else 'none'} (finite weights); lower train.lr or raise "
+                            f"train.max_nonfinite_steps, then resume")
+    if run.group.is_main:
+        logger.warning("step %d: non-finite %s, update skipped (%d in a row, train.max_nonfinite_steps=%d)",
+                       row["step"], what, state.nonfinite_streak, limit)
+
+
 def _train_one_step(run: Run) -> dict:
     """One optimizer step at run.state.step: set the lr, read the step's micro-batches, step; its metrics row."""
     state, t, group = run.state, run.cfg.train, run.group
@@ -318,9 +262,12 @@ def _train_one_step(run: Run) -> dict:
     state.step += 1
     state.tokens_seen += run.tokens_per_step
     extra = {k: v for k, v in out.items() if k not in ("loss", "tokens", "grad_norm", "skipped")}
-    return {"step": state.step, "loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"],
-            "tokens_per_s": run.tokens_per_step / (time.perf_counter() - started), "tokens_seen": state.tokens_seen,
-            **extra}
+    row = {"step": state.step, "loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"],
+           "tokens_per_s": run.tokens_per_step / (time.perf_counter() - started), "tokens_seen": state.tokens_seen,
+           "time": round(time.time(), 3), **extra}  # time: unix seconds, to line runs up with other logs
+    if out["skipped"]:
+        row["skipped"] = True
+    return row
 
 
 def _eval_row(run: Run) -> dict:
@@ -332,26 +279,44 @@ def _eval_row(run: Run) -> dict:
 
 
 class _Reporter:
-    """Rank 0's outputs of a step: metrics.jsonl (every train.log_every steps and at evals) and trackers."""
+    """Rank 0's outputs of a step: metrics.jsonl and trackers (every train.log_every steps and at evals) and,
+    without the progress bar, a log line for the same rows (CI logs show the run's progress)."""
 
-    def __init__(self, run: Run):
+    def __init__(self, run: Run, progress: bool):
         from engine.train.metrics import MetricsLog
         from engine.train.tracking import Trackers
 
-        self.every = run.cfg.train.log_every
+        self.every, self.steps, self.progress = run.cfg.train.log_every, run.steps, progress
         self.metrics = MetricsLog(run.out_dir / "metrics.jsonl", truncate_after=run.state.step)
         self.trackers = Trackers(run.cfg.logging, run.out_dir, run.cfg.to_dict())
 
     def step(self, row: dict) -> None:
         from engine.train.metrics import is_logged
 
-        row = {k: finite_or_none(v) for k, v in row.items()}  # JSON has no NaN
-        self.metrics.write(row, every=self.every)
-        if is_logged(row, self.every):
-            self.trackers.log(row)
+        if not is_logged(row, self.every):
+            return
+        self.metrics.write({k: finite_or_none(v) for k, v in row.items()})  # JSON has no NaN: null
+        self.trackers.log({k: finite_or_none(v) for k, v in row.items()})
+        if not self.progress:
+            logger.info(step_line(row, self.steps))
+        elif "val_loss" in row:
+            logger.info("step %d: val loss %.4f", row["step"], row["val_loss"])
 
     def close(self) -> None:
         self.trackers.close()
+
+
+def step_line(row: dict, steps: int) -> str:
+    """One log line for a metrics row: `step 8/24 | loss 4.1234 | lr 3.00e-04 | grad_norm 0.512 | 1,234 tok/s`."""
+    parts = [f"step {row['step']}/{steps}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}"]
+    if row.get("grad_norm") is not None:
+        parts.append(f"grad_norm {row['grad_norm']:.3f}")
+    parts.append(f"{row['tokens_per_s']:,.0f} tok/s")
+    if "val_loss" in row:
+        parts.append(f"val_loss {row['val_loss']:.4f} (ppl {row['val_ppl']:.2f})")
+    if row.get("skipped"):
+        parts.append("update skipped (non-finite)")
+    return " | ".join(parts)
 
 
 def _checkpoint(run: Run) -> Path:
@@ -365,6 +330,7 @@ def _checkpoint(run: Run) -> Path:
                            trainer_state, run.cfg.to_dict(), run.group, run.objective)
     if run.group.is_main:
         prune_checkpoints(run.out_dir, t.keep_last)
+        logger.info("step %d: saved checkpoint %s", state.step, path)
     return path
 
 
