@@ -239,10 +239,12 @@ def _check_finite(run: Run, row: dict) -> None:
     what = "loss" if not math.isfinite(row["loss"]) else "gradient norm"
     if state.nonfinite_streak > limit:
         saved = list_checkpoints(run.out_dir)
-        raise NonFiniteLoss(f"non-finite {what} at step {row['step']} ({state.nonfinite_streak} in a row, more than "
-                            f"train.max_nonfinite_steps={limit}); stopped without saving. Latest checkpoint: "
-                            f"{saved[-1] if saved else 'none'} (finite weights); lower train.lr or raise "
-                            f"train.max_nonfinite_steps, then resume")
+        error = NonFiniteLoss(f"non-finite {what} at step {row['step']} ({state.nonfinite_streak} in a row, more "
+                              f"than train.max_nonfinite_steps={limit}); stopped without saving. Latest checkpoint: "
+                              f"{saved[-1] if saved else 'none'} (finite weights); lower train.lr or raise "
+                              f"train.max_nonfinite_steps, then resume")
+        # every rank stops at this step (the loss is global); rank 0 alone reports it, like its other errors
+        raise error if run.group.is_main else distributed.RankZeroFailed(error)
     if run.group.is_main:
         logger.warning("step %d: non-finite %s, update skipped (%d in a row, train.max_nonfinite_steps=%d)",
                        row["step"], what, state.nonfinite_streak, limit)

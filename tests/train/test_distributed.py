@@ -263,3 +263,17 @@ def test_a_frozen_rank_fails_the_job_after_distributed_timeout_s_with_one_line(t
         == 1, result.stderr[-3000:]
     assert "Traceback" not in _before_torchrun_report(result.stderr)
     assert time.time() - started < 120  # bounded: the timeout fired, not gloo's default
+
+
+def test_a_nan_loss_stops_every_rank_at_one_step_with_one_line(tmp_path):
+    """The global loss is the same on every rank, so every rank stops at the same step; rank 0 prints the line."""
+    config = {**tiny_run_dict(tmp_path, max_steps=40, save_every=2, eval_every=0, lr=1e3, warmup_steps=0),
+              "distributed": {"strategy": "ddp"}}
+    result = _torchrun(config, tmp_path / "nan.json")
+    assert result.returncode != 0
+    assert result.stderr.count("cli.train: error: non-finite ") == 1, result.stderr[-3000:]
+    assert "Traceback" not in _before_torchrun_report(result.stderr)
+    assert result.stderr.count("exitcode  : 1") == 2  # torchrun's summary: both ranks exited 1
+    assert not (tmp_path / "run" / "final").exists()
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert "NaN" not in rows and json.loads(rows.splitlines()[-1])["skipped"] is True
