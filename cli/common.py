@@ -17,6 +17,7 @@ from engine.files import atomic_write
 from engine.model.hf_format import WeightsError, resolve_model_dir
 from engine.train.distributed import RankZeroFailed
 from engine.train.metrics import MetricsError
+from engine.train.run_state import TrainingStopped
 
 USER_ERRORS = (ConfigError, DataError, WeightsError, TokenizerError, MetricsError, FileNotFoundError)
 __all__ = ["DTYPES", "USER_ERRORS", "add_set_argument", "exit_on_user_error", "load_for_inference", "tell_torchrun"]
@@ -31,6 +32,9 @@ def exit_on_user_error(prog: str):
         print(f"{prog}: error: {e}", file=sys.stderr)
         tell_torchrun(f"{prog}: exit code 2: a config or input error, printed above (search for '{prog}: error:')")
         sys.exit(2)
+    except TrainingStopped as e:  # NaN loss, a collective timeout: one line, exit 1, no traceback
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(1)
     except RankZeroFailed as e:  # under torchrun: rank 0 printed the error; leave with its exit code
         sys.exit(2 if isinstance(e.error, USER_ERRORS) else 1)
     except KeyboardInterrupt:

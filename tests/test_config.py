@@ -109,3 +109,25 @@ def test_a_from_scratch_model_saves_a_config_transformers_loads(tmp_path):
     ids = torch.randint(0, 50, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(model(ids), hf(ids).logits, rtol=0, atol=1e-5)
+
+
+def _run(**top) -> dict:
+    return {"model": {"architecture": {"hidden_size": 32}, "bpe_vocab_size": 300}, "data": {"train": "x.txt"}, **top}
+
+
+def test_run_config_keys_of_the_loop_are_checked(tmp_path):
+    from engine.config import RunConfig, from_dict
+
+    with pytest.raises(ConfigError, match=r"resume: 'autoo' is neither 'auto' nor an existing checkpoint directory "
+                                          r"\(did you mean 'auto'\?\)"):
+        from_dict(RunConfig, _run(resume="autoo"), where="")
+    assert from_dict(RunConfig, _run(resume=str(tmp_path)), where="").resume == str(tmp_path)  # a path is a path
+    with pytest.raises(ConfigError, match="overwrite: true starts the run over, which contradicts resume='auto'"):
+        from_dict(RunConfig, _run(resume="auto", overwrite=True), where="")
+    with pytest.raises(ConfigError, match="distributed.timeout_s: expected a positive number of seconds, got 0"):
+        from_dict(RunConfig, _run(distributed={"timeout_s": 0}), where="")
+    with pytest.raises(ConfigError, match=r"train.max_nonfinite_steps: expected an integer >= 0, got -1"):
+        from_dict(RunConfig, _run(train={"max_nonfinite_steps": -1}), where="")
+    cfg = from_dict(RunConfig, _run(), where="")
+    assert (cfg.overwrite, cfg.strict_resume, cfg.train.max_nonfinite_steps, cfg.distributed.timeout_s) == \
+        (False, True, 0, 300.0)

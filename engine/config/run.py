@@ -107,7 +107,9 @@ class TrainConfig:
     eval_batches: int = 20
     save_every: int = 500  # 0: save only at the end
     keep_last: int = 2  # checkpoints kept besides the best by val loss
-    log_every: int = 1
+    log_every: int = 1  # metrics.jsonl/trackers rows (and, without the progress bar, log lines) every N steps
+    # NaN/inf loss or grad norm: the step's update is skipped; more than this many in a row stop the run
+    max_nonfinite_steps: int = 0
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False
     device: str = "auto"  # "auto": cuda when available, else cpu
@@ -118,7 +120,7 @@ class TrainConfig:
         positive = ("batch_size", "grad_accum", "eval_batches", "log_every", "keep_last")
         for name in positive:
             _check_int(f"train.{name}", getattr(self, name), minimum=1)
-        for name in ("warmup_steps", "eval_every", "save_every", "sample_tokens", "seed"):
+        for name in ("warmup_steps", "eval_every", "save_every", "sample_tokens", "seed", "max_nonfinite_steps"):
             _check_int(f"train.{name}", getattr(self, name), minimum=0)
         for name in ("max_steps", "max_tokens"):
             if getattr(self, name) is not None:
@@ -188,8 +190,13 @@ class DistributedConfig:
 
     strategy: Literal["ddp", "fsdp"] = "ddp"  # DistributedDataParallel, or FSDP2 (fully_shard: sharded params/grads/state)
     backend: Optional[str] = None  # None: nccl on CUDA, gloo on CPU
+    # A collective (gradient all-reduce, barrier) waiting longer than this for another rank fails the run:
+    # a frozen rank stops the job instead of stalling it for the backend's default (~30 minutes)
+    timeout_s: float = 300.0
 
     def __post_init__(self):
+        if not self.timeout_s > 0:
+            raise ConfigError(f"distributed.timeout_s: expected a positive number of seconds, got {self.timeout_s}")
         if self.strategy not in ("ddp", "fsdp"):
             raise ConfigError(f"distributed.strategy: expected one of ('ddp', 'fsdp'), got {self.strategy!r}")
         if self.backend is not None and self.backend not in ("gloo", "nccl"):
@@ -227,6 +234,11 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     out_dir: str = "runs/default"
     resume: Optional[str] = None  # null: start fresh; "auto": latest checkpoint in out_dir; or a checkpoint dir
+    # A fresh run (resume: null) into an out_dir that holds a run (checkpoints, metrics.jsonl, final/) is
+    # refused unless this is true: then that run's files are removed first (engine/train/run_dir.py)
+    overwrite: bool = False
+    # Resuming a checkpoint of another model or data (its run_config.json) is refused; false: only warn
+    strict_resume: bool = True
     lora: Optional[LoraConfig] = None  # null: full fine-tuning; else train adapters only (needs from_pretrained)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -234,6 +246,13 @@ class RunConfig:
     def __post_init__(self):
         if self.lora is not None and self.model.from_pretrained is None:
             raise ConfigError("lora: LoRA adapts a pretrained model; set model.from_pretrained")
+        if self.resume not in (None, "auto") and not Path(self.resume).exists():
+            if difflib.get_close_matches(self.resume, ["auto"], n=1, cutoff=0.6):
+                raise ConfigError(f"resume: {self.resume!r} is neither 'auto' nor an existing checkpoint "
+                                  f"directory (did you mean 'auto'?)")
+        if self.overwrite and self.resume is not None:
+            raise ConfigError(f"overwrite: true starts the run over, which contradicts resume={self.resume!r}; "
+                              f"set one of them")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -16,6 +16,7 @@ How N ranks stay equivalent to one process (tests/train/test_distributed.py chec
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import pickle
@@ -127,15 +128,26 @@ def init_distributed(cfg: RunConfig, device: torch.device) -> tuple[Dist, torch.
     """
     rank, world_size, local_rank = world_from_env()
     if world_size <= 1:
+        if cfg.distributed.strategy == "fsdp":
+            logger.warning("distributed.strategy: 'fsdp' has no effect in one process (nothing to shard); "
+                           "run under torchrun --nproc_per_node=N to shard")
         return SINGLE, device
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     backend = cfg.distributed.backend or ("nccl" if device.type == "cuda" else "gloo")
     if not dist.is_initialized():
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None,
+                                timeout=datetime.timedelta(seconds=cfg.distributed.timeout_s))
     logger.info("rank %d of %d (%s, %s on %s)", rank, world_size, cfg.distributed.strategy, backend, device)
     return Dist(rank, world_size, local_rank, cfg.distributed.strategy), device
+
+
+def is_timeout(error: BaseException) -> bool:
+    """True for the error a collective raises when it waited past the process group's timeout (gloo:
+    "Timed out waiting ...ms", NCCL's watchdog: "... timeout")."""
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("timed out" in text or "timeout" in text)
 
 
 def shutdown(group: Dist) -> None:
@@ -206,25 +218,28 @@ def full_params(model: nn.Module, group: Dist):
 
 
 class StopRequest:
-    """Ctrl-C / SIGTERM under torchrun, turned into a stop that every rank takes at the same step.
+    """Ctrl-C / SIGTERM, turned into a stop at the end of the current step (which then saves a checkpoint).
 
-    A KeyboardInterrupt raised inside a collective would leave the other ranks waiting in theirs, so a
-    signal only sets a flag; `requested()` (called once per step, on every rank) all-reduces it, and all
-    ranks then leave the loop together and save one checkpoint. torchrun forwards the terminal's Ctrl-C
-    (or its own SIGTERM) to every worker. One process keeps Python's KeyboardInterrupt.
+    Under torchrun a KeyboardInterrupt raised inside a collective would leave the other ranks waiting in
+    theirs, so a signal only sets a flag; `requested()` (called once per step, on every rank) all-reduces it,
+    and all ranks then leave the loop together and save one checkpoint. torchrun forwards the terminal's
+    Ctrl-C (or its own SIGTERM) to every worker. One process keeps Python's KeyboardInterrupt for Ctrl-C, and
+    takes SIGTERM (a job scheduler's stop, `kill`) as a flag like torchrun's workers do.
     """
 
     def __init__(self, group: Dist):
         self.group, self.flag, self.saved = group, False, {}
-        if group.enabled and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM) if group.enabled else (signal.SIGTERM,):
                 self.saved[sig] = signal.signal(sig, self._set)
 
     def _set(self, signum, frame) -> None:
         self.flag = True
 
     def requested(self) -> bool:
-        return self.group.enabled and self.group.sum(float(self.flag)) > 0
+        if not self.group.enabled:
+            return self.flag
+        return self.group.sum(float(self.flag)) > 0
 
     def close(self) -> None:
         for sig, handler in self.saved.items():

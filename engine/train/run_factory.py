@@ -1,8 +1,10 @@
-"""Turn a RunConfig into the objects a run needs: device, tokenizer, model and tokenized data."""
+"""Turn a RunConfig into the objects a run needs: device, tokenizer, model, batch sources and objective."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional, Protocol
 
 import torch
 
@@ -16,6 +18,7 @@ from engine.data.sft import prepare_sft
 from engine.data.tokenizer import Tokenizer, with_default_chat_template
 from engine.dtypes import DTYPES
 from engine.model.hf_format import read_config, resolve_model_dir
+from engine.train.objectives import Objective, TokenLoss
 
 logger = logging.getLogger("engine.train.run_factory")
 
@@ -108,3 +111,40 @@ def build_data(cfg: RunConfig, tokenizer: Tokenizer, tokenizer_dir: Path, progre
     if cfg.data.format == "sft":
         return prepare_sft(cfg.data, tokenizer, seed=cfg.train.seed, tokenizer_dir=tokenizer_dir)
     return prepare(cfg.data, tokenizer, tokenizer_dir, progress=progress)
+
+
+class BatchSource(Protocol):
+    """What the loop reads batches from: deterministic in its arguments, so a resumed run replays exactly.
+    engine.data's TokenWindows (text) and PackedExamples (SFT) are the two implementations."""
+
+    def batch(self, step: int, micro: int = 0, *, batch_size: int, accum: int = 1, rank: int = 0,
+              world_size: int = 1):
+        """Micro-batch `micro` of optimizer step `step` on `rank`: a batch the run's Objective takes."""
+
+    def eval_batches(self, batch_size: int, max_batches: Optional[int] = None, rank: int = 0, world_size: int = 1):
+        """Yield the held-out batches in order; rank takes every world_size-th one."""
+
+
+@dataclass(frozen=True)
+class RunData:
+    """A run's batch sources, whatever the data format: `train`, and `val` (None when there is none)."""
+
+    train: BatchSource
+    val: Optional[BatchSource]
+    prepared: object  # what build_data returned (PreparedData or SFTData): the cache dir, stats
+
+
+def build_batch_sources(cfg: RunConfig, tokenizer: Tokenizer, tokenizer_dir: Path, progress: bool = True) -> RunData:
+    """The train/val batch sources of data.format: packed SFT rows, or seq_len windows of the token stream
+    (no val windows when the held-out tokens do not fill one)."""
+    data = build_data(cfg, tokenizer, tokenizer_dir, progress)
+    if cfg.data.format == "sft":
+        return RunData(data.train, data.val, data)
+    seq_len = cfg.data.seq_len
+    val = data.windows("val", seq_len) if data.meta["val_tokens"] > seq_len else None
+    return RunData(data.windows("train", seq_len, seed=cfg.train.seed), val, data)
+
+
+def build_objective(cfg: RunConfig, model: Transformer, hidden_fn=None) -> Objective:
+    """What the run optimizes: next-token cross-entropy for text and SFT data (engine.train.objectives)."""
+    return TokenLoss(model, cfg.train.precision, hidden_fn)

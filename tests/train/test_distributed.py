@@ -232,3 +232,48 @@ def test_the_workers_stderr_ends_where_torchrun_reports_wherever_torch_is_instal
               f"E1201 10:00:00.000 123 {api}:1002] failed (exitcode: 2)\n"
               'Traceback (most recent call last):\n')
     assert _before_torchrun_report(stderr) == "cli.train: error: bad\n"
+
+
+HANGING_TRAIN = """
+import os, runpy, signal, time
+import engine.train.loop as loop
+
+real_step, calls = loop.train_step, []
+def rank_1_freezes_at_step_2(*args, **kwargs):
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == 2:
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(143))  # torchrun's stop ends the frozen rank
+        time.sleep(600)
+    return real_step(*args, **kwargs)
+loop.train_step = rank_1_freezes_at_step_2
+runpy.run_module("cli.train", run_name="__main__")
+"""
+
+
+def test_a_frozen_rank_fails_the_job_after_distributed_timeout_s_with_one_line(tmp_path):
+    """Without the timeout gloo would wait ~30 minutes; with distributed.timeout_s=5 rank 0 stops and names the key."""
+    script = tmp_path / "hanging_train.py"
+    script.write_text(HANGING_TRAIN)
+    config = {**tiny_run_dict(tmp_path, max_steps=6, save_every=0, eval_every=0),
+              "distributed": {"strategy": "ddp", "timeout_s": 5}}
+    started = time.time()
+    result = _torchrun(config, tmp_path / "hang.json", script=(str(script),))
+    assert result.returncode != 0
+    assert result.stderr.count("cli.train: error: distributed: rank 0 waited more than distributed.timeout_s=5 s") \
+        == 1, result.stderr[-3000:]
+    assert "Traceback" not in _before_torchrun_report(result.stderr)
+    assert time.time() - started < 120  # bounded: the timeout fired, not gloo's default
+
+
+def test_a_nan_loss_stops_every_rank_at_one_step_with_one_line(tmp_path):
+    """The global loss is the same on every rank, so every rank stops at the same step; rank 0 prints the line."""
+    config = {**tiny_run_dict(tmp_path, max_steps=40, save_every=2, eval_every=0, lr=1e3, warmup_steps=0),
+              "distributed": {"strategy": "ddp"}}
+    result = _torchrun(config, tmp_path / "nan.json")
+    assert result.returncode != 0
+    assert result.stderr.count("cli.train: error: non-finite ") == 1, result.stderr[-3000:]
+    assert "Traceback" not in _before_torchrun_report(result.stderr)
+    assert result.stderr.count("exitcode  : 1") == 2  # torchrun's summary: both ranks exited 1
+    assert not (tmp_path / "run" / "final").exists()
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert "NaN" not in rows and json.loads(rows.splitlines()[-1])["skipped"] is True
