@@ -185,12 +185,3 @@ def trainable_summary(model) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return f"{trainable / 1e6:.2f}M trainable of {total / 1e6:.2f}M params ({100 * trainable / total:.2f}%)"
-
-
-def __getattr__(name):
-    """The PEFT file functions moved to engine.adapters.peft_format; `lora.<name>` still finds them."""
-    from engine.adapters import peft_format
-
-    if name in peft_format.__all__:
-        return getattr(peft_format, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import difflib
 import typing
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Literal, Optional
 
 from engine.config.parsing import ConfigError, _check_int, load_config

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 from engine.config import LoggingConfig
+from engine.files import atomic_write
 
 logger = logging.getLogger("engine.train.tracking")
 
@@ -67,5 +68,5 @@ def _wandb_run_id(out_dir: Path) -> str:
         return path.read_text().strip()
     path.parent.mkdir(parents=True, exist_ok=True)
     run_id = uuid.uuid4().hex[:12]
-    path.write_text(run_id)
+    atomic_write(path, run_id)
     return run_id

@@ -87,6 +87,7 @@ def test_defaults_are_safe():
 def write_adapter(demo_dir, directory):
     """A LoRA adapter with non-zero B (a no-op adapter would prove nothing): (the model with it applied, its dir)."""
     lora_mod = pytest.importorskip("engine.adapters.lora")
+    from engine.adapters.peft_format import save_adapter
     from engine.config import LoraConfig
 
     model = Transformer.from_pretrained(demo_dir)
@@ -94,7 +95,7 @@ def write_adapter(demo_dir, directory):
     with torch.no_grad():
         for m in lora_mod.lora_modules(model).values():
             m.lora_B.weight.normal_(0, 0.5)
-    lora_mod.save_adapter(model, directory)
+    save_adapter(model, directory)
     return model, directory
 
 
