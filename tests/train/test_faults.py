@@ -5,6 +5,7 @@ exactly once. Kills are aimed with ENGINE_CRASH_AT (engine.files.crash_point):
 
     checkpoint:written:step_N   the temp dir of step N is complete (COMPLETE marker in), not yet renamed
     publish_dir:aside           a re-saved step's old copy is renamed aside, the new one not yet in place
+                                (a re-save: SIGTERM right after a periodic save)
     atomic_write:metrics.jsonl  the trimmed metrics.jsonl is written to its temp, not yet renamed over
 """
 import json
@@ -33,9 +34,9 @@ def _train(cfg: Path, out_dir: Path, crash: str | None = None, timeout: float = 
 
 
 def _rows(out_dir: Path) -> list[dict]:
-    """metrics.jsonl without the timing column (the only one that differs between identical runs)."""
+    """metrics.jsonl without the timing columns (the only ones that differ between identical runs)."""
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "time")} for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -58,18 +59,47 @@ def _assert_same_as(baseline, out_dir: Path) -> None:
     assert not [p for p in (out_dir / "checkpoints").iterdir() if p.name.startswith((".tmp-", ".old-"))]
 
 
+# Runs cli.train in-process with one test-only change: SIGTERM arrives right after the first periodic save, as a
+# scheduler's would at the worst moment. The loop then stops after that step and saves it again (a re-save).
+SIGTERM_AFTER_FIRST_SAVE = """
+import os, signal, sys
+import engine.train.loop as loop
+save, sent = loop.save_checkpoint, []
+def save_then_sigterm(*args, **kwargs):
+    path = save(*args, **kwargs)
+    if not sent:
+        sent.append(os.kill(os.getpid(), signal.SIGTERM))
+    return path
+loop.save_checkpoint = save_then_sigterm
+from cli.train import main
+sys.argv = ["cli.train", *sys.argv[1:]]
+main()
+"""
+
+
 def test_kill_between_the_renames_of_a_resave_loses_nothing(baseline, tmp_path):
-    # relaunching a finished run with resume=auto re-saves its last step: the old copy goes aside first
+    # Ctrl-C / SIGTERM right after a periodic save re-saves that step: its old copy goes aside first
     run = tmp_path / "run"
-    shutil.copytree(baseline["dir"], run)
-    killed = _train(baseline["cfg"], run, crash="publish_dir:aside")
-    assert killed.returncode == KILLED
-    assert not (run / "checkpoints" / "step_000008").exists()  # only the set-aside copy and the new temp
+    env = {**os.environ, "ENGINE_CRASH_AT": "publish_dir:aside"}
+    killed = subprocess.run([sys.executable, "-c", SIGTERM_AFTER_FIRST_SAVE, str(baseline["cfg"]), "--no-progress",
+                             "--set", f"out_dir={run}", "--set", "resume=auto"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == KILLED, killed.stderr
+    assert not (run / "checkpoints" / "step_000002").exists()  # only the set-aside copy and the new temp
     done = _train(baseline["cfg"], run)
     assert done.returncode == 0, done.stderr
     assert "no model.safetensors" not in done.stderr
-    assert f"resumed from {run / 'checkpoints' / 'step_000008'} at step 8" in done.stderr  # the set-aside copy
+    assert f"resumed from {run / 'checkpoints' / 'step_000002'} at step 2" in done.stderr  # the set-aside copy
     _assert_same_as(baseline, run)
+
+
+def test_relaunching_a_finished_run_saves_nothing_again(baseline, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(baseline["dir"], run)
+    before = {p: p.stat().st_mtime_ns for p in (run / "checkpoints").rglob("*")}
+    done = _train(baseline["cfg"], run, crash="publish_dir:aside")  # a re-save would be killed here
+    assert done.returncode == 0 and "nothing to train" in done.stderr, done.stderr
+    assert {p: p.stat().st_mtime_ns for p in (run / "checkpoints").rglob("*")} == before
 
 
 def test_kills_after_the_temp_dir_is_written_and_while_metrics_are_trimmed_lose_nothing(baseline, tmp_path):
