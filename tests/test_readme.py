@@ -58,3 +58,19 @@ def test_the_quoted_memory_plan_is_what_cli_plan_prints():
     machine_specific = ("available:",)  # the RAM of the machine that ran it
     assert [shape(l) if l.startswith(machine_specific) else l for l in printed] == \
            [shape(l) if l.startswith(machine_specific) else l for l in quoted]
+
+
+def test_the_quoted_sft_example_lines_have_the_shape_the_commands_print(tmp_path):
+    """The README's SFT example (minutes of training) quotes one machine's numbers; the same commands on a tiny
+    LoRA + SFT run must print lines of the same shape: every quoted line appears, numbers and paths aside."""
+    from tests.finetune_fixtures import lora_run_dict, pretrained_dir
+
+    config = lora_run_dict(tmp_path, pretrained_dir(tmp_path / "base"), sft=True)
+    train = subprocess.run([sys.executable, "-m", "cli.train", str(write_config_file(tmp_path / "sft.json", config)),
+                            "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stderr[-2000:]
+    plot = run("-m", "cli.plot", config["out_dir"])
+    printed = {shape(line) for line in (train.stdout + train.stderr + plot).splitlines()}
+    quoted = (quoted_output("python -m cli.train configs/sft_quickstart.json --no-progress")
+              + quoted_output("python -m cli.plot runs/quickstart"))
+    assert quoted and [line for line in quoted if shape(line) not in printed] == []
