@@ -51,7 +51,7 @@ def test_a_port_in_use_exits_2_before_the_model_loads(capsys):
 
 @pytest.mark.parametrize("module, defaults", [
     ("cli.serve", ["127.0.0.1", "8000", "fp32", "16", "2048", "1048576", "512", "10.0", "30.0", "2.0", "info"]),
-    ("cli.generate", ["None", "0.0", "False"]),  # only its options with a help text (cli/generate.py's own)
+    ("cli.generate", ["128", "0.0", "fp32", "False"]),
 ])
 def test_help_shows_the_defaults(module, defaults):
     out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
