@@ -186,26 +186,42 @@ void linear_entry(py::handle x, py::handle weight, py::handle bias, py::handle o
   linear_cpu(a);
 }
 
-// x [N, C] (rows strided, unit column stride) with weight [C] -> out (N * C, dense), rstd [N].
+// What rms_norm's forward and backward both take: x [N, C] (rows strided, unit column stride), weight [C],
+// `rows` (out / grad_out: N * C elements, dense) and rstd [N] fp32.
+struct RMSNormOperands {
+  TensorArg x, w, rows, r;
+  int64_t n, dim;
+};
+
+static RMSNormOperands rms_norm_operands(Checker& c, py::handle x, py::handle weight, py::handle rows,
+                                         const char* rows_name, py::handle rstd) {
+  RMSNormOperands o;
+  o.x = c.tensor(x, "x");
+  c.dtype_in(o.x, {kF32, kBF16});
+  c.expect(o.x.dim() == 2 && o.x.unit_last_stride(), o.x, "x [N, C] with unit column stride");
+  o.n = o.x.shape[0], o.dim = o.x.shape[1];
+  o.w = c.tensor(weight, "weight");
+  c.dtype_in(o.w, {kF32, kBF16});
+  c.expect(o.w.shape == std::vector<int64_t>{o.dim} && o.w.contiguous(), o.w,
+           "a contiguous [C] = " + shape_str({o.dim}));
+  o.rows = c.tensor(rows, rows_name);
+  c.dtype_in(o.rows, {kF32, kBF16});
+  c.expect(o.rows.contiguous() && o.rows.numel() == o.n * o.dim && o.rows.dim() >= 1 && o.rows.shape.back() == o.dim,
+           o.rows, "a contiguous [..., C] of N * C = " + std::to_string(o.n * o.dim) + " elements");
+  o.r = c.tensor(rstd, "rstd");
+  c.dense(o.r, kF32, {o.n}, " (one per row of x)");
+  return o;
+}
+
+// x [N, C] with weight [C] -> out (N * C, dense), rstd [N].
 void rms_norm_entry(py::handle x, py::handle weight, py::handle out, py::handle rstd, float eps,
                     float weight_offset, int n_threads) {
   Checker c("rms_norm_cpu", false);
   c.threads(n_threads);
-  const TensorArg xa = c.tensor(x, "x");
-  c.dtype_in(xa, {kF32, kBF16});
-  c.expect(xa.dim() == 2 && xa.unit_last_stride(), xa, "x [N, C] with unit column stride");
-  const int64_t n = xa.shape[0], dim = xa.shape[1];
-  const TensorArg w = c.tensor(weight, "weight");
-  c.dtype_in(w, {kF32, kBF16});
-  c.expect(w.shape == std::vector<int64_t>{dim} && w.contiguous(), w, "a contiguous [C] = " + shape_str({dim}));
-  const TensorArg o = c.tensor(out, "out");
-  c.dtype_in(o, {kF32, kBF16});
-  c.expect(o.contiguous() && o.numel() == n * dim && o.dim() >= 1 && o.shape.back() == dim, o,
-           "a contiguous [..., C] of N * C = " + std::to_string(n * dim) + " elements");
-  const TensorArg r = c.tensor(rstd, "rstd");
-  c.dense(r, kF32, {n}, " (one per row of x)");
-  RMSNormArgs a{xa.data, xa.dtype, n > 1 ? xa.stride[0] : dim, w.data, w.dtype, o.data, o.dtype,
-                static_cast<float*>(r.data), n, dim, eps, weight_offset, n_threads};
+  const RMSNormOperands o = rms_norm_operands(c, x, weight, out, "out", rstd);
+  const int64_t n = o.n, dim = o.dim;
+  RMSNormArgs a{o.x.data, o.x.dtype, n > 1 ? o.x.stride[0] : dim, o.w.data, o.w.dtype, o.rows.data, o.rows.dtype,
+                static_cast<float*>(o.r.data), n, dim, eps, weight_offset, n_threads};
   py::gil_scoped_release release;
   rms_norm_cpu(a);
 }
@@ -217,19 +233,9 @@ void rms_norm_backward_entry(py::handle grad_out, py::handle x, py::handle weigh
                              int n_threads) {
   Checker c("rms_norm_backward_cpu", false);
   c.threads(n_threads);
-  const TensorArg xa = c.tensor(x, "x");
-  c.dtype_in(xa, {kF32, kBF16});
-  c.expect(xa.dim() == 2 && xa.unit_last_stride(), xa, "x [N, C] with unit column stride");
-  const int64_t n = xa.shape[0], dim = xa.shape[1];
-  const TensorArg g = c.tensor(grad_out, "grad_out");
-  c.dtype_in(g, {kF32, kBF16});
-  c.expect(g.contiguous() && g.numel() == n * dim && g.dim() >= 1 && g.shape.back() == dim, g,
-           "a contiguous [..., C] of N * C = " + std::to_string(n * dim) + " elements");
-  const TensorArg w = c.tensor(weight, "weight");
-  c.dtype_in(w, {kF32, kBF16});
-  c.expect(w.shape == std::vector<int64_t>{dim} && w.contiguous(), w, "a contiguous [C] = " + shape_str({dim}));
-  const TensorArg r = c.tensor(rstd, "rstd");
-  c.dense(r, kF32, {n}, " (one per row of x)");
+  const RMSNormOperands o = rms_norm_operands(c, x, weight, grad_out, "grad_out", rstd);
+  const TensorArg &xa = o.x, &w = o.w, &g = o.rows, &r = o.r;
+  const int64_t n = o.n, dim = o.dim;
   const TensorArg gx = c.optional(grad_x, "grad_x");
   if (gx.present) c.dense(gx, xa.dtype, {n, dim}, " (as x)");
   const TensorArg gw = c.optional(grad_weight, "grad_weight");
