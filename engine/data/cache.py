@@ -9,6 +9,7 @@ releases it), and the cleaner clears only while it holds the exclusive lock, so 
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -17,7 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
-from engine.files import publish_dir, remove_stale_temps, temp_dir_beside
+from engine.files import remove_stale_temps, write_dir
 
 logger = logging.getLogger("engine.data.cache")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -43,16 +44,29 @@ def digest(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def _parent_lock(out: Path, exclusive: bool):
+    """flock on out's parent dir: shared while building a cache there, exclusive (never waiting) while
+    clearing. Yields whether the lock is held; a kill releases it."""
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
 def clear_stale(out: Path, done_file: str = DONE_FILE) -> None:
     """Before using `out`: unless another process is building beside it, remove what killed runs left in its
     parent (a complete `.old-*` copy whose target is missing is put back) and a dir at `out` lacking done_file."""
     if not out.parent.is_dir():
         return
-    fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    with _parent_lock(out, exclusive=True) as held:
+        if not held:
             logger.debug("data: %s is being written by another process; stale temp dirs are left for later",
                          out.parent)
             return
@@ -60,23 +74,11 @@ def clear_stale(out: Path, done_file: str = DONE_FILE) -> None:
             logger.info("data: removed %s (left by a killed run)", path)
         if out.is_dir() and not (out / done_file).is_file():
             shutil.rmtree(out)  # publish_dir never leaves one: not a finished cache
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def publish_cache(out: Path, fill, replace: bool = False):
     """fill(tmp) into a temp dir beside `out`, then publish it as `out` and return fill's result.
     replace=False: if another process published `out` first, that copy stays. A failure leaves `out` as it was."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out.parent, os.O_RDONLY)
-    tmp = None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)  # until the rename: clear_stale must not take our temp dir for a dead one
-        tmp = temp_dir_beside(out)
-        result = fill(tmp)
-        publish_dir(tmp, out, replace=replace)
-        return result
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        os.close(fd)
+    with _parent_lock(out, exclusive=False):  # until the rename: clear_stale must not take our temp dir for dead
+        return write_dir(out, fill, replace=replace)
