@@ -118,7 +118,15 @@ setup(
         # peft and openai are oracles too: PEFT adapter round trips, and the OpenAI client against cli.serve.
         "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-cov>=5", "transformers>=4.45", "peft>=0.13",
                  "openai>=1.40", "matplotlib>=3.7", "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27",
-                 "tensorboard>=2.14", "wandb>=0.17"],
+                 "tensorboard>=2.14", "wandb>=0.17",
+                 # oracles of the newer capabilities: TRL (DPO/GRPO), gguf (GGUF read/write, also
+                 # transformers' GGUF loader), datasets, lm-eval, bitsandbytes/torchao (NF4 codes)
+                 "trl>=0.20", "gguf>=0.10", "datasets>=3.0", "lm-eval>=0.4.5", "pyyaml>=6.0",
+                 "bitsandbytes>=0.45", "torchao>=0.10"],
+        "gguf": ["gguf>=0.10"],  # reading and writing .gguf files (llama.cpp / Ollama)
+        "datasets": ["datasets>=3.0"],  # Hugging Face datasets as a data source
+        "yaml": ["pyyaml>=6.0"],  # YAML run configs
+        "eval": ["lm-eval>=0.4.5"],  # python -m cli.eval (lm-evaluation-harness)
         "plot": ["matplotlib>=3.7"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
         "track": ["tensorboard>=2.14", "wandb>=0.17"],  # logging.tensorboard / logging.wandb
