@@ -1,4 +1,4 @@
-"""JSON -> frozen dataclasses: every key and type checked, errors name the key path; `--set` overrides."""
+"""JSON or YAML -> frozen dataclasses: every key and type checked, errors name the key path; `--set` overrides."""
 from __future__ import annotations
 
 import dataclasses
@@ -87,21 +87,83 @@ def _parse_override(text: str) -> tuple[list[str], object]:
     return keys, value
 
 
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
 def read_config_file(path) -> dict:
-    """The top-level object of a JSON config file; a missing file, bad JSON or a YAML file is a one-line error."""
-    path = Path(path)
+    """The top-level object of a JSON or YAML (by suffix) config file; a missing file or bad syntax is one line."""
+    return _read_config(Path(path))[0]
+
+
+def _read_config(path: Path) -> tuple[dict, dict[str, int]]:
+    """(top-level object, {key path: 1-based line}) of a config file; the lines are known for YAML only."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
+    if path.suffix.lower() in YAML_SUFFIXES:
+        return _read_yaml(path)
     try:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            raise ConfigError(f"{path}: run configs are JSON, and YAML is not supported (yet); write it as JSON, "
-                              "as in configs/quickstart.json") from None
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object at the top level")
-    return raw
+    return raw, {}
+
+
+def _yaml_loader():
+    """A SafeLoader that reads what a JSON user means: 1e-4 is a float (YAML 1.1 wants 1.0e-4), dates stay text."""
+    try:
+        import yaml
+    except ImportError:
+        raise ConfigError('YAML configs need PyYAML: pip install -e ".[yaml]"') from None
+
+    class Loader(yaml.SafeLoader):
+        pass
+    # after YAML 1.1's int and float patterns, so only what they miss (an exponent without a dot) lands here
+    float_re = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+    Loader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:timestamp"]
+                                      for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", float_re, list("-+0123456789."))
+    return yaml, Loader
+
+
+def _read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
+    yaml, Loader = _yaml_loader()
+    try:
+        loader = Loader(path.read_text())
+        try:
+            node = loader.get_single_node()
+            lines = _yaml_lines(path, node) if node is not None else {}
+            raw = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({e.problem or e.context})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a YAML mapping (key: value lines) at the top level")
+    return raw, lines
+
+
+def _yaml_lines(path: Path, node, where: str = "", lines=None) -> dict[str, int]:
+    """{key path ("train.lr", "data.train[0]"): 1-based line} from YAML's node marks; a duplicate key is an error."""
+    lines = {} if lines is None else lines
+    if node.tag.endswith(":map"):
+        for key_node, value_node in node.value:
+            key = f"{where}.{key_node.value}" if where else str(key_node.value)
+            if key in lines:
+                raise ConfigError(f"{path}:{key_node.start_mark.line + 1}: {key}: duplicate key (first on line "
+                                  f"{lines[key]})")
+            lines[key] = key_node.start_mark.line + 1
+            _yaml_lines(path, value_node, key, lines)
+    elif node.tag.endswith(":seq"):
+        for i, item in enumerate(node.value):
+            lines[f"{where}[{i}]"] = item.start_mark.line + 1
+            _yaml_lines(path, item, f"{where}[{i}]", lines)
+    return lines
 
 
 def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> dict[str, str]:
@@ -120,21 +182,26 @@ def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> dict[str, str
     return origin
 
 
-def _blame(message: str, path: Path, origin: dict[str, str]) -> str:
-    """Prefix an error with the --set that set its key (the key, a section above it or a key in it), else the file."""
-    key = re.sub(r"\[\d+\]", "", message.split(": ", 1)[0])
+def _blame(message: str, path: Path, origin: dict[str, str], lines: dict[str, int]) -> str:
+    """Prefix an error with the --set that set its key (the key, a section above it or a key in it), else the file
+    (and, for YAML, the line of the key or of the nearest section above it that is in the file)."""
+    full_key = message.split(": ", 1)[0]
+    key = re.sub(r"\[\d+\]", "", full_key)
     for set_key, text in reversed(origin.items()):  # the latest --set touching the key is the one in effect
         if key == set_key or key.startswith(set_key + ".") or set_key.startswith(key + "."):
             return f"--set {text}: {message}"
-    return f"{path}: {message}"
+    while full_key and full_key not in lines:
+        full_key = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", full_key) if re.search(r"[.\[]", full_key) else ""
+    return f"{path}:{lines[full_key]}: {message}" if full_key else f"{path}: {message}"
 
 
 def load_config(cls, path, overrides: typing.Sequence[str] = ()):
-    """Build dataclass `cls` from a JSON file plus `--set` overrides; errors name the file or the --set at fault."""
+    """Build dataclass `cls` from a JSON or YAML file plus `--set` overrides; errors name the file (YAML: file:line)
+    or the --set at fault."""
     path = Path(path)
-    raw = read_config_file(path)
+    raw, lines = _read_config(path)
     origin = apply_overrides(raw, overrides)
     try:
         return from_dict(cls, raw, where="")
     except ConfigError as e:
-        raise ConfigError(_blame(str(e), path, origin)) from None
+        raise ConfigError(_blame(str(e), path, origin, lines)) from None

@@ -49,11 +49,8 @@ def test_a_set_without_a_key_path_is_an_error(config_file, override):
     assert _error(config_file, override).startswith(f"--set {override}: ")
 
 
-def test_a_yaml_config_is_told_that_configs_are_json(tmp_path):
-    path = tmp_path / "run.yaml"
-    path.write_text("train:\n  lr: 1e-3\n")
-    assert _error(path) == f"{path}: run configs are JSON, and YAML is not supported (yet); write it as JSON, " \
-                           "as in configs/quickstart.json"
+def test_a_broken_json_config_is_one_line(tmp_path):
+    # (YAML files are read by suffix now: tests/config/test_yaml.py)
     broken = tmp_path / "run.json"
     broken.write_text("{\"train\": ")
     assert _error(broken).startswith(f"{broken}: not valid JSON (")
