@@ -29,7 +29,7 @@ RANK_ZERO_GRACE_S = 60.0
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="cli.train", description=__doc__)
-    p.add_argument("config", help="run config JSON (see configs/quickstart.json)")
+    p.add_argument("config", help="run config, .json or .yaml (see configs/quickstart.json)")
     add_set_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in CI logs)")
     return p.parse_args(argv)

@@ -10,6 +10,10 @@ from typing import Literal, Optional
 from engine.config.parsing import ConfigError, _check_int, load_config
 
 
+# the fields data.sft.columns may map a dataset's columns to (engine/data/formats.py)
+SFT_FIELDS = ("messages", "conversations", "system", "instruction", "input", "output", "prompt", "completion")
+
+
 @dataclass(frozen=True)
 class SFTConfig:
     """How instruction data (`data.format: "sft"`) becomes training rows (`data.sft.*`); see engine/data/sft.py."""
@@ -18,13 +22,24 @@ class SFTConfig:
     packing: bool = True  # several examples per row (per-document attention, positions reset); else one per row
     truncation: Literal["drop", "truncate"] = "drop"  # an example longer than seq_len + 1: skip it, or keep its head
     template: Literal["auto", "chat", "plain"] = "auto"  # chat template, or prompt + completion + EOS; auto: chat if any
+    # the rows' shape (engine/data/formats.py); auto: detected per row from its fields
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = "auto"
+    columns: Optional[dict] = None  # {field of a format: column in the data}, e.g. {"prompt": "question"}
+    roles: Optional[dict] = None  # ShareGPT speaker -> role, besides the usual ones, e.g. {"bot": "assistant"}
 
     def __post_init__(self):
         choices = {"loss_on": ("completion", "all"), "truncation": ("drop", "truncate"),
-                   "template": ("auto", "chat", "plain")}
+                   "template": ("auto", "chat", "plain"),
+                   "format": ("auto", "messages", "sharegpt", "alpaca", "prompt_completion")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"data.sft.{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        for name, keys in (("columns", SFT_FIELDS), ("roles", None)):
+            for k, v in (getattr(self, name) or {}).items():
+                if keys is not None and k not in keys:
+                    raise ConfigError(f"data.sft.{name}.{k}: unknown field; expected some of {', '.join(keys)}")
+                if not isinstance(v, str) or not v:
+                    raise ConfigError(f"data.sft.{name}.{k}: expected a non-empty string, got {v!r}")
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ import torch
 from engine.config import DataConfig, SFTConfig
 from engine.data.cache import clear_stale, digest, fingerprint, publish_cache, tokenizer_hash
 from engine.data.documents import DataError, expand_paths, iter_jsonl
+from engine.data.formats import to_sft_record
 from engine.data.sampler import IGNORE_INDEX, Sampled
 from engine.data.text import token_dtype
 from engine.data.tokenizer import Tokenizer, TokenizerError
@@ -45,9 +46,10 @@ __all__ = ["IGNORE_INDEX", "PackedExamples", "SFTData", "SFTStats", "pack", "pre
 # ---------------------------------------------------------------------------- records -> segments
 
 
-def read_records(path: Path):
-    """Yield (record, "file:line") for every non-blank line of a .jsonl file, checking its shape."""
+def read_records(path: Path, sft: SFTConfig | None = None):
+    """Yield (record, "file:line") for every non-blank line of a .jsonl file, in `data.sft.format`, checked."""
     for record, where, _ in iter_jsonl(path):
+        record = to_sft_record(record, where, sft)
         check_record(record, where)
         yield record, where
 
@@ -314,9 +316,9 @@ def _jsonl_files(patterns, where: str) -> list[Path]:
 
 def _tokenize_splits(cfg: DataConfig, tokenizer: Tokenizer, train_files, val_files) -> dict:
     """{"train"/"val": (examples, stats, records read)}; no usable training example is a DataError."""
-    train_records = [r for f in train_files for r in read_records(f)]
+    train_records = [r for f in train_files for r in read_records(f, cfg.sft)]
     if val_files:
-        val_records = [r for f in val_files for r in read_records(f)]
+        val_records = [r for f in val_files for r in read_records(f, cfg.sft)]
     else:
         n_val = int(np.ceil(cfg.val_fraction * len(train_records))) if len(train_records) > 1 else 0
         train_records, val_records = train_records[:len(train_records) - n_val], train_records[len(train_records) - n_val:]
