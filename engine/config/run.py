@@ -43,10 +43,27 @@ class SFTConfig:
 
 
 @dataclass(frozen=True)
+class DatasetConfig:
+    """How Hugging Face datasets named in data.train / data.val are read (`data.dataset.*`); see
+    engine/data/hf_datasets.py. A data file (.parquet/.arrow/.csv/.json) is one split, used whole."""
+
+    split: str = "train"  # the split data.train reads from a Hub dataset or a saved DatasetDict
+    val_split: str = "validation"  # the split data.val reads
+    subset: Optional[str] = None  # the dataset's configuration (datasets' `name`), e.g. "wikitext-2-raw-v1"
+    # rows are read as they come: no Arrow copy, bounded memory; false: datasets builds its Arrow cache first
+    streaming: bool = True
+
+    def __post_init__(self):
+        for name in ("split", "val_split"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"data.dataset.{name}: expected a split name, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where the corpus is and how it is cut into training windows (`data.*` in a run config)."""
 
-    train: tuple[str, ...]  # files, globs or directories: .txt / any text file, or .jsonl with a text field
+    train: tuple[str, ...]  # files, globs or directories: .txt / any text file, .jsonl with a text field, datasets
     val: tuple[str, ...] = ()  # held-out files; when empty, the last `val_fraction` of the tokens is held out
     val_fraction: float = 0.05
     seq_len: int = 512  # tokens per training window (targets are the window shifted by one)
@@ -55,6 +72,8 @@ class DataConfig:
     # "text": raw documents packed into windows; "sft": .jsonl of {"prompt", "completion"} or {"messages"}
     format: Literal["text", "sft"] = "text"
     sft: Optional[SFTConfig] = None  # SFT options (defaults when omitted); only with format "sft"
+    # train/val entries may be datasets: data files (.parquet ...), save_to_disk dirs, "hf:owner/name" Hub ids
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
 
     def __post_init__(self):
         if self.format not in ("text", "sft"):

@@ -31,9 +31,10 @@ import numpy as np
 import torch
 
 from engine.config import DataConfig, SFTConfig
-from engine.data.cache import clear_stale, digest, fingerprint, publish_cache, tokenizer_hash
-from engine.data.documents import DataError, expand_paths, iter_jsonl
+from engine.data.cache import clear_stale, digest, publish_cache, tokenizer_hash
+from engine.data.documents import DataError
 from engine.data.formats import to_sft_record
+from engine.data.hf_datasets import DatasetSource, expand_sources, iter_source_rows, source_fingerprint
 from engine.data.sampler import IGNORE_INDEX, Sampled
 from engine.data.text import token_dtype
 from engine.data.tokenizer import Tokenizer, TokenizerError
@@ -47,8 +48,9 @@ __all__ = ["IGNORE_INDEX", "PackedExamples", "SFTData", "SFTStats", "pack", "pre
 
 
 def read_records(path: Path, sft: SFTConfig | None = None):
-    """Yield (record, "file:line") for every non-blank line of a .jsonl file, in `data.sft.format`, checked."""
-    for record, where, _ in iter_jsonl(path):
+    """Yield (record, "file:line") for every non-blank line of a .jsonl file (or row of a dataset source,
+    engine.data.hf_datasets), in `data.sft.format`, checked."""
+    for record, where in iter_source_rows(path):
         record = to_sft_record(record, where, sft)
         check_record(record, where)
         yield record, where
@@ -283,8 +285,8 @@ def _packed(examples, cfg: DataConfig, pad_id: int, seed: int, stats: SFTStats) 
 def prepare_sft(cfg: DataConfig, tokenizer: Tokenizer, seed: int = 0, tokenizer_dir=None) -> SFTData:
     """Read, render, tokenize and pack data.train (and data.val, else the last val_fraction of examples).
     With `tokenizer_dir` the tokenized examples are cached under cfg.processed_dir (see the module doc)."""
-    train_files = _jsonl_files(cfg.train, "data.train")
-    val_files = _jsonl_files(cfg.val, "data.val") if cfg.val else []
+    train_files = _jsonl_files(cfg.train, "data.train", cfg)
+    val_files = _jsonl_files(cfg.val, "data.val", cfg, cfg.dataset.val_split) if cfg.val else []
     cache = _cache_dir(cfg, tokenizer, tokenizer_dir, train_files, val_files) if tokenizer_dir is not None else None
     if cache is not None:
         clear_stale(cache)  # what killed runs left (a restored complete copy is reused below)
@@ -306,11 +308,12 @@ def prepare_sft(cfg: DataConfig, tokenizer: Tokenizer, seed: int = 0, tokenizer_
     return SFTData(*out, cache_dir=cache, reused=reused)
 
 
-def _jsonl_files(patterns, where: str) -> list[Path]:
-    files = expand_paths(patterns, where)
+def _jsonl_files(patterns, where: str, cfg: DataConfig, split=None) -> list:
+    files = expand_sources(patterns, where, cfg, split)  # .jsonl files and dataset sources
     for f in files:
-        if f.suffix != ".jsonl":
-            raise DataError(f"{f}: SFT data must be .jsonl (one JSON object per line)")
+        if not isinstance(f, DatasetSource) and f.suffix != ".jsonl":
+            raise DataError(f"{f}: SFT data must be .jsonl (one JSON object per line) or a dataset (.parquet, .arrow, "
+                            ".csv, .json, a save_to_disk dir, hf:<id>)")
     return files
 
 
@@ -341,7 +344,8 @@ SFT_CACHE_VERSION = 1
 
 
 def _cache_dir(cfg: DataConfig, tokenizer: Tokenizer, tokenizer_dir, train_files, val_files) -> Path:
-    key = {"format": f"sft-{SFT_CACHE_VERSION}", "train": fingerprint(train_files), "val": fingerprint(val_files),
+    key = {"format": f"sft-{SFT_CACHE_VERSION}", "train": source_fingerprint(train_files),
+           "val": source_fingerprint(val_files),
            "val_fraction": None if val_files else cfg.val_fraction, "seq_len": cfg.seq_len,
            "sft": dataclasses.asdict(cfg.sft), "tokenizer": tokenizer_hash(tokenizer_dir),
            "chat_templates": tokenizer.chat_templates}  # chat_template.jinja files are not in the hashed files

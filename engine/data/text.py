@@ -1,7 +1,8 @@
 """Data: tokenize a corpus once into <processed_dir>/<hash>/{train,val}.bin, then sample windows from a memmap.
 
 Documents are read as in engine.data.documents (a whole text file or one .jsonl line; `{stdlib}` paths), in
-bounded pieces: memory does not grow with the file size (see `prepare`).
+bounded pieces: memory does not grow with the file size (see `prepare`). A row of a Hugging Face dataset
+(engine.data.hf_datasets: parquet/arrow/csv/json files, save_to_disk dirs, hf: Hub ids) is a document too.
 Each document is stored as `[BOS] ids EOS`: EOS always closes it, BOS opens it only when the tokenizer's own
 post-processor adds BOS (Llama style), so packed windows look like what the model sees at inference.
 The cache key hashes every input's path, size and mtime (stat, not content: a 2 GB corpus re-hashes in
@@ -25,6 +26,8 @@ from tqdm import tqdm
 from engine.config import DataConfig
 from engine.data.cache import TOKENIZER_FILES, clear_stale, digest, fingerprint, publish_cache, tokenizer_hash
 from engine.data.documents import DataError, expand_paths, iter_jsonl, iter_pieces, splits_safely
+from engine.data.hf_datasets import (DatasetSource, check_text_column, expand_sources, iter_dataset_pieces,
+                                     source_bytes, source_fingerprint)
 from engine.data.sampler import Sampled
 from engine.data.tokenizer import Tokenizer
 
@@ -88,8 +91,9 @@ def prepare(data_cfg: DataConfig, tokenizer: Tokenizer, tokenizer_dir, *, dtype=
     PIECE_CHARS characters (cut where the ids stay those of the whole document), CHUNK_CHARS of text per
     encode_batch call, and the ids are appended to the .bin as they come.
     """
-    train_files = expand_paths(data_cfg.train, "data.train")
-    val_files = expand_paths(data_cfg.val, "data.val") if data_cfg.val else []
+    # files, and dataset sources (engine.data.hf_datasets: their rows are documents)
+    train_files = expand_sources(data_cfg.train, "data.train", data_cfg)
+    val_files = expand_sources(data_cfg.val, "data.val", data_cfg, data_cfg.dataset.val_split) if data_cfg.val else []
     held_out = set(val_files)
     train_files = [p for p in train_files if p not in held_out]  # a held-out file must never be trained on
     if not train_files:
@@ -98,7 +102,7 @@ def prepare(data_cfg: DataConfig, tokenizer: Tokenizer, tokenizer_dir, *, dtype=
     if eos is None:
         raise DataError(f"tokenizer {tokenizer_dir}: has no eos_token, which separates packed documents")
     dtype = token_dtype(tokenizer.vocab_size) if dtype is None else np.dtype(dtype)
-    key = {"format": FORMAT_VERSION, "train": fingerprint(train_files), "val": fingerprint(val_files),
+    key = {"format": FORMAT_VERSION, "train": source_fingerprint(train_files), "val": source_fingerprint(val_files),
            "val_fraction": data_cfg.val_fraction, "text_field": data_cfg.text_field, "dtype": dtype.name,
            "tokenizer": tokenizer_hash(tokenizer_dir)}
     name = digest(key)
@@ -109,6 +113,7 @@ def prepare(data_cfg: DataConfig, tokenizer: Tokenizer, tokenizer_dir, *, dtype=
         logger.info("data: reusing %s (inputs and tokenizer unchanged)", out)
         _check_sizes(data.meta, data_cfg.seq_len)
         return data
+    check_text_column([*train_files, *val_files], data_cfg.text_field)  # before anything is written
 
     def fill(tmp: Path) -> dict:
         max_chars = PIECE_CHARS if splits_safely(tokenizer) else None
@@ -161,7 +166,8 @@ def _write_tokens(bin_path: Path, files, text_field, enc: _Encoder, pbar) -> tup
     with open(bin_path, "wb") as f:
         pieces, size, first = [], 0, True
         for path in files:
-            for text, where, n_bytes, last in iter_pieces(path, text_field, enc.max_chars):
+            pieces_of = iter_dataset_pieces if isinstance(path, DatasetSource) else iter_pieces
+            for text, where, n_bytes, last in pieces_of(path, text_field, enc.max_chars):
                 pbar.update(n_bytes)
                 if text:  # an empty document (one empty piece) would only add a lone EOS
                     pieces.append((text, where, first, last))
@@ -179,7 +185,7 @@ def _write_tokens(bin_path: Path, files, text_field, enc: _Encoder, pbar) -> tup
 
 
 def _write_splits(tmp: Path, train_files, val_files, cfg: DataConfig, enc: _Encoder, progress) -> dict:
-    total = sum(p.stat().st_size for p in [*train_files, *val_files])
+    total = sum(source_bytes(p) for p in [*train_files, *val_files])
     with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress) as pbar:
         n_train, train_docs = _write_tokens(tmp / "train.bin", train_files, cfg.text_field, enc, pbar)
         if val_files:

@@ -10,6 +10,7 @@ import torch
 
 from engine.data.bpe import train_bpe
 from engine.config import ConfigError, ModelConfig, RunConfig
+from engine.data.hf_datasets import names_dataset
 from engine.data.text import expand_paths, prepare
 from engine.adapters.lora import apply_lora, check_lora_supported
 from engine.adapters.peft_format import load_adapter_weights, read_adapter_config
@@ -44,6 +45,10 @@ def check_run_config(cfg: RunConfig) -> ModelConfig:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds the model's max_position_embeddings "
                           f"{model_cfg.max_position_embeddings}")
     resolve_device(cfg.train.device)
+    if cfg.model.bpe_vocab_size is not None and cfg.model.tokenizer is None and \
+            any(map(names_dataset, cfg.data.train)):
+        raise ConfigError("model.bpe_vocab_size: a BPE tokenizer is trained on text files, and data.train names a "
+                          "dataset; set model.tokenizer (a tokenizer dir)")
     if cfg.lora is not None:
         check_lora_supported(model_cfg, cfg.lora)
     return model_cfg
