@@ -140,6 +140,10 @@ class TrainConfig:
     seed: int = 1337
     eval_every: int = 100  # 0 disables evaluation
     eval_batches: int = 20
+    # lm-evaluation-harness task names also run at each eval step (engine/train/eval_tasks.py; the eval extra)
+    eval_tasks: tuple[str, ...] = ()
+    eval_tasks_limit: Optional[int] = None  # examples per task (None: all)
+    eval_tasks_include_path: Optional[str] = None  # a dir of extra lm-eval task YAML files
     save_every: int = 500  # 0: save only at the end
     keep_last: int = 2  # checkpoints kept besides the best by val loss
     log_every: int = 1  # metrics.jsonl/trackers rows (and, without the progress bar, log lines) every N steps
@@ -173,6 +177,12 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}: expected a number >= 0, got {getattr(self, name)}")
         if not self.eps > 0:
             raise ConfigError(f"train.eps: expected a positive number, got {self.eps}")
+        if self.eval_tasks_limit is not None:
+            _check_int("train.eval_tasks_limit", self.eval_tasks_limit, minimum=1)
+        if isinstance(self.eval_tasks, str):
+            object.__setattr__(self, "eval_tasks", tuple(n.strip() for n in self.eval_tasks.split(",") if n.strip()))
+        if self.eval_tasks and not self.eval_every:
+            raise ConfigError("train.eval_tasks: runs at eval steps, and train.eval_every is 0 (no eval steps)")
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -71,6 +71,7 @@ class Run:
     steps: int  # the step the run ends at (train.max_steps / max_tokens)
     state: RunState
     resume_from: Optional[Path] = None
+    task_eval: Optional[object] = None  # train.eval_tasks (engine.train.eval_tasks.TaskEval), or None
 
     @property
     def out_dir(self) -> Path:
@@ -86,7 +87,9 @@ def train(cfg: RunConfig, *, progress: bool = True, on_step: Optional[Callable[[
     check_run_config(cfg)
     group, device = distributed.init_distributed(cfg, resolve_device(cfg.train.device))
     try:
+        task_eval = _task_eval(cfg, group)  # bad task names fail before anything is written
         run = _setup(cfg, group, device, progress and group.is_main)
+        run.task_eval = task_eval
         return _loop(run, progress and group.is_main, on_step)
     except RuntimeError as exc:
         if group.enabled and distributed.is_timeout(exc):
@@ -180,6 +183,8 @@ def _loop(run: Run, progress: bool, on_step) -> RunResult:
                 if run.data.val is not None and t.eval_every and (state.step % t.eval_every == 0
                                                                   or state.step == run.steps):
                     row.update(_eval_row(run))
+                if run.task_eval is not None and (state.step % t.eval_every == 0 or state.step == run.steps):
+                    row.update(_eval_tasks_row(run))
                 if report is not None:
                     report.step(row)
                 _check_finite(run, row)
@@ -278,6 +283,21 @@ def _eval_row(run: Run) -> dict:
                         device=run.device, precision=t.precision, loss_module=run.objective, group=run.group)
     run.state.record_eval(val_loss)
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+
+def _task_eval(cfg: RunConfig, group: Dist):
+    if not cfg.train.eval_tasks:
+        return None
+    from engine.train.eval_tasks import TaskEval
+
+    return TaskEval(cfg, group.world_size)
+
+
+def _eval_tasks_row(run: Run) -> dict:
+    """train.eval_tasks' metrics (rank 0 runs them; the other ranks' rows stay without them)."""
+    if run.task_eval is None or not run.group.is_main:
+        return {}
+    return run.task_eval.row(run.model, run.tokenizer, run.device, run.cfg.train.precision)
 
 
 class _Reporter:

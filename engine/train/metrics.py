@@ -60,8 +60,8 @@ def _dumps(row: dict) -> str:
 
 
 def is_logged(row: dict, every: int) -> bool:
-    """Rows kept with train.log_every: every `every`-th step, and every eval step."""
-    return row["step"] % every == 0 or "val_loss" in row
+    """Rows kept with train.log_every: every `every`-th step, and every eval step (val loss or eval tasks)."""
+    return row["step"] % every == 0 or "val_loss" in row or any(k.startswith("eval/") for k in row)
 
 
 def _read_rows(path: Path) -> tuple[list[dict], bool]:

@@ -47,7 +47,8 @@ class Trackers:
 
     def log(self, row: dict) -> None:
         step = row["step"]
-        values = {TAGS[k]: float(v) for k, v in row.items() if k in TAGS and v is not None}
+        values = {TAGS.get(k, k): float(v) for k, v in row.items()
+                  if (k in TAGS or k.startswith("eval/")) and v is not None}  # eval/<task>/<metric>: train.eval_tasks
         if self.tensorboard is not None:
             for tag, value in values.items():
                 self.tensorboard.add_scalar(tag, value, step)
