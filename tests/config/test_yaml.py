@@ -5,11 +5,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from engine.config import ConfigError, from_dict, load_run_config
 from engine.config.run import RunConfig
-from tests.train_fixtures import tiny_run_dict, write_config_file
+from tests.train_fixtures import tiny_run_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 
