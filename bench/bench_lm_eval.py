@@ -16,7 +16,7 @@ from engine.eval.lm_eval_model import EngineLM, metrics_of, run_tasks, task_mana
 
 
 def _ppl_task(root: Path) -> Path:
-    docs = [{"text": p.read_text()[:4000]} for p in sorted(Path("engine/data").glob("*.py"))[:8]]
+    docs = [{"text": p.read_text()[:2000]} for p in sorted(Path("engine/data").glob("*.py"))[:8]]
     (root / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     (root / "code_ppl.yaml").write_text(
         f"task: code_ppl\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {root / 'docs.jsonl'}\n"
@@ -28,7 +28,7 @@ def _ppl_task(root: Path) -> Path:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="/work/smollm2_hf")
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--limit", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=8)
     args = p.parse_args(argv)
     from lm_eval import simple_evaluate

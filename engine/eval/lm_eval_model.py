@@ -6,7 +6,8 @@ EngineLM follows lm-eval's own `hf` backend (HFLM) request by request, so the tw
                          BOS else EOS); each input is (context + continuation)[-(max_length + 1):][:-1]; the sum of
                          the continuation's log-probs and whether greedy decoding gives it. Requests are sorted by
                          length (longest first) and scored `batch_size` at a time, right-padded: with a causal mask
-                         padding after a sequence does not change its logits.
+                         padding after a sequence does not change its logits. Logits are computed only for the
+                         continuation's positions, a row at a time (memory: one row's len(continuation) x vocab).
   loglikelihood_rolling  lm-eval's disjoint rolling windows of max_length tokens, each scored as above.
   generate_until         greedy or sampled decoding with the KV cache (engine.infer.generate.generate_stream),
                          contexts left-truncated to max_length - max_gen_toks; text is cut at the first stop
@@ -102,11 +103,12 @@ class EngineLM(TemplateLM):
         x = torch.full((len(inputs), T), pad, dtype=torch.long)
         for b, ids in enumerate(inputs):
             x[b, :len(ids)] = torch.tensor(ids)
-        logits = self.model(x.to(self.device)).float()  # (B, T, V)
+        h = self.model.hidden_states(x.to(self.device))  # (B, T, C)
         out = []
         for b, (ids, cont) in enumerate(zip(inputs, conts)):
             n = len(ids)
-            logp = F.log_softmax(logits[b, n - len(cont):n], dim=-1)  # (len(cont), V): predicts the continuation
+            # logits of the continuation's positions only, one row at a time: never (B, T, V) at once
+            logp = F.log_softmax(self.model.lm_head(h[b, n - len(cont):n]).float(), dim=-1)  # (len(cont), V)
             target = torch.tensor(cont, device=logp.device)
             greedy = bool((logp.argmax(dim=-1) == target).all())
             out.append((float(logp.gather(-1, target[:, None]).sum()), greedy))
