@@ -22,12 +22,13 @@ CHUNK = 256  # queries per chunk: [g*Tc, Sc] fp32 scores per kv head, big enough
 
 
 def attend(q, k, v, mask, *, scale: Optional[float] = None, softcap: Optional[float] = None,
-           window: Optional[int] = None, per_row: bool = False, chunk: int = CHUNK) -> torch.Tensor:
+           window: Optional[int] = None, per_row: bool = False, chunk: Optional[int] = None) -> torch.Tensor:
     """q [B, nh, T, hd], k/v [B, nkv, S, hd] -> [B, nh, T, hd]; mask as for kernels.attention (None: causal
     with the T queries the last of the S keys; bool, True = attend). `scale` None is hd**-0.5. `window`
     (this layer's sliding window) only narrows which keys a chunk reads: `mask` already enforces it.
     per_row: a serving batch whose rows sit at different positions (then every chunk reads all keys)."""
     T, S = q.shape[2], k.shape[2]
+    chunk = chunk or CHUNK
     plain = scale is None and softcap is None
     long_window = window is not None and not per_row and S > window + chunk
     if plain and not long_window:
