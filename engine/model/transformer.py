@@ -219,7 +219,8 @@ class Attention(nn.Module):
             q, k = w.norm(self.q_norm, q, rows=rows[0]), w.norm(self.k_norm, k, rows=rows[1])
         if rope:
             q, k = w.rope(q, k)
-        return w.linear(self.o_proj, w.attention(q, k, v, self.nh))
+        chunked = self.softcap is not None or self.scale != self.hd ** -0.5  # engine.model.attention's path
+        return w.linear(self.o_proj, w.attention(q, k, v, self.nh, chunked) if chunked else w.attention(q, k, v, self.nh))
 
 
 class MLP(nn.Module):
