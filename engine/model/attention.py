@@ -61,57 +61,61 @@ def _chunk_mask(mask, t0, t1, k0, k1, past, window, device) -> torch.Tensor:
 
 
 def _grouped(q, k, mask):
-    """q [B, nh, Tc, hd] -> [B, nkv, g, Tc, hd]; k [B, nkv, Sc, hd] -> [B, nkv, 1, Sc, hd]; mask -> broadcastable
-    [.., 1|nkv, 1, Tc, Sc]: the g query heads of a kv head share its keys without copying them."""
+    """q [B, nh, Tc, hd] -> [B*nkv, g*Tc, hd] (the g query heads of a kv head stacked, so they share its keys
+    in one GEMM without copying them); k -> [B*nkv, Sc, hd]; mask -> broadcastable to [B, nkv, g, Tc, Sc]."""
     B, nh, Tc, hd = q.shape
     nkv = k.shape[1]
     m = mask if mask.dim() == 2 else mask[:, :, None]  # [B|1, 1, 1, Tc, Sc]
-    return q.reshape(B, nkv, nh // nkv, Tc, hd), k[:, :, None], m
+    return q.reshape(B * nkv, (nh // nkv) * Tc, hd), k.reshape(B * nkv, k.shape[2], hd), m
 
 
-def _capped_probs(qg, kg, m, scale, softcap, lse=None):
-    """fp32 probabilities [B, nkv, g, Tc, Sc], tanh(scores / cap) (None if no cap), and the row logsumexp."""
-    s = torch.matmul(qg, kg.transpose(-1, -2)).float().mul_(scale)  # (B, nkv, g, Tc, Sc)
+def _capped_probs(q, k, mask, scale, softcap):
+    """fp32 probabilities [B, nkv, g, Tc, Sc] and tanh(scores / cap) (None without a cap)."""
+    qg, kg, m = _grouped(q, k, mask)
+    B, nh, Tc, _ = q.shape
+    nkv = k.shape[1]
+    s = torch.bmm(qg, kg.transpose(1, 2)).float()  # (B*nkv, g*Tc, Sc)
+    s = s.view(B, nkv, nh // nkv, Tc, -1)
     t = None
     if softcap is not None:
-        t = s.div_(softcap).tanh_()
+        t = s.mul_(scale / softcap).tanh_()
         z = t * softcap
     else:
-        z = s
-    z = z.masked_fill(~m, float("-inf"))
-    if lse is None:
-        lse = z.logsumexp(-1, keepdim=True)
-        lse = lse.masked_fill(lse == float("-inf"), 0.0)  # a row that sees no key gives 0, not NaN
-    return (z - lse).exp_(), t, lse
+        z = s.mul_(scale)
+    return torch.softmax(z.masked_fill_(~m, float("-inf")), dim=-1), t
 
 
 class CappedAttention(torch.autograd.Function):
     """softmax(mask(cap * tanh(q k^T * scale / cap))) v for one query chunk (cap None: no capping):
-    q [B, nh, Tc, hd], k/v [B, nkv, Sc, hd], mask bool [Tc, Sc] or [B|1, 1, Tc, Sc] -> [B, nh, Tc, hd].
-    Scores, softcap and softmax in fp32; the GEMMs in the input dtype (as transformers' eager attention)."""
+    q [B, nh, Tc, hd], k/v [B, nkv, Sc, hd], mask bool [Tc, Sc] or [B|1, 1, Tc, Sc] (every query sees at
+    least one key) -> [B, nh, Tc, hd]. Scores, cap and softmax in fp32, the GEMMs in the input dtype (as
+    transformers' eager attention); backward recomputes the probabilities instead of saving them."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask, scale, softcap):
-        qg, kg, m = _grouped(q, k, mask)
-        p, _, lse = _capped_probs(qg, kg, m, scale, softcap)
-        y = torch.matmul(p.to(v.dtype), v[:, :, None])  # (B, nkv, g, Tc, hd)
-        ctx.save_for_backward(q, k, v, mask, y, lse)
+        p, _ = _capped_probs(q, k, mask, scale, softcap)
+        B, nkv, Sc, hd = v.shape
+        y = torch.bmm(p.to(v.dtype).view(B * nkv, -1, Sc), v.reshape(B * nkv, Sc, hd))  # (B*nkv, g*Tc, hd)
+        ctx.save_for_backward(q, k, v, mask, y)
         ctx.scale, ctx.softcap = scale, softcap
-        return y.reshape(q.shape)
+        return y.view(q.shape)
 
     @staticmethod
     def backward(ctx, grad_y):
-        q, k, v, mask, y, lse = ctx.saved_tensors
-        qg, kg, m = _grouped(q, k, mask)
-        p, t, _ = _capped_probs(qg, kg, m, ctx.scale, ctx.softcap, lse)  # recomputed, not saved
-        dy = grad_y.reshape(y.shape)  # (B, nkv, g, Tc, hd)
-        dv = torch.matmul(p.to(dy.dtype).transpose(-1, -2), dy).sum(2)  # (B, nkv, Sc, hd): sum over the group
-        dp = torch.matmul(dy, v[:, :, None].transpose(-1, -2)).float()  # (B, nkv, g, Tc, Sc)
+        q, k, v, mask, y = ctx.saved_tensors
+        p, t = _capped_probs(q, k, mask, ctx.scale, ctx.softcap)  # (B, nkv, g, Tc, Sc), recomputed
+        B, nkv, Sc, hd = v.shape
+        qg, kg, _ = _grouped(q, k, mask)
+        vg = v.reshape(B * nkv, Sc, hd)
+        dy = grad_y.reshape(y.shape)  # (B*nkv, g*Tc, hd)
+        pg = p.view(B * nkv, -1, Sc)
+        dv = torch.bmm(pg.to(dy.dtype).transpose(1, 2), dy)  # sums the group's query heads
+        dp = torch.bmm(dy, vg.transpose(1, 2)).float()  # (B*nkv, g*Tc, Sc)
         delta = (dy.float() * y.float()).sum(-1, keepdim=True)  # rowsum(dp * p)
-        ds = p.mul_(dp.sub_(delta))  # d loss / d z
+        ds = pg.mul_(dp.sub_(delta))  # d loss / d z
         if t is not None:
-            ds.mul_(1 - t * t)  # through cap * tanh(s / cap)
+            ds.mul_(t.view_as(ds).square_().neg_().add_(1))  # through cap * tanh(s / cap)
         ds = ds.mul_(ctx.scale).to(q.dtype)
-        dq = torch.matmul(ds, kg).reshape(q.shape)
-        dk = torch.matmul(ds.transpose(-1, -2), qg).sum(2)  # (B, nkv, Sc, hd)
-        return dq, dk, dv, None, None, None
+        dq = torch.bmm(ds, kg).view(q.shape)
+        dk = torch.bmm(ds.transpose(1, 2), qg).view(k.shape)
+        return dq, dk, dv.view(v.shape), None, None, None
