@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from engine.config import ConfigError, ModelConfig, RopeScaling
-from engine.model.hf_layers import LAYER_TYPES, expressed_fields, layer_fields, layer_keys_to_hf, parse_rope, rope_to_hf
+from engine.model.hf_layers import (LAYER_TYPES, expressed_fields, layer_fields, layer_keys_to_hf, parse_rope,
+                                    partial_rotary_factor, rope_to_hf)
 
 logger = logging.getLogger(__name__)
 
@@ -244,15 +245,6 @@ def _rope(hf: dict, source: str, rotary_dim: int) -> tuple[float, Optional[RopeS
     return parse_rope(params, hf, source, key, rotary_dim)
 
 
-def _partial_rotary_factor(hf: dict, source: str) -> float:
-    """Phi-4-mini's partial_rotary_factor, top level (transformers 4) or inside rope_parameters (5)."""
-    params = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
-    value = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1):
-        raise ConfigError(f"{source}: 'partial_rotary_factor': expected a number in (0, 1], got {json.dumps(value)}")
-    return float(value)
-
-
 def _scalar_fields(model_type: str, hf: dict, source: str) -> dict:
     """SCALAR_KEYS of the family: a missing key takes transformers' default, null means none."""
     out = {}
@@ -323,7 +315,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
             if hf.get(key, ok) != ok:
                 raise ConfigError(f"{source}: {key}={hf[key]} is not implemented (only {ok})")
     else:
-        values["partial_rotary_factor"] = _partial_rotary_factor(hf, source)
+        values["partial_rotary_factor"] = partial_rotary_factor(hf, source)
         head_dim = values["head_dim"]
         rotary_dim = int(head_dim * values["partial_rotary_factor"])
         values["rope_theta"], values["rope_scaling"] = _rope(hf, source, rotary_dim)

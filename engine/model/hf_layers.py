@@ -70,6 +70,15 @@ def parse_rope(params: dict, hf: dict, source: str, key: str, rotary_dim: int) -
                               long_factor=tuple(map(float, params["long_factor"])))
 
 
+def partial_rotary_factor(hf: dict, source: str) -> float:
+    """Phi-4-mini's partial_rotary_factor, top level (transformers 4) or inside rope_parameters (5)."""
+    params = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
+    value = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1):
+        raise ConfigError(f"{source}: 'partial_rotary_factor': expected a number in (0, 1], got {json.dumps(value)}")
+    return float(value)
+
+
 def rope_to_hf(theta: float, s: Optional[RopeScaling], partial_rotary_factor: float = 1.0) -> dict:
     """One `rope_parameters` object for (theta, scaling): parse_rope's inverse."""
     out = {"rope_type": "default" if s is None else s.kind, "rope_theta": theta}
