@@ -90,3 +90,27 @@ def test_memory_plan_walks_every_family(hf_checkpoint, family):
                                 "train": {"batch_size": 2, "max_steps": 1}}, where="")
     plan = estimate_memory(model.config, cfg, 1, "cpu")
     assert plan.peak > 4 * model.config.num_params  # at least the fp32 weights
+
+
+@pytest.mark.parametrize("family", ["gemma2", "phi3"])
+def test_fsdp_on_two_ranks_matches_one_process(tmp_path, family):
+    """Full fine-tuning under torchrun FSDP2 (2 CPU ranks, gloo): soft-capped sandwich blocks / fused-qkv
+    blocks shard like any other, and the losses equal one process with grad_accum=2."""
+    from engine.config import RunConfig, from_dict
+    from engine.train.loop import train
+    from tests.finetune_fixtures import lora_run_dict, pretrained_dir
+    from tests.train.test_distributed import _losses, _torchrun
+
+    base = pretrained_dir(tmp_path / "base", family=family)
+
+    def run_dict(where, **train_keys):
+        d = lora_run_dict(where, base, max_steps=3, eval_every=0, save_every=0, lr=1e-3, **train_keys)
+        d.pop("lora")
+        return d
+
+    train(from_dict(RunConfig, run_dict(tmp_path / "one", grad_accum=2), where=""), progress=False)
+    result = _torchrun({**run_dict(tmp_path / "two"), "distributed": {"strategy": "fsdp"}}, tmp_path / "fsdp.json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses, ref = _losses(tmp_path / "two" / "run")[0], _losses(tmp_path / "one" / "run")[0]
+    assert len(losses) == 3
+    torch.testing.assert_close(losses, ref, rtol=1e-5, atol=1e-6)
