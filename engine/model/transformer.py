@@ -149,13 +149,12 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)  # (B, nkv, T, hd)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, S, hd)
-        # mask None: plain causal when T > 1; a single new token sees every cached key.
-        if self.softcap is None and self.scale == self.hd ** -0.5:
-            # SDPA, or a faster grouped path for bf16 CPU training; long sliding-window layers go chunked
-            y = attend(q, k, v, mask, window=self.window, per_row=cache is not None and cache.lengths is not None)
-        else:
-            y = attend(q, k, v, mask, scale=self.scale, softcap=self.softcap, window=self.window,
-                       per_row=cache is not None and cache.lengths is not None)
+        # mask None: plain causal when T > 1; a single new token sees every cached key. Plain layers go to
+        # kernels.attention (SDPA, or the grouped bf16 training path); soft-capped / rescaled ones and long
+        # sliding-window ones to engine.model.attention's query chunks.
+        scale = None if self.scale == self.hd ** -0.5 else self.scale
+        y = attend(q, k, v, mask, scale=scale, softcap=self.softcap, window=self.window,
+                   per_row=cache is not None and cache.lengths is not None)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
     def _rotate(self, q, k, rope):
