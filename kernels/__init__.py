@@ -190,14 +190,16 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          bias: torch.Tensor | None = None, ignore_index: int = -100,
                          reduction: str = "mean", chunk_size: int | None = None,
-                         backend: str | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                         backend: str | None = None, out_dtype: torch.dtype | None = None,
+                         softcap: float | None = None) -> torch.Tensor:
     """Cross-entropy of hidden [N, d] @ weight [V, d].T (+ bias [V]) vs targets [N], computed in
     token chunks (default: ~32M logits per chunk) so [N, V] never exists. Both backends chunk;
     they differ in the per-chunk loss/gradient (compiled kernel vs kernels/reference.py).
     The loss is accumulated in fp32 and returned in `out_dtype` (default: hidden's dtype, like
-    F.cross_entropy); a bf16 training loop asks for float32 so a summed loss keeps its digits."""
+    F.cross_entropy); a bf16 training loop asks for float32 so a summed loss keeps its digits.
+    softcap: logits -> softcap * tanh(logits / softcap) first (Gemma 2's final cap), inside the chunks."""
     return _run("linear_cross_entropy", backend, hidden, weight, targets, bias, ignore_index, reduction,
-                chunk_size, out_dtype)
+                chunk_size, out_dtype, softcap)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -64,7 +64,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
 
 def cross_entropy_rows_with_grad(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                                  scale: float, row_scale: torch.Tensor | None,
-                                 want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                                 want_grad: bool, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(loss rows [N] fp32, d(sum_i w_i loss_i)/d logits in logits' dtype), w_i = scale * row_scale[i].
 
     The torch counterpart of the native kernel's single pass, used per chunk by the fallback of
@@ -72,7 +72,7 @@ def cross_entropy_rows_with_grad(logits: torch.Tensor, targets: torch.Tensor, ig
     """
     with torch.enable_grad():
         z = logits.detach().requires_grad_(want_grad)
-        rows = cross_entropy_rows(z, targets, ignore_index)
+        rows = cross_entropy_rows(z, targets, ignore_index, softcap=softcap)
         if not want_grad:
             return rows.detach().float(), None
         w = torch.full_like(rows, scale) if row_scale is None else scale * row_scale.to(rows.dtype)
@@ -82,9 +82,10 @@ def cross_entropy_rows_with_grad(logits: torch.Tensor, targets: torch.Tensor, ig
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          bias: torch.Tensor | None = None, ignore_index: int = -100,
-                         reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of hidden [N, d] @ weight[V, d].T (+ bias [V]); materializes the [N, V] logits."""
-    return cross_entropy(F.linear(hidden, weight, bias), targets, ignore_index, reduction)
+                         reduction: str = "mean", softcap: float | None = None) -> torch.Tensor:
+    """Cross-entropy of hidden [N, d] @ weight[V, d].T (+ bias [V]), logits soft-capped if `softcap`;
+    materializes the [N, V] logits."""
+    return cross_entropy(F.linear(hidden, weight, bias), targets, ignore_index, reduction, softcap=softcap)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

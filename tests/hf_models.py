@@ -36,6 +36,40 @@ FAMILIES = {
         n_embd=64, n_layer=2, n_head=4, vocab_size=211, n_positions=128, bos_token_id=0, eos_token_id=0)),
 }
 
+# Issue 14's dense families: windows shorter than the 37-token parity inputs, so sliding layers matter.
+import random as _random
+
+_phi3_factors = _random.Random(0)
+FAMILIES.update({
+    # alternate local/global layers; soft caps small enough that tanh bends the tiny model's scores
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=211, max_position_embeddings=128, sliding_window=8,
+        query_pre_attn_scalar=24, attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
+    # five local layers then one global; local theta 10k, global 1M with linear scaling; per-head q/k norm
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        hidden_size=64, intermediate_size=112, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, vocab_size=211, max_position_embeddings=128, sliding_window=8,
+        query_pre_attn_scalar=16, final_logit_softcapping=5.0,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0}})),
+    # Phi-4-mini-like: fused qkv under GQA, partial rotary 0.75, LongRoPE past 16 positions, a window
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
+        hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=211, max_position_embeddings=128, original_max_position_embeddings=16,
+        partial_rotary_factor=0.75, sliding_window=12, tie_word_embeddings=False, pad_token_id=0,
+        rope_scaling={"rope_type": "longrope", "short_factor": [1 + _phi3_factors.random() for _ in range(6)],
+                      "long_factor": [1 + 4 * _phi3_factors.random() for _ in range(6)]})),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(
+        hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=211, max_position_embeddings=128, pad_token_id=0)),
+    # a NoPE layer every 2nd layer; those layers windowed
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(
+        hidden_size=64, intermediate_size=112, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=211, max_position_embeddings=128, no_rope_layer_interval=2,
+        use_sliding_window=True, sliding_window=8, pad_token_id=0)),
+})
+
 
 def make_hf_model(family: str, seed: int = 0, **overrides):
     """A random transformers model of `family`, in eval mode, with non-trivial norm weights and biases."""

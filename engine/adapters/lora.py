@@ -122,8 +122,21 @@ def check_lora_supported(model_cfg, lora: LoraConfig) -> None:
     if model_cfg.hf_model_type == "gpt2" and 0 < len(fused & set(lora.targets)) < 3:
         raise ConfigError("lora.targets: GPT-2 stores q_proj, k_proj and v_proj in one module (c_attn), which an "
                           "adapter covers whole: target all three or none")
+    for stored, parts in _fused_modules(model_cfg).items():  # Phi-3's qkv_proj, gate_up_proj: whole or not at all
+        if 0 < len(parts & set(lora.targets)) < len(parts):
+            raise ConfigError(f"lora.targets: this model stores {', '.join(sorted(parts))} in one module ({stored}), "
+                              f"which an adapter covers whole: target all of them or none")
     if "gate_proj" in lora.targets and not model_cfg.gated_mlp and tuple(lora.targets) != LORA_TARGETS:
         raise ConfigError("lora.targets: 'gate_proj' is not in this model (its MLP is not gated)")
+
+
+def _fused_modules(model_cfg) -> dict[str, set]:
+    """Stored module name -> the native module names fused into it (from the family's weight table)."""
+    out = {}
+    for native, spec in weight_layout(model_cfg).table.items():
+        if getattr(spec, "parts", 1) > 1 and native.endswith(".weight"):
+            out.setdefault(spec.name.rsplit(".", 2)[-2], set()).add(native.rsplit(".", 2)[-2])
+    return out
 
 
 def apply_lora(model, lora: LoraConfig, base_name: str = "") -> list[str]:

@@ -28,6 +28,10 @@ ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetens
 GPT2_TARGETS = {"c_attn": ("q_proj", "k_proj", "v_proj"), "attn.c_attn": ("q_proj", "k_proj", "v_proj"),
                 "c_proj": ("o_proj", "down_proj"), "attn.c_proj": ("o_proj",), "mlp.c_proj": ("down_proj",),
                 "c_fc": ("up_proj",), "mlp.c_fc": ("up_proj",)}  # PEFT target_modules -> our module names
+# Phi-3's fused modules (one A, B = the parts' rows, as PEFT adapts them)
+FUSED_TARGETS = {**GPT2_TARGETS, "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+                 "self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
+                 "mlp.gate_up_proj": ("gate_proj", "up_proj")}
 
 
 def adapter_state_dict(model, params=None) -> dict[str, torch.Tensor]:
@@ -48,8 +52,9 @@ def _peft_targets(model) -> tuple[list[str], bool]:
     name the module (`q_proj`); GPT-2 names it from its block (`attn.c_proj` vs `mlp.c_proj`), and its
     Conv1D weights are stored [in, out], which PEFT records as fan_in_fan_out."""
     if model.config.hf_model_type != "gpt2":
-        names = lora_modules(model)
-        return [t for t in adapter_state(model).config.targets if any(n.endswith("." + t) for n in names)], False
+        stored = {peft.rsplit(".", 1)[-1] for peft in peft_modules(model)}  # Phi-3: qkv_proj, gate_up_proj
+        targets = [t for t in adapter_state(model).config.targets if t in stored]
+        return targets + sorted(stored - set(targets)), False
     blocks = {peft.split(".h.", 1)[1].split(".", 1)[1] for peft in peft_modules(model)}  # "0.attn.c_attn" -> "attn.c_attn"
     return sorted(blocks), True
 
@@ -105,7 +110,7 @@ def read_adapter_config(directory) -> tuple[LoraConfig, str | None]:
     if isinstance(targets, str):  # PEFT also accepts a regex over full names, or "all-linear"
         targets = LORA_TARGETS if targets == "all-linear" else [t for t in LORA_TARGETS if t in targets]
     else:  # PEFT matches name suffixes: "self_attn.q_proj" is q_proj; GPT-2's modules have their own names
-        targets = [n for t in targets or () for n in GPT2_TARGETS.get(t, (t.rsplit(".", 1)[-1],))]
+        targets = [n for t in targets or () for n in FUSED_TARGETS.get(t, (t.rsplit(".", 1)[-1],))]
     try:
         lora = LoraConfig(rank=raw["r"], alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout", 0.0)),
                           targets=tuple(targets or ()), rslora=bool(raw.get("use_rslora", False)))

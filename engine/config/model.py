@@ -22,12 +22,31 @@ MAX_VOCAB, MAX_POSITIONS = 2**31, 2**24
 class RopeScaling:
     """Context-extension rescaling of RoPE frequencies (`rope_scaling` / `rope_parameters` in HF)."""
 
-    kind: Literal["linear", "llama3"]
+    kind: Literal["linear", "llama3", "yarn", "longrope"]
     factor: float
     # llama3 only: frequencies are rescaled by wavelength band relative to the original context.
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+    original_max_position_embeddings: int = 8192  # llama3, yarn, longrope: the pretraining context
+    # yarn, longrope: cos and sin are multiplied by this (HF's attention_factor; resolved when parsed)
+    attention_factor: float = 1.0
+    # yarn: the band of rotations interpolated between extrapolated and interpolated frequencies
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    # longrope (Phi-3 "su"): per-pair divisors of the frequencies, short up to the original context and
+    # long past it (chosen per forward from its longest position, as transformers does)
+    short_factor: Optional[tuple[float, ...]] = None
+    long_factor: Optional[tuple[float, ...]] = None
+
+    def __post_init__(self):
+        if self.kind not in ("linear", "llama3", "yarn", "longrope"):
+            raise ConfigError(f"model.rope_scaling.kind: expected one of linear, llama3, yarn, longrope, got {self.kind!r}")
+        for name in ("short_factor", "long_factor"):
+            if isinstance(getattr(self, name), list):  # from JSON: tuples keep the object hashable
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.kind == "longrope" and (self.short_factor is None or self.long_factor is None):
+            raise ConfigError("model.rope_scaling: longrope needs short_factor and long_factor")
 
 
 class LayerRope(NamedTuple):
@@ -88,11 +107,17 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2, GPT-2
     o_bias: bool = False  # GPT-2 (and Llama with attention_bias=true)
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k, before RoPE
+    qk_norm_scope: Literal["head", "projection"] = "head"  # "projection": OLMo 2 norms all of q (and k) at once
+    # Gemma 2: scores are scaled by query_pre_attn_scalar**-0.5 instead of head_dim**-0.5 (None: head_dim)
+    query_pre_attn_scalar: Optional[float] = None
+    attn_softcap: Optional[float] = None  # Gemma 2: scores -> cap * tanh(scores / cap) before the mask
+    final_softcap: Optional[float] = None  # Gemma 2 (optional on Gemma 3): the same on the output logits
     sliding_window: Optional[int] = None  # Mistral v0.1: a key is visible while q_pos - k_pos < window
     # positions
     position: Literal["rope", "learned"] = "rope"
     rope_theta: float = 10000.0
     rope_scaling: Optional[RopeScaling] = None
+    partial_rotary_factor: float = 1.0  # Phi-4-mini: RoPE turns only the first int(hd * factor) dims of a head
     # per layer (None: every layer takes the global value above; else one entry per layer)
     layer_sliding_windows: Optional[tuple[Optional[int], ...]] = None  # an entry None: global attention there
     layer_rope_thetas: Optional[tuple[Optional[float], ...]] = None  # an entry None: no RoPE on that layer
@@ -126,7 +151,7 @@ class ModelConfig:
             raise ConfigError(f"model.num_heads ({self.num_heads}) must be a multiple of "
                               f"model.num_kv_heads ({self.num_kv_heads})")
         choices = {"norm": ("rmsnorm", "layernorm"), "activation": ("silu", "gelu_tanh", "gelu", "relu"),
-                   "position": ("rope", "learned"), "mlp_class": ("dense",)}
+                   "position": ("rope", "learned"), "mlp_class": ("dense",), "qk_norm_scope": ("head", "projection")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name}: expected one of {allowed}, got {getattr(self, name)!r}")
@@ -136,6 +161,15 @@ class ModelConfig:
             raise ConfigError(f"model.sliding_window: expected a positive integer or null, got {self.sliding_window}")
         if isinstance(self.rope_scaling, dict):  # from_dict / JSON round trip
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        for name in ("query_pre_attn_scalar", "attn_softcap", "final_softcap"):
+            value = getattr(self, name)
+            if value is not None and not _positive(value, (int, float)):
+                raise ConfigError(f"model.{name}: expected a positive number or null, got {value!r}")
+        if not (isinstance(self.partial_rotary_factor, (int, float)) and 0 < self.partial_rotary_factor <= 1):
+            raise ConfigError(f"model.partial_rotary_factor: expected a number in (0, 1], got {self.partial_rotary_factor!r}")
+        if self.position == "rope" and self.rotary_dim % 2:
+            raise ConfigError(f"model.partial_rotary_factor: head_dim * {self.partial_rotary_factor} = "
+                              f"{self.rotary_dim} rotated dims, must be even")
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         self._check_per_layer()
@@ -174,12 +208,18 @@ class ModelConfig:
         return tuple(specs)
 
     @property
+    def rotary_dim(self) -> int:
+        """Leading dims of each head that RoPE rotates (the rest pass through): HF's int(hd * factor)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
     def num_params(self) -> int:
         """Parameter count (tied embeddings counted once), computed from the shapes alone."""
         C, H = self.hidden_size, self.head_dim
         attn = C * H * (self.num_heads * 2 + self.num_kv_heads * 2)
         attn += (H * (self.num_heads + 2 * self.num_kv_heads) if self.qkv_bias else 0) + (C if self.o_bias else 0)
-        attn += 2 * H if self.qk_norm else 0
+        if self.qk_norm:
+            attn += 2 * H if self.qk_norm_scope == "head" else H * (self.num_heads + self.num_kv_heads)
         mlp = C * self.intermediate_size * (3 if self.gated_mlp else 2)
         mlp += (self.intermediate_size * (2 if self.gated_mlp else 1) + C) if self.mlp_bias else 0
         norm = C * (2 if self.norm == "layernorm" else 1)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from engine.config import ConfigError, ModelConfig, RopeScaling
+from engine.model.hf_layers import (LAYER_TYPES, expressed_fields, layer_fields, layer_keys_to_hf, parse_rope,
+                                    partial_rotary_factor, rope_to_hf)
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +24,12 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "GemmaForCausalLM": "gemma",
     "GPT2LMHeadModel": "gpt2",
+    # issue 14, dense families
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3_text",
+    "Phi3ForCausalLM": "phi3",
+    "Olmo2ForCausalLM": "olmo2",
+    "SmolLM3ForCausalLM": "smollm3",
 }
 
 # What each family fixes whatever its config.json says (the rest is read from the file).
@@ -33,6 +41,35 @@ FAMILY_TRAITS = {
     "gemma": {"norm_weight_offset": 1.0, "scale_embeddings": True},
     "gpt2": {"norm": "layernorm", "gated_mlp": False, "mlp_bias": True, "qkv_bias": True, "o_bias": True,
              "position": "learned"},
+    # issue 14, dense families
+    "gemma2": {"norm_weight_offset": 1.0, "scale_embeddings": True, "post_attn_norm": True, "post_mlp_norm": True},
+    "gemma3_text": {"norm_weight_offset": 1.0, "scale_embeddings": True, "post_attn_norm": True,
+                    "post_mlp_norm": True, "qk_norm": True},
+    "phi3": {},
+    "olmo2": {"pre_norm": False, "post_attn_norm": True, "post_mlp_norm": True, "qk_norm": True,
+              "qk_norm_scope": "projection"},
+    "smollm3": {},
+}
+
+# What each family's config.json can say per layer (issue 14). layer_types: the key that lists
+# "sliding_attention" / "full_attention" per layer, windowed by `sliding_window` (SmolLM3 only while
+# `use_sliding_window` is true); every_layer: `sliding_window` applies to all layers; rope_per_layer_type:
+# `rope_parameters` holds one RoPE per layer type; no_rope_layers: SmolLM3's 1 = RoPE, 0 = none.
+LAYER_KEYS = {
+    "mistral": {"every_layer": True},
+    "phi3": {"every_layer": True},
+    "gemma2": {"layer_types": True},
+    "gemma3_text": {"layer_types": True, "rope_per_layer_type": True},
+    "smollm3": {"layer_types": True, "window_switch": "use_sliding_window", "no_rope_layers": True},
+}
+# Scalars some families' config.json carry: ModelConfig field -> key (null keeps our default None).
+# Scalars some families' config.json carry: ModelConfig field -> (key, transformers' default when absent).
+SCALAR_KEYS = {
+    "gemma2": {"query_pre_attn_scalar": ("query_pre_attn_scalar", 256), "attn_softcap": ("attn_logit_softcapping", 50.0),
+               "final_softcap": ("final_logit_softcapping", 30.0)},
+    # transformers' Gemma 3 reads attn_logit_softcapping but never applies it: neither do we (a warning says so)
+    "gemma3_text": {"query_pre_attn_scalar": ("query_pre_attn_scalar", 256),
+                    "final_softcap": ("final_logit_softcapping", None)},
 }
 
 # ModelConfig field -> config.json key. GPT-2 predates the common naming.
@@ -47,12 +84,13 @@ GPT2_KEYS = {
     "intermediate_size": "n_inner", "max_position_embeddings": "n_positions", "norm_eps": "layer_norm_epsilon",
     "activation": "activation_function",
 }
-CONFIG_KEYS = {"gpt2": GPT2_KEYS}  # every other family uses LLAMA_KEYS
+GEMMA2_KEYS = {**LLAMA_KEYS, "activation": "hidden_activation"}
+CONFIG_KEYS = {"gpt2": GPT2_KEYS, "gemma2": GEMMA2_KEYS, "gemma3_text": GEMMA2_KEYS}  # others: LLAMA_KEYS
 
 # HF activation name -> ours. Gemma's legacy "gelu" means the tanh approximation (transformers does the same).
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
                "gelu": "gelu", "relu": "relu"}
-FAMILY_ACTIVATIONS = {"gemma": {"gelu": "gelu_tanh"}}
+FAMILY_ACTIVATIONS = {"gemma": {"gelu": "gelu_tanh"}, "gemma2": {"gelu": "gelu_tanh"}, "gemma3_text": {"gelu": "gelu_tanh"}}
 ACTIVATION_NAMES = {"llama": {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "relu": "relu"},
                     "gpt2": {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}}
 
@@ -100,6 +138,21 @@ LLAMA_WEIGHTS = _with_biases({
     "lm_head.weight": "lm_head.weight",
 })
 
+# Gemma 2/3 and OLMo 2: post_attention_layernorm norms the attention *output* (Llama's pre-MLP norm is
+# Gemma's pre_feedforward_layernorm). OLMo 2 has no pre-norms, so its rows for them are never used.
+SANDWICH_WEIGHTS = {**LLAMA_WEIGHTS,
+                    "layers.{}.post_attn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+                    "layers.{}.mlp_norm.weight": "model.layers.{}.pre_feedforward_layernorm.weight"}
+
+# Phi-3: q, k, v fused along the output dim in one qkv_proj (k and v shorter under GQA), gate and up in
+# gate_up_proj; split on load and re-fused on save by hf_format. Phi-3 has no biases.
+PHI3_WEIGHTS = {**LLAMA_WEIGHTS,
+                "layers.{}.attn.q_proj.weight": Stored("model.layers.{}.self_attn.qkv_proj.weight", False, 0, 3),
+                "layers.{}.attn.k_proj.weight": Stored("model.layers.{}.self_attn.qkv_proj.weight", False, 1, 3),
+                "layers.{}.attn.v_proj.weight": Stored("model.layers.{}.self_attn.qkv_proj.weight", False, 2, 3),
+                "layers.{}.mlp.gate_proj.weight": Stored("model.layers.{}.mlp.gate_up_proj.weight", False, 0, 2),
+                "layers.{}.mlp.up_proj.weight": Stored("model.layers.{}.mlp.gate_up_proj.weight", False, 1, 2)}
+
 GPT2_WEIGHTS = {
     "embed.weight": "transformer.wte.weight",
     "pos_embed.weight": "transformer.wpe.weight",
@@ -137,6 +190,10 @@ class WeightLayout:
 LAYOUTS = {
     "gpt2": WeightLayout(GPT2_WEIGHTS, optional_prefix="transformer.",
                          ignored_suffixes=(".attn.bias", ".attn.masked_bias")),
+    "gemma2": WeightLayout(SANDWICH_WEIGHTS, ignored_suffixes=(".rotary_emb.inv_freq",)),
+    "gemma3_text": WeightLayout(SANDWICH_WEIGHTS, ignored_suffixes=(".rotary_emb.inv_freq",)),
+    "olmo2": WeightLayout(SANDWICH_WEIGHTS, ignored_suffixes=(".rotary_emb.inv_freq",)),
+    "phi3": WeightLayout(PHI3_WEIGHTS, ignored_suffixes=(".rotary_emb.inv_freq",)),
 }
 DEFAULT_LAYOUT = WeightLayout(LLAMA_WEIGHTS, ignored_suffixes=(".rotary_emb.inv_freq",))
 
@@ -179,30 +236,32 @@ def _model_type(hf: dict, source: str) -> str:
     return model_type
 
 
-REQUIRED_ROPE_KEYS = {"linear": ("factor",),
-                      "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
-
-
-def _rope(hf: dict, source: str) -> tuple[float, Optional[RopeScaling]]:
+def _rope(hf: dict, source: str, rotary_dim: int) -> tuple[float, Optional[RopeScaling]]:
     """Read RoPE settings from either `rope_theta` + `rope_scaling` (transformers 4) or `rope_parameters` (5)."""
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if not isinstance(params, dict):
-        raise ConfigError(f"{source}: 'rope_parameters' / 'rope_scaling': expected an object, got {json.dumps(params)}")
-    missing = [k for k in REQUIRED_ROPE_KEYS.get(params.get("rope_type", params.get("type")), ()) if k not in params]
-    if missing:
-        raise ConfigError(f"{source}: rope scaling '{params.get('rope_type', params.get('type'))}' is missing "
-                          f"{', '.join(map(repr, missing))}")
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind == "default":
-        return theta, None
-    if kind == "linear":
-        return theta, RopeScaling("linear", float(params["factor"]))
-    if kind == "llama3":
-        return theta, RopeScaling("llama3", float(params["factor"]), float(params["low_freq_factor"]),
-                                  float(params["high_freq_factor"]), int(params["original_max_position_embeddings"]))
-    raise ConfigError(f"{source}: rope scaling type '{kind}' is not implemented (supported: default, linear, llama3)")
+    key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    params = hf.get(key) or {}
+    if isinstance(params, dict) and set(params) and set(params) <= set(LAYER_TYPES):
+        params = {}  # one RoPE per layer type (Gemma 3): read by hf_layers.layer_fields
+    return parse_rope(params, hf, source, key, rotary_dim)
 
+
+def _scalar_fields(model_type: str, hf: dict, source: str) -> dict:
+    """SCALAR_KEYS of the family: a missing key takes transformers' default, null means none."""
+    out = {}
+    for field, (key, default) in SCALAR_KEYS.get(model_type, {}).items():
+        value = hf.get(key, default)
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+            raise ConfigError(f"{source}: '{key}': expected a positive number or null, got {json.dumps(value)}")
+        out[field] = value  # kept as written: transformers checks query_pre_attn_scalar is an int
+    if model_type == "gemma3_text" and hf.get("attn_logit_softcapping") is not None:
+        logger.warning("%s: attn_logit_softcapping=%s is ignored, as transformers' Gemma 3 ignores it",
+                       source, hf["attn_logit_softcapping"])
+    if hf.get("use_bidirectional_attention"):
+        raise ConfigError(f"{source}: use_bidirectional_attention=true is not implemented (only causal attention)")
+    return out
+
+
+TIED_BY_DEFAULT = ("gemma", "gpt2", "gemma2", "gemma3_text", "smollm3")  # transformers' config defaults
 
 # config.json keys whose null means "derive it" (GPT-2's n_inner: 4 * n_embd; head_dim: hidden / heads);
 # any other key given as null is an error, not silently the default.
@@ -256,15 +315,21 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
             if hf.get(key, ok) != ok:
                 raise ConfigError(f"{source}: {key}={hf[key]} is not implemented (only {ok})")
     else:
-        values["rope_theta"], values["rope_scaling"] = _rope(hf, source)
+        values["partial_rotary_factor"] = partial_rotary_factor(hf, source)
+        head_dim = values["head_dim"]
+        rotary_dim = int(head_dim * values["partial_rotary_factor"])
+        values["rope_theta"], values["rope_scaling"] = _rope(hf, source, rotary_dim)
         if hf.get("attention_bias"):  # Llama-style attention_bias puts biases on q, k, v and o
             values["qkv_bias"] = values["o_bias"] = True
         values["mlp_bias"] = bool(hf.get("mlp_bias", False))
-    if hf.get("use_sliding_window"):
+    layers = LAYER_KEYS.get(model_type, {})
+    if hf.get("use_sliding_window") and layers.get("window_switch") != "use_sliding_window":
         raise ConfigError(f"{source}: use_sliding_window=true (per-layer sliding windows) is not implemented")
-    if model_type == "mistral" and hf.get("sliding_window") is not None:
-        values["sliding_window"] = int(hf["sliding_window"])
-    values["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings", model_type in ("gemma", "gpt2")))
+    if layers:
+        values.update(layer_fields(model_type, layers, hf, source, values["num_layers"], rotary_dim,
+                                   values["rope_theta"], values["rope_scaling"]))
+    values.update(_scalar_fields(model_type, hf, source))
+    values["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings", model_type in TIED_BY_DEFAULT))
     for tok in ("bos_token_id", "eos_token_id", "pad_token_id"):
         values[tok] = hf.get(tok)
     values.update(_engine_fields(hf, source))
@@ -300,7 +365,10 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     """The config.json for `cfg`: the original file's keys kept, ours written over them."""
     hf = dict(cfg.extra_hf)
     hf.pop(ENGINE_KEY, None)
-    custom = {f: getattr(cfg, f) for f, default in NO_HF_KEY.items() if getattr(cfg, f) != default}
+    layers = LAYER_KEYS.get(cfg.hf_model_type, {})
+    fixed = FAMILY_TRAITS[cfg.hf_model_type]  # the family's own layout says these
+    custom = {f: getattr(cfg, f) for f, default in NO_HF_KEY.items() if getattr(cfg, f) != default
+              and f not in expressed_fields(layers) and fixed.get(f, default) != getattr(cfg, f)}
     if custom:
         logger.warning("config.json: %s kept under '%s'; transformers will load a '%s' model without them",
                        ", ".join(custom), ENGINE_KEY, cfg.hf_model_type)
@@ -317,13 +385,9 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     if cfg.hf_model_type == "gpt2":
         hf["n_inner"] = cfg.intermediate_size
     else:
-        rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-        if cfg.rope_scaling is not None:
-            s = cfg.rope_scaling
-            rope = {"rope_type": s.kind, "rope_theta": cfg.rope_theta, "factor": s.factor}
-            if s.kind == "llama3":
-                rope.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
-                            original_max_position_embeddings=s.original_max_position_embeddings)
+        rope = rope_to_hf(cfg.rope_theta, cfg.rope_scaling, cfg.partial_rotary_factor)
+        if cfg.partial_rotary_factor != 1.0:
+            hf["partial_rotary_factor"] = cfg.partial_rotary_factor
         # Both spellings, so transformers 4.x (rope_theta + rope_scaling) and 5.x (rope_parameters) read it.
         hf.update(rope_theta=cfg.rope_theta, rope_parameters=rope)
         if cfg.rope_scaling is not None:
@@ -331,8 +395,9 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         if cfg.hf_model_type in ("llama", "mistral"):
             hf["attention_bias"] = cfg.qkv_bias
             hf["mlp_bias"] = cfg.mlp_bias
-        if cfg.hf_model_type == "mistral":
-            hf["sliding_window"] = cfg.sliding_window
+        hf.update(layer_keys_to_hf(cfg, layers))  # layer_types, sliding_window, per-type rope_parameters ...
+        for field, (key, _) in SCALAR_KEYS.get(cfg.hf_model_type, {}).items():
+            hf[key] = getattr(cfg, field)
     hf["tie_word_embeddings"] = cfg.tie_word_embeddings
     hf.update(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
     return hf

@@ -3,7 +3,7 @@
 B = batch, T = time (new tokens), S = keys visible (cached + new), C = hidden_size,
 nh = query heads, nkv = key/value heads, hd = head_dim, V = vocab_size.
 
-Every family (Llama, Mistral, Qwen2/3, Gemma, GPT-2) is this one module with different ModelConfig
+Every family (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, OLMo 2, SmolLM3, GPT-2) is this one module with different ModelConfig
 fields; engine.model.families maps their weight names onto ours. What may change from layer to layer
 (sliding window, RoPE base and scaling or none, post-norms, the MLP class) reaches each Block as its
 LayerSpec (ModelConfig.layer_specs()); layers that share a RoPE share its cos/sin table, and layers that
@@ -23,7 +23,9 @@ from torch.utils.checkpoint import checkpoint
 
 import kernels
 
-from engine.config import LayerSpec, ModelConfig, RopeScaling
+from engine.config import LayerRope, LayerSpec, ModelConfig, RopeScaling
+from engine.model.attention import attend
+from engine.model.rope import rope_inv_freq, rope_uses_long  # noqa: F401 (rope_inv_freq: re-exported)
 
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": partial(F.gelu, approximate="tanh"), "gelu": F.gelu, "relu": F.relu}
 
@@ -63,24 +65,6 @@ def make_norm(cfg: ModelConfig, dim: int, feeds_linear: bool = False) -> nn.Modu
     if cfg.norm == "layernorm":
         return nn.LayerNorm(dim, eps=cfg.norm_eps)
     return RMSNorm(dim, cfg.norm_eps, cfg.norm_weight_offset, feeds_linear)
-
-
-def rope_inv_freq(hd: int, theta: float, s: Optional[RopeScaling]) -> torch.Tensor:
-    """Per-pair rotation frequencies [hd/2] in fp32 for base `theta`, rescaled for long context by `s`."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
-    if s is None:
-        return inv_freq
-    if s.kind == "linear":
-        return inv_freq / s.factor
-    # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
-    wavelen = 2 * math.pi / inv_freq
-    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
-    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
-    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
-    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
-    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
-    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return torch.where(medium, smoothed, scaled)
 
 
 class KVCache:
@@ -130,7 +114,7 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, spec: Optional[LayerSpec] = None):
         super().__init__()
         C, nh, nkv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.nh, self.nkv, self.hd = nh, nkv, hd
@@ -138,35 +122,61 @@ class Attention(nn.Module):
         self.k_proj = Linear(C, nkv * hd, bias=cfg.qkv_bias)
         self.v_proj = Linear(C, nkv * hd, bias=cfg.qkv_bias)
         self.o_proj = Linear(nh * hd, C, bias=cfg.o_bias)
-        self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+        # q/k norm: per head (Qwen3, Gemma 3: Gemma's (1 + w)) or over the whole projection (OLMo 2)
+        per_head = cfg.qk_norm_scope == "head"
+        self.qk_norm_per_head = per_head
+        self.q_norm = RMSNorm(hd if per_head else nh * hd, cfg.norm_eps, cfg.norm_weight_offset) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd if per_head else nkv * hd, cfg.norm_eps, cfg.norm_weight_offset) if cfg.qk_norm else None
+        self.rotary_dim = cfg.rotary_dim  # < hd: partial RoPE (Phi-4-mini), the rest of each head passes through
+        # Gemma 2 scales scores by query_pre_attn_scalar**-0.5; SDPA's default is hd**-0.5
+        self.scale = (cfg.query_pre_attn_scalar or hd) ** -0.5
+        self.softcap = cfg.attn_softcap
+        self.window = spec.window if spec is not None else cfg.sliding_window
 
     def forward(self, x, rope, mask, cache: Optional[KVCache], layer: int):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.nh, self.hd)
-        k = self.k_proj(x).view(B, T, self.nkv, self.hd)
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.q_norm is not None and not self.qk_norm_per_head:  # OLMo 2: over all heads at once
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.view(B, T, self.nh, self.hd), k.view(B, T, self.nkv, self.hd)
         v = self.v_proj(x).view(B, T, self.nkv, self.hd)
-        if self.q_norm is not None:  # Qwen3 normalizes each head before rotating it
+        if self.q_norm is not None and self.qk_norm_per_head:  # Qwen3 normalizes each head before rotating it
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # rotate-half (HF's layout, so q/k weights load without permutation)
-            q, k = kernels.rope(q, k, *rope, out_dtype=autocast_dtype(q))  # (B, nh|nkv, T, hd)
+            q, k = self._rotate(q, k, rope)  # (B, nh|nkv, T, hd)
         else:
             q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.transpose(1, 2)  # (B, nkv, T, hd)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, S, hd)
-        # mask None: plain causal when T > 1; a single new token sees every cached key.
-        y = kernels.attention(q, k, v, mask)  # SDPA; a faster grouped path for bf16 CPU training
+        # mask None: plain causal when T > 1; a single new token sees every cached key. Plain layers go to
+        # kernels.attention (SDPA, or the grouped bf16 training path); soft-capped / rescaled ones and long
+        # sliding-window ones to engine.model.attention's query chunks.
+        scale = None if self.scale == self.hd ** -0.5 else self.scale
+        y = attend(q, k, v, mask, scale=scale, softcap=self.softcap, window=self.window,
+                   per_row=cache is not None and cache.lengths is not None)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+    def _rotate(self, q, k, rope):
+        """RoPE on the first rotary_dim dims of each head: q [B, T, nh, hd], k [B, T, nkv, hd] -> [B, h, T, hd]."""
+        if self.rotary_dim == self.hd:
+            return kernels.rope(q, k, *rope, out_dtype=autocast_dtype(q))
+        r = self.rotary_dim
+        q_rot, k_rot = kernels.rope(q[..., :r], k[..., :r], *rope, out_dtype=autocast_dtype(q))
+        q = torch.cat((q_rot, q[..., r:].transpose(1, 2).to(q_rot.dtype)), dim=-1)
+        k = torch.cat((k_rot, k[..., r:].transpose(1, 2).to(k_rot.dtype)), dim=-1)
+        return q, k
 
     def walk(self, w, x, rope: bool):
         """forward's ops in order, on the memory planner's symbolic tensors (engine.train.memory_plan)."""
         q, k, v = w.linear(self.q_proj, x), w.linear(self.k_proj, x), w.linear(self.v_proj, x)
         if self.q_norm is not None:
-            q, k = w.norm(self.q_norm, q, rows=self.nh), w.norm(self.k_norm, k, rows=self.nkv)
+            rows = (self.nh, self.nkv) if self.qk_norm_per_head else (1, 1)
+            q, k = w.norm(self.q_norm, q, rows=rows[0]), w.norm(self.k_norm, k, rows=rows[1])
         if rope:
             q, k = w.rope(q, k)
-        return w.linear(self.o_proj, w.attention(q, k, v, self.nh))
+        chunked = self.softcap is not None or self.scale != self.hd ** -0.5  # engine.model.attention's path
+        return w.linear(self.o_proj, w.attention(q, k, v, self.nh, chunked) if chunked else w.attention(q, k, v, self.nh))
 
 
 class MLP(nn.Module):
@@ -207,7 +217,7 @@ class Block(nn.Module):
         self.spec, self.index = spec, spec.index
         C = cfg.hidden_size
         self.attn_norm = make_norm(cfg, C, feeds_linear=True) if spec.pre_norm else None
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, spec)
         self.post_attn_norm = make_norm(cfg, C) if spec.post_attn_norm else None
         self.mlp_norm = make_norm(cfg, C, feeds_linear=True) if spec.pre_norm else None
         self.mlp = MLPS[spec.mlp](cfg)
@@ -243,6 +253,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, spec) for spec in cfg.layer_specs())
         self._ropes = tuple(dict.fromkeys(b.spec.rope for b in self.layers if b.spec.rope is not None))
         self._windows = tuple(dict.fromkeys(b.spec.window for b in self.layers))
+        self._longrope = any(r.scaling is not None and r.scaling.kind == "longrope" for r in self._ropes)
         self.norm = make_norm(cfg, cfg.hidden_size)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
@@ -272,16 +283,20 @@ class Transformer(nn.Module):
         self._rope_cache = {}
 
     # ------------------------------------------------------------------ forward
-    def _rope(self, position_ids, dtype) -> dict:
-        """LayerRope -> (cos, sin) (B|1, T, hd) of `position_ids`, for every distinct RoPE of the layers."""
+    def _rope(self, position_ids, dtype, seq_len: int) -> dict:
+        """LayerRope -> (cos, sin) (B|1, T, rotary_dim) of `position_ids`, for every distinct RoPE of the layers.
+        seq_len: one past the largest position (longrope picks its long factors past the original context)."""
         device, out = position_ids.device, {}
         for rope in self._ropes:
-            key = (device, rope)
+            long = rope_uses_long(rope, seq_len)
+            key = (device, rope, long)
             if key not in self._rope_cache:
                 t = torch.arange(self.config.max_position_embeddings, device=device, dtype=torch.float32)
-                freqs = torch.outer(t, rope_inv_freq(self.config.head_dim, *rope).to(device))
-                emb = torch.cat((freqs, freqs), dim=-1)  # [max_pos, hd]
-                self._rope_cache[key] = (emb.cos(), emb.sin())
+                freqs = torch.outer(t, rope_inv_freq(self.config.rotary_dim, *rope, long=long).to(device))
+                emb = torch.cat((freqs, freqs), dim=-1)  # [max_pos, rotary_dim]
+                # yarn / longrope scale cos and sin (HF's attention_factor: sharper attention at long range)
+                factor = rope.scaling.attention_factor if rope.scaling is not None else 1.0
+                self._rope_cache[key] = (emb.cos() * factor, emb.sin() * factor)
             cos, sin = self._rope_cache[key]
             out[rope] = cos[position_ids].to(dtype), sin[position_ids].to(dtype)
         out[None] = None  # layers without RoPE
@@ -326,12 +341,15 @@ class Transformer(nn.Module):
                 position_ids = lengths[:, None] + torch.arange(T, device=input_ids.device)
         elif int(position_ids.max()) >= limit:
             raise ValueError(f"position {int(position_ids.max())} exceeds max_position_embeddings={limit}")
+        seq_len = past + T
+        if self._longrope:  # data-dependent choice of table, as transformers' dynamic longrope update
+            seq_len = int(position_ids.max()) + 1
         x = self.embed(input_ids)  # (B, T, C)
         if self.config.scale_embeddings:  # Gemma: the scale is rounded to the model dtype first
             x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
         if self.pos_embed is not None:
             x = x + self.pos_embed(position_ids)
-        ropes = self._rope(position_ids, x.dtype)
+        ropes = self._rope(position_ids, x.dtype, seq_len)
         masks = {}  # one per distinct window (a plain loop: a comprehension is one more call per step)
         for w in self._windows:
             masks[w] = self._mask(T, past, attn_mask, input_ids.device, lengths, w)
@@ -346,8 +364,15 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def forward(self, input_ids, *, position_ids=None, attn_mask=None, cache: Optional[KVCache] = None):
-        """Logits [B, T, V] in the model dtype."""
-        return self.lm_head(self.hidden_states(input_ids, position_ids=position_ids, attn_mask=attn_mask, cache=cache))
+        """Logits [B, T, V] in the model dtype (soft-capped where the config says: Gemma 2)."""
+        logits = self.lm_head(self.hidden_states(input_ids, position_ids=position_ids, attn_mask=attn_mask, cache=cache))
+        cap = self.config.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    @property
+    def output_softcap(self) -> Optional[float]:
+        """The final-logit soft cap the fused loss must apply (None: none)."""
+        return self.config.final_softcap
 
     # ------------------------------------------------------------------ helpers
     def new_cache(self, batch_size: int, max_len: int, per_row: bool = False) -> KVCache:

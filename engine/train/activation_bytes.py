@@ -101,20 +101,22 @@ class SavedBytes:
         fused = self.paths.fused("rope", q.b)
         return Sym(q.n, b, q.rg, fused), Sym(k.n, b, k.rg, fused)
 
-    def attention(self, q: Sym, k: Sym, v: Sym, heads: int) -> Sym:
-        """kernels.attention, cast to the autocast dtype; returns its output as o_proj reads it."""
+    def attention(self, q: Sym, k: Sym, v: Sym, heads: int, chunked: bool = False) -> Sym:
+        """kernels.attention, cast to the autocast dtype; returns its output as o_proj reads it.
+        chunked: engine.model.attention's soft-capped / scaled path (saves what SDPA saves; its output
+        is concatenated heads-first, so o_proj reads a copy)."""
         b = HALF if self.amp else q.b
         q, k, v = Sym(q.n, b, q.rg, q.heads_first), self.cast(k, b), self.cast(v, b)
         rg = q.rg or k.rg or v.rg
         y = Sym(q.n, b, rg)
-        probs = self.paths.fused("attention", b, self.T)
+        probs = not chunked and self.paths.fused("attention", b, self.T)
         if rg and probs:  # q, k, a [B*nkv, T, hd] copy of v, the [T, T] probabilities
             self.save(q, k, Sym(v.n, b, True), Sym(heads * self.T, b, True))
         elif rg:  # SDPA (flash / memory-efficient): q, k, v, output and logsumexp; no T x T matrix
             self.save(q, k, v, y, Sym(heads, FP32, False))
         # o_proj reads y as [B, T, nh * hd]: a view when y is laid out like that (SDPA follows q's layout),
         # else a copy
-        return y if not probs and not q.heads_first else Sym(q.n, b, rg)
+        return y if not probs and not chunked and not q.heads_first else Sym(q.n, b, rg)
 
     def act(self, name: str, x: Sym) -> Sym:
         out = Sym(x.n, x.b, x.rg)

@@ -77,7 +77,8 @@ def token_loss_sum(model, inputs, targets, precision: str = "fp32", hidden_fn=No
     if precision != "fp32":  # what autocast would do to the head matmul, done explicitly for the fused op
         h, w = h.to(AMP_DTYPES[precision]), w.to(AMP_DTYPES[precision])
     return kernels.linear_cross_entropy(h.reshape(-1, h.shape[-1]), w, targets.reshape(-1),
-                                        ignore_index=IGNORE_INDEX, reduction="sum", out_dtype=torch.float32)
+                                        ignore_index=IGNORE_INDEX, reduction="sum", out_dtype=torch.float32,
+                                        softcap=getattr(model, "output_softcap", None))  # Gemma 2's final cap
 
 
 class TokenLoss(Objective):

@@ -146,27 +146,28 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return grads[0], grads[1], grads[2], None, None, None, None, None, None
 
 
-def native_chunk_ce(ext, ignore_index: int) -> ChunkCE:
+def native_chunk_ce(ext, ignore_index: int, softcap: float | None = None) -> ChunkCE:
     """Chunk step on the compiled row kernel: gradient written in place into the chunk's logits
-    (safe: the chunk is our own temporary)."""
+    (safe: the chunk is our own temporary). softcap: the kernel caps each row as it reads it, so
+    capped logits never exist either."""
     def run(logits, targets, loss_rows, want_grad, scale, row_scale):
         launch_rows(ext, logits, targets, loss_rows, logits if want_grad else None,
-                    ignore_index=ignore_index, scale=scale, row_scale=row_scale)
+                    ignore_index=ignore_index, scale=scale, row_scale=row_scale, softcap=softcap)
     return run
 
 
-def torch_chunk_ce(ignore_index: int) -> ChunkCE:
+def torch_chunk_ce(ignore_index: int, softcap: float | None = None) -> ChunkCE:
     """Chunk step in pure PyTorch (kernels/reference.py), same contract as native_chunk_ce."""
     def run(logits, targets, loss_rows, want_grad, scale, row_scale):
         rows, grad = reference.cross_entropy_rows_with_grad(logits, targets, ignore_index, scale,
-                                                            row_scale, want_grad)
+                                                            row_scale, want_grad, softcap)
         loss_rows.copy_(rows)
         if want_grad:
             logits.copy_(grad)
     return run
 
 
-def check(hidden, weight, targets, bias, ignore_index, reduction, chunk_size, out_dtype) -> None:
+def check(hidden, weight, targets, bias, ignore_index, reduction, chunk_size, out_dtype, softcap=None) -> None:
     if not (isinstance(hidden, torch.Tensor) and hidden.dim() == 2 and hidden.is_floating_point()):
         raise ValueError(f"{NAME}: hidden must be a floating tensor [N, d], got {desc(hidden)}")
     n_rows, d = hidden.shape
@@ -182,13 +183,15 @@ def check(hidden, weight, targets, bias, ignore_index, reduction, chunk_size, ou
     check_reduction(NAME, reduction)
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
         raise ValueError(f"{NAME}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise ValueError(f"{NAME}: softcap must be None or > 0, got {softcap!r}")
 
 
 def problems(build, hidden, *_) -> tuple[list[str], list[str]]:
     return device_problems(build, "hidden", hidden), []
 
 
-def _apply(chunk_ce, hidden, weight, targets, bias, ignore_index, reduction, chunk_size, out_dtype):
+def _apply(chunk_ce, hidden, weight, targets, bias, ignore_index, reduction, chunk_size, out_dtype, softcap=None):
     """Both backends chunk; they differ only in the per-chunk loss/gradient (chunk_ce)."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     return LinearCrossEntropyFunction.apply(
@@ -196,9 +199,11 @@ def _apply(chunk_ce, hidden, weight, targets, bias, ignore_index, reduction, chu
         chunk_size or default_chunk_size(n_rows, vocab, hidden.element_size()), out_dtype or hidden.dtype)
 
 
-def native(ext, hidden, weight, targets, bias, ignore_index, *rest):
-    return _apply(native_chunk_ce(ext, ignore_index), hidden, weight, targets, bias, ignore_index, *rest)
+def native(ext, hidden, weight, targets, bias, ignore_index, reduction, chunk_size, out_dtype, softcap=None):
+    return _apply(native_chunk_ce(ext, ignore_index, softcap), hidden, weight, targets, bias, ignore_index,
+                  reduction, chunk_size, out_dtype)
 
 
-def fallback(hidden, weight, targets, bias, ignore_index, *rest):
-    return _apply(torch_chunk_ce(ignore_index), hidden, weight, targets, bias, ignore_index, *rest)
+def fallback(hidden, weight, targets, bias, ignore_index, reduction, chunk_size, out_dtype, softcap=None):
+    return _apply(torch_chunk_ce(ignore_index, softcap), hidden, weight, targets, bias, ignore_index,
+                  reduction, chunk_size, out_dtype)

@@ -39,7 +39,7 @@ def _peft_saved_adapter(tmp_path, family: str, config):
     return peft_model
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "gpt2", "gemma2", "gemma3", "phi3", "olmo2", "smollm3"])
 def test_peft_loads_our_adapter_and_gives_the_same_logits(hf_checkpoint, tmp_path, family):
     import peft
 
@@ -54,6 +54,8 @@ def test_peft_loads_our_adapter_and_gives_the_same_logits(hf_checkpoint, tmp_pat
     if family == "gpt2":  # its Conv1D modules, named from their block (attn.c_proj vs mlp.c_proj)
         assert config["target_modules"] == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
         assert config["fan_in_fan_out"] is True
+    if family == "phi3":  # PEFT adapts the fused modules, one A each
+        assert config["target_modules"] == ["o_proj", "down_proj", "gate_up_proj", "qkv_proj"]
     peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
     ids = torch.randint(0, ours.config.vocab_size, (2, 12))
     with torch.no_grad():
@@ -87,6 +89,28 @@ def test_we_load_a_peft_saved_gpt2_adapter_on_its_fused_c_attn(tmp_path):
     ids = torch.randint(0, ours.config.vocab_size, (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), peft_model.eval()(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_we_load_a_peft_saved_phi3_adapter_on_its_fused_modules(tmp_path):
+    """PEFT adapts Phi-3's qkv_proj (q, k, v of unequal sizes under GQA) and gate_up_proj whole."""
+    import peft
+
+    peft_model = _peft_saved_adapter(tmp_path, "phi3", peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj"], task_type="CAUSAL_LM"))
+    ours = load_with_adapter(tmp_path / "base", tmp_path / "adapter")
+    assert sorted({n.rsplit(".", 1)[1] for n in lora_modules(ours)}) == ["gate_proj", "k_proj", "q_proj", "up_proj",
+                                                                        "v_proj"]
+    ids = torch.randint(0, ours.config.vocab_size, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), peft_model.eval()(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_partial_targets_of_a_fused_phi3_module_are_rejected(hf_checkpoint):
+    from engine.config import ConfigError
+
+    ours = Transformer.from_pretrained(hf_checkpoint("phi3")[0])
+    with pytest.raises(ConfigError, match=r"in one module \(qkv_proj\)"):
+        apply_lora(ours, LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj")))
 
 
 @pytest.mark.parametrize("edit,message", [

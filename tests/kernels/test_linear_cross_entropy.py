@@ -155,3 +155,25 @@ def test_cpu_logits_buffer_is_reused_across_calls_until_released():
     check(run(kernels.linear_cross_entropy, hidden, weight, bias, targets), expected(hidden, weight, bias, targets),
           torch.float32)
     kernels.release_workspace()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_softcap_matches_float64_reference(backend, dtype, reduction):
+    """Gemma 2's final-logit cap inside the chunks: logits scaled up so tanh(logits / 2) really bends."""
+    hidden, weight, bias, targets = make(37, 16, 301, dtype)
+    hidden = (hidden.double() * 4).to(dtype)
+    grad_out = torch.rand(37, dtype=dtype) if reduction == "none" else None
+    got = run(kernels.linear_cross_entropy, hidden, weight, bias, targets, grad_out, reduction=reduction,
+              chunk_size=5, backend=backend, softcap=2.0)
+    want = expected(hidden, weight, bias, targets, grad_out, reduction=reduction, softcap=2.0)
+    check(got, want, dtype)
+    uncapped = expected(hidden, weight, bias, targets, grad_out, reduction=reduction)
+    assert (want[0] - uncapped[0]).abs().max() > 0.1  # the cap changes the loss: the test can tell
+
+
+def test_softcap_must_be_positive():
+    hidden, weight, bias, targets = make(4, 8, 11, torch.float32)
+    with pytest.raises(ValueError, match="softcap must be None or > 0"):
+        kernels.linear_cross_entropy(hidden, weight, targets, softcap=0.0)

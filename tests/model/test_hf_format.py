@@ -56,8 +56,8 @@ def test_unknown_architecture_is_named(llama_dir):
 
 
 def test_unknown_rope_scaling_is_rejected(llama_dir):
-    _edit_config(llama_dir, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4})
-    with pytest.raises(ConfigError, match="rope scaling type 'yarn' is not implemented"):
+    _edit_config(llama_dir, rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4})
+    with pytest.raises(ConfigError, match="rope scaling type 'dynamic' is not implemented"):
         Transformer.from_pretrained(llama_dir)
 
 

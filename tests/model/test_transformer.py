@@ -62,7 +62,7 @@ def test_gqa_and_mqa_shapes_load(hf_checkpoint):
         assert model.layers[0].attn.k_proj.weight.shape[0] == kv * model.config.head_dim
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gemma", "gpt2", "gemma2", "gemma3", "phi3", "olmo2", "smollm3"])
 def test_bf16_loading_stays_close_to_transformers_bf16(hf_checkpoint, family):
     directory, _ = hf_checkpoint(family)
     model = Transformer.from_pretrained(directory, dtype=torch.bfloat16)

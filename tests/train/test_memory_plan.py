@@ -37,11 +37,16 @@ MEASURED = {  # name -> (train.*, lora.* or None)
     "bf16 LoRA, bf16 base": ({"precision": "bf16"}, {"rank": 8, "targets": "all-linear", "base_dtype": "bf16"}),
     "fp32 per-layer windows, RoPE bases, post-norms": ({}, None),
     "bf16 per-layer windows, RoPE bases, post-norms": ({"precision": "bf16"}, None),
+    "bf16 Gemma 2 soft caps, sandwich norms": ({"precision": "bf16"}, None),
 }
 # Layers that differ (Gemma-2-like alternation, a NoPE layer, post-norms): the plan walks each one.
 LAYERED = {"layer_sliding_windows": [None, 64] * 3, "layer_rope_thetas": [1e4, 1e6, 1e4, 1e6, 1e4, None],
            "post_attn_norm": True, "post_mlp_norm": True}
 MEASURED_ARCH = {name: {**ARCH, **LAYERED} for name in MEASURED if "per-layer" in name}
+# Gemma 2: soft-capped, scaled attention (engine.model.attention's chunked path) and a capped fused loss
+MEASURED_ARCH["bf16 Gemma 2 soft caps, sandwich norms"] = {
+    **ARCH, **LAYERED, "attn_softcap": 50.0, "final_softcap": 30.0, "query_pre_attn_scalar": 96,
+    "norm_weight_offset": 1.0, "scale_embeddings": True, "activation": "gelu_tanh"}
 
 
 def run_dict(train: dict | None = None, lora: dict | None = None, arch: dict | None = None, seq_len: int = 256) -> dict:
