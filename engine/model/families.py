@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from engine.config import ConfigError, ModelConfig, RopeScaling
+from engine.model import moe_families
+from engine.model.moe_families import ExpertsStored
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +24,7 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "GemmaForCausalLM": "gemma",
     "GPT2LMHeadModel": "gpt2",
+    **moe_families.ARCHITECTURES,
 }
 
 # What each family fixes whatever its config.json says (the rest is read from the file).
@@ -33,6 +36,7 @@ FAMILY_TRAITS = {
     "gemma": {"norm_weight_offset": 1.0, "scale_embeddings": True},
     "gpt2": {"norm": "layernorm", "gated_mlp": False, "mlp_bias": True, "qkv_bias": True, "o_bias": True,
              "position": "learned"},
+    **moe_families.FAMILY_TRAITS,
 }
 
 # ModelConfig field -> config.json key. GPT-2 predates the common naming.
@@ -137,6 +141,8 @@ class WeightLayout:
 LAYOUTS = {
     "gpt2": WeightLayout(GPT2_WEIGHTS, optional_prefix="transformer.",
                          ignored_suffixes=(".attn.bias", ".attn.masked_bias")),
+    **{family: WeightLayout({**LLAMA_WEIGHTS, **rows}, ignored_suffixes=(".rotary_emb.inv_freq",))
+       for family, rows in moe_families.WEIGHTS.items()},
 }
 DEFAULT_LAYOUT = WeightLayout(LLAMA_WEIGHTS, ignored_suffixes=(".rotary_emb.inv_freq",))
 
@@ -145,8 +151,9 @@ def weight_layout(cfg: ModelConfig) -> WeightLayout:
     return LAYOUTS.get(cfg.hf_model_type, DEFAULT_LAYOUT)
 
 
-def stored_as(layout: WeightLayout, native_name: str) -> Stored:
-    """Map a native parameter name (`layers.3.attn.q_proj.weight`) to where HF stores it."""
+def stored_as(layout: WeightLayout, native_name: str) -> Stored | ExpertsStored:
+    """Map a native parameter name (`layers.3.attn.q_proj.weight`) to where HF stores it (a stacked
+    expert parameter to its per-expert tensors)."""
     parts = native_name.split(".")
     layer = None
     if parts[0] == "layers":
@@ -154,6 +161,8 @@ def stored_as(layout: WeightLayout, native_name: str) -> Stored:
     spec = layout.table.get(".".join(parts))
     if spec is None:
         raise KeyError(f"no Hugging Face name for parameter '{native_name}'")
+    if isinstance(spec, ExpertsStored):
+        return ExpertsStored(tuple(n.format(layer, e="{e}") for n in spec.names))
     spec = spec if isinstance(spec, Stored) else Stored(spec)
     return Stored(spec.name.format(layer), spec.transposed, spec.part, spec.parts) if layer else spec
 
@@ -262,11 +271,12 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         values["mlp_bias"] = bool(hf.get("mlp_bias", False))
     if hf.get("use_sliding_window"):
         raise ConfigError(f"{source}: use_sliding_window=true (per-layer sliding windows) is not implemented")
-    if model_type == "mistral" and hf.get("sliding_window") is not None:
+    if model_type in ("mistral", "mixtral", "qwen3_moe") and hf.get("sliding_window") is not None:
         values["sliding_window"] = int(hf["sliding_window"])
     values["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings", model_type in ("gemma", "gpt2")))
     for tok in ("bos_token_id", "eos_token_id", "pad_token_id"):
         values[tok] = hf.get(tok)
+    values.update(moe_families.fields_from_hf(model_type, hf, values, source))
     values.update(_engine_fields(hf, source))
     try:
         return ModelConfig(hf_model_type=model_type, extra_hf=dict(hf), **values)
@@ -300,7 +310,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     """The config.json for `cfg`: the original file's keys kept, ours written over them."""
     hf = dict(cfg.extra_hf)
     hf.pop(ENGINE_KEY, None)
-    custom = {f: getattr(cfg, f) for f, default in NO_HF_KEY.items() if getattr(cfg, f) != default}
+    traits = FAMILY_TRAITS[cfg.hf_model_type]  # what the family's own keys carry (an MoE family's mlp_class)
+    custom = {f: getattr(cfg, f) for f, default in NO_HF_KEY.items() if getattr(cfg, f) != traits.get(f, default)}
     if custom:
         logger.warning("config.json: %s kept under '%s'; transformers will load a '%s' model without them",
                        ", ".join(custom), ENGINE_KEY, cfg.hf_model_type)
@@ -331,8 +342,12 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         if cfg.hf_model_type in ("llama", "mistral"):
             hf["attention_bias"] = cfg.qkv_bias
             hf["mlp_bias"] = cfg.mlp_bias
-        if cfg.hf_model_type == "mistral":
+        if cfg.hf_model_type in ("mistral", "mixtral", "qwen3_moe"):
             hf["sliding_window"] = cfg.sliding_window
+        moe, aliases = moe_families.fields_to_hf(cfg)
+        for key in aliases:
+            hf.pop(key, None)
+        hf.update(moe)
     hf["tie_word_embeddings"] = cfg.tie_word_embeddings
     hf.update(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
     return hf
