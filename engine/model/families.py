@@ -144,7 +144,8 @@ LAYOUTS = {
     **{family: WeightLayout({**LLAMA_WEIGHTS, **rows}, ignored_suffixes=(".rotary_emb.inv_freq",))
        for family, rows in moe_families.WEIGHTS.items()},
 }
-DEFAULT_LAYOUT = WeightLayout(LLAMA_WEIGHTS, ignored_suffixes=(".rotary_emb.inv_freq",))
+# Qwen-MoE's expert names too, so an MoE model of a dense family (trained from scratch) saves and reloads.
+DEFAULT_LAYOUT = WeightLayout({**LLAMA_WEIGHTS, **moe_families.QWEN_MOE_WEIGHTS}, ignored_suffixes=(".rotary_emb.inv_freq",))
 
 
 def weight_layout(cfg: ModelConfig) -> WeightLayout:
@@ -291,7 +292,8 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
 # config that sets them (a model trained from scratch) keeps them under ENGINE_KEY so this engine reloads
 # the same model; transformers ignores that key. A family that gains such a layer maps its own keys instead.
 NO_HF_KEY = {"layer_sliding_windows": None, "layer_rope_thetas": None, "layer_rope_scalings": None,
-             "pre_norm": True, "post_attn_norm": False, "post_mlp_norm": False, "mlp_class": "dense"}
+             "pre_norm": True, "post_attn_norm": False, "post_mlp_norm": False, "mlp_class": "dense",
+             **moe_families.NO_HF_KEY}
 ENGINE_KEY = "engine_layers"
 
 
@@ -311,7 +313,9 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     hf = dict(cfg.extra_hf)
     hf.pop(ENGINE_KEY, None)
     traits = FAMILY_TRAITS[cfg.hf_model_type]  # what the family's own keys carry (an MoE family's mlp_class)
-    custom = {f: getattr(cfg, f) for f, default in NO_HF_KEY.items() if getattr(cfg, f) != traits.get(f, default)}
+    own = moe_families.KEYS.get(cfg.hf_model_type, {})  # fields the family's config.json has keys for
+    custom = {f: getattr(cfg, f) for f, default in NO_HF_KEY.items()
+              if getattr(cfg, f) != traits.get(f, default) and f not in own}
     if custom:
         logger.warning("config.json: %s kept under '%s'; transformers will load a '%s' model without them",
                        ", ".join(custom), ENGINE_KEY, cfg.hf_model_type)

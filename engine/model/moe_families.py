@@ -74,6 +74,11 @@ KEYS = {
 # transformers' defaults where a file leaves a key out
 DEFAULTS = {"num_experts_per_tok": 2, "norm_topk_prob": False, "router_aux_loss_coef": 0.001,
             "decoder_sparse_step": 1, "mlp_only_layers": ()}
+# The MoE fields (with ModelConfig's defaults) that a dense family's config.json cannot carry: an MoE model
+# trained from scratch as hf_model_type "llama" keeps them under families.ENGINE_KEY.
+NO_HF_KEY = {"num_experts": 0, "num_experts_per_tok": 0, "moe_intermediate_size": 0, "norm_topk_prob": False,
+             "router_aux_loss_coef": 0.0, "shared_expert_intermediate_size": 0, "decoder_sparse_step": 1,
+             "mlp_only_layers": ()}
 # keys of variants we do not implement: key -> the only value (or values) we accept
 UNSUPPORTED = {"router_jitter_noise": (0, 0.0, None)}
 
