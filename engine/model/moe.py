@@ -153,6 +153,8 @@ def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top
     dot product of the fraction of top-k assignments per expert and the mean router probability per
     expert, both pooled over layers and tokens (transformers' `load_balancing_loss_func`). mask [N]: the
     tokens to count (1) or not (0); None counts all. Returns a 0-dim fp32 tensor."""
+    if not router_logits:  # no MoE layer ran (every layer dense): nothing to balance
+        return torch.zeros(())
     device = router_logits[0].device
     assigned = torch.zeros(num_experts, dtype=torch.float32, device=device)
     prob_sum = torch.zeros(num_experts, dtype=torch.float32, device=device)

@@ -42,6 +42,11 @@ MEASURED = {  # name -> (train.*, lora.* or None)
 LAYERED = {"layer_sliding_windows": [None, 64] * 3, "layer_rope_thetas": [1e4, 1e6, 1e4, 1e6, 1e4, None],
            "post_attn_norm": True, "post_mlp_norm": True}
 MEASURED_ARCH = {name: {**ARCH, **LAYERED} for name in MEASURED if "per-layer" in name}
+# Mixture of experts (engine.model.moe): 8 experts, top-2, a sigmoid-gated shared expert, one dense layer.
+MOE = {"mlp_class": "moe", "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 352,
+       "shared_expert_intermediate_size": 176, "mlp_only_layers": [0], "router_aux_loss_coef": 0.01}
+MEASURED.update({"fp32 mixture of experts": ({}, None), "bf16 mixture of experts": ({"precision": "bf16"}, None)})
+MEASURED_ARCH.update({name: {**ARCH, **MOE} for name in MEASURED if "experts" in name})
 
 
 def run_dict(train: dict | None = None, lora: dict | None = None, arch: dict | None = None, seq_len: int = 256) -> dict:
