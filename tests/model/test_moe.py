@@ -223,3 +223,37 @@ def test_an_moe_config_survives_our_own_json_round_trip():
     assert ModelConfig.from_dict(json.loads(cfg.to_json())) == cfg
     with pytest.raises(ConfigError, match="model.num_experts: expected a positive integer"):
         _moe_config(num_experts=0)
+
+
+@pytest.mark.parametrize("family,targets", [("qwen3_moe", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                            ("mixtral", ("q_proj", "v_proj")), ("qwen2_moe", "all-linear")])
+def test_peft_loads_our_lora_adapter_of_an_moe_model_with_the_same_logits(hf_checkpoint, tmp_path, family, targets):
+    import peft
+
+    from engine.adapters.lora import apply_lora, lora_modules
+    from engine.adapters.peft_format import save_adapter
+    from engine.config import LoraConfig
+    from tests.adapters.helpers import randomize_adapters
+
+    directory, hf = hf_checkpoint(family)
+    ours = Transformer.from_pretrained(directory)
+    apply_lora(ours, LoraConfig(rank=4, alpha=8, targets=targets), str(directory))
+    if targets == "all-linear":  # Qwen2-MoE: attention plus the shared experts' Linears; the experts stay frozen
+        assert {n for n in lora_modules(ours) if ".mlp." in n} == {
+            f"layers.{i}.mlp.shared_expert.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")}
+    randomize_adapters(ours)
+    save_adapter(ours, tmp_path / "adapter")
+    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(ids), peft_model(ids).logits, rtol=1e-4, atol=1e-4)
+        peft_model.unload()  # restore the session-cached HF model for other tests
+
+
+def test_lora_targets_naming_mlp_modules_of_an_moe_model_are_an_error(hf_checkpoint):
+    from engine.adapters.lora import apply_lora
+    from engine.config import LoraConfig
+
+    model = Transformer.from_pretrained(hf_checkpoint("mixtral")[0])
+    with pytest.raises(ConfigError, match="lora.targets: 'up_proj' would leave the experts of this mixture-of-experts"):
+        apply_lora(model, LoraConfig(targets=("q_proj", "up_proj")))
