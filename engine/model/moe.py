@@ -12,7 +12,7 @@ Experts are stacked weights, gate_up_proj [E, 2F, C] ([gate | up] rows, transfor
 down_proj [E, C, F]. They are computed grouped: the M assignments are sorted by expert, so each active
 expert runs one matmul over its contiguous rows; there is no loop over tokens. `_GroupedLinear` writes
 every expert's weight gradient into one [E, ...] tensor (indexing `w[e]` under autograd would allocate a
-full-size zero gradient per expert). The router logits of every layer can be collected for the
+full-size zero gradient per expert) and casts one expert at a time under autocast. The router logits of every layer can be collected for the
 load-balancing auxiliary loss with `collect_router_logits(model)`.
 """
 from __future__ import annotations
@@ -28,7 +28,11 @@ from engine.config import ModelConfig
 
 
 class _GroupedLinear(torch.autograd.Function):
-    """y[rows of expert e] = x[rows of e] @ w[e].T, for x [M, in] sorted by expert and w [E, out, in]."""
+    """y[rows of expert e] = x[rows of e] @ w[e].T, for x [M, in] sorted by expert and w [E, out, in].
+
+    w is the parameter itself, in any dtype: each active expert's slice is cast to x's dtype when used, so
+    autocast keeps no [E, out, in] low-precision copy for backward, and the weight gradient is written
+    straight into one tensor of w's dtype (inactive experts: zero)."""
 
     @staticmethod
     def forward(ctx, x, w, counts: list):
@@ -36,7 +40,7 @@ class _GroupedLinear(torch.autograd.Function):
         start = 0
         for e, n in enumerate(counts):
             if n:
-                torch.mm(x[start:start + n], w[e].t(), out=out[start:start + n])
+                torch.mm(x[start:start + n], w[e].to(x.dtype).t(), out=out[start:start + n])
                 start += n
         ctx.save_for_backward(x, w)
         ctx.counts = counts
@@ -47,24 +51,24 @@ class _GroupedLinear(torch.autograd.Function):
         x, w = ctx.saved_tensors
         grad = grad.contiguous()
         gx = x.new_empty(x.shape) if ctx.needs_input_grad[0] else None
-        gw = torch.zeros_like(w) if ctx.needs_input_grad[1] else None  # inactive experts get zero gradients
+        gw = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
         start = 0
         for e, n in enumerate(ctx.counts):
             if not n:
                 continue
             g = grad[start:start + n]
             if gx is not None:
-                torch.mm(g, w[e], out=gx[start:start + n])
+                torch.mm(g, w[e].to(g.dtype), out=gx[start:start + n])
             if gw is not None:
-                torch.mm(g.t(), x[start:start + n], out=gw[e])
+                gw[e].copy_(torch.mm(g.t(), x[start:start + n]))
             start += n
         return gx, gw, None
 
 
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """x [M, in] (rows sorted by expert, counts[e] rows for expert e) @ w[e].T -> [M, out], in x's dtype."""
-    with torch.autocast(x.device.type, enabled=False):  # the caller casts; mm with out= refuses autocast
-        return _GroupedLinear.apply(x, w.to(x.dtype), counts)
+    with torch.autocast(x.device.type, enabled=False):  # the caller casts x; mm with out= refuses autocast
+        return _GroupedLinear.apply(x, w, counts)
 
 
 class Experts(nn.Module):

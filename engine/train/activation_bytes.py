@@ -135,11 +135,9 @@ class SavedBytes:
         logits = self.linear(m.router, x)
         k, C = m.top_k, x.n
         F = m.experts.down_proj.shape[-1]
-        E = m.num_experts
+        E = m.num_experts  # (no autocast weight copies: grouped_linear casts one expert at a time)
         rg = self.full or x.rg
         out = Sym(C, self.compute, rg)
-        if self.amp and self.param_bytes != HALF and rg:  # grouped_linear casts all E experts for backward
-            self.weight_copies += HALF * E * 3 * F * C
         if rg:
             self.save(Sym(E, FP32, False), Sym(2 * k, 8, False))  # softmax output, top-k ids and sort order
             # sorted inputs [k, C], gate|up [k, 2F], act(gate) [k, F], down's input [k, F], expert outputs [k, C]
