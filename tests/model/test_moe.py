@@ -257,3 +257,18 @@ def test_lora_targets_naming_mlp_modules_of_an_moe_model_are_an_error(hf_checkpo
     model = Transformer.from_pretrained(hf_checkpoint("mixtral")[0])
     with pytest.raises(ConfigError, match="lora.targets: 'up_proj' would leave the experts of this mixture-of-experts"):
         apply_lora(model, LoraConfig(targets=("q_proj", "up_proj")))
+
+
+def test_mixtral_sliding_window_matches_transformers_beyond_the_window(tmp_path):
+    from engine.infer.generate import generate
+    from tests.hf_models import save_hf_model
+
+    hf = save_hf_model("mixtral", tmp_path, sliding_window=6)
+    model = Transformer.from_pretrained(tmp_path)
+    assert model.config.sliding_window == 6
+    ids = torch.randint(0, 211, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, rtol=0, atol=1e-4)
+    expected = hf.generate(ids[:, :5], attention_mask=torch.ones(1, 5, dtype=torch.long), max_new_tokens=15,
+                           do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(generate(model, ids[:, :5], 15, eos_token_id=[]), expected)
