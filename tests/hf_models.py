@@ -34,6 +34,21 @@ FAMILIES = {
         num_key_value_heads=1, head_dim=32, vocab_size=211, max_position_embeddings=128)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(
         n_embd=64, n_layer=2, n_head=4, vocab_size=211, n_positions=128, bos_token_id=0, eos_token_id=0)),
+    # mixture of experts: more experts than top-k so routing matters; Qwen3-MoE with a dense layer
+    # (mlp_only_layers) and renormalized top-k, Qwen2-MoE with its sigmoid-gated shared expert.
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        hidden_size=64, intermediate_size=112, moe_intermediate_size=48, num_experts=6, num_experts_per_tok=2,
+        norm_topk_prob=True, mlp_only_layers=[1], num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=24, vocab_size=211, max_position_embeddings=128,
+        tie_word_embeddings=False)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        hidden_size=64, intermediate_size=48, num_local_experts=5, num_experts_per_tok=2, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=211, max_position_embeddings=128,
+        sliding_window=None)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        hidden_size=64, intermediate_size=112, moe_intermediate_size=32, shared_expert_intermediate_size=80,
+        num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=211, max_position_embeddings=128, tie_word_embeddings=True)),
 }
 
 # Issue 14's dense families: windows shorter than the 37-token parity inputs, so sliding layers matter.

@@ -70,7 +70,7 @@ def test_unsupported_hf_configs_are_named(hf, message):
     (dict(layer_sliding_windows=(4, 0)), r"model.layer_sliding_windows\[1\]: expected a positive integer or null"),
     (dict(layer_rope_thetas=(1e4, "x")), r"model.layer_rope_thetas\[1\]: expected a positive number or null"),
     (dict(position="learned", layer_rope_thetas=(1e4, 1e4)), "model.layer_rope_thetas: only for position='rope'"),
-    (dict(mlp_class="moe"), "model.mlp_class: expected one of"),
+    (dict(mlp_class="sparse"), "model.mlp_class: expected one of"),
 ])
 def test_impossible_model_configs_are_rejected(change, message):
     with pytest.raises(ConfigError, match=message):

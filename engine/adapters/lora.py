@@ -21,6 +21,7 @@ separate dropout masks where PEFT draws one: the same in expectation, not bit fo
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ import torch.nn as nn
 from engine.config import LORA_TARGETS, ConfigError, LoraConfig
 from engine.model.families import stored_as, weight_layout
 
+logger = logging.getLogger(__name__)
 PEFT_PREFIX = "base_model.model."
 STATE_ATTR = "lora_state"  # the one attribute apply_lora sets on a model (read it with adapter_state)
 
@@ -128,6 +130,18 @@ def check_lora_supported(model_cfg, lora: LoraConfig) -> None:
                               f"which an adapter covers whole: target all of them or none")
     if "gate_proj" in lora.targets and not model_cfg.gated_mlp and tuple(lora.targets) != LORA_TARGETS:
         raise ConfigError("lora.targets: 'gate_proj' is not in this model (its MLP is not gated)")
+    # Mixture of experts: the experts are stacked [E, ...] parameters, not Linears (PEFT adapts them only through
+    # target_parameters, not supported here); "all-linear" adapts the dense and shared-expert MLPs it finds.
+    mlp = [t for t in ("gate_proj", "up_proj", "down_proj") if t in lora.targets]
+    moe_layers = sum(map(model_cfg.is_moe_layer, range(model_cfg.num_layers)))
+    if mlp and moe_layers and tuple(lora.targets) != LORA_TARGETS:
+        raise ConfigError(f"lora.targets: {mlp[0]!r} would leave the experts of this mixture-of-experts model's "
+                          f"{moe_layers} MoE layers unadapted (they are stacked parameters, which LoRA here does not "
+                          "adapt); target the attention projections (q_proj, k_proj, v_proj, o_proj), or "
+                          "'all-linear' to adapt them plus the dense and shared-expert MLPs")
+    if mlp and moe_layers:
+        logger.warning("lora.targets all-linear: the experts of %d mixture-of-experts layers stay frozen (stacked "
+                       "parameters); the dense and shared-expert MLPs are adapted", moe_layers)
 
 
 def _fused_modules(model_cfg) -> dict[str, set]:

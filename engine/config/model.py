@@ -126,7 +126,17 @@ class ModelConfig:
     pre_norm: bool = True  # False: OLMo 2 norms only the outputs of attention and MLP
     post_attn_norm: bool = False  # Gemma 2/3, OLMo 2: norm the attention output before the residual add
     post_mlp_norm: bool = False  # ... and the MLP output
-    mlp_class: Literal["dense"] = "dense"  # engine.model.transformer.MLPS: mixture-of-experts plugs in here
+    mlp_class: Literal["dense", "moe"] = "dense"  # engine.model.transformer.MLPS: "moe" is engine.model.moe.MoE
+    # mixture of experts (mlp_class="moe"; engine.model.moe). Each token's MLP is the weighted sum of the
+    # num_experts_per_tok experts its router ranks highest, each a gated MLP of moe_intermediate_size.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # renormalize the top-k softmax weights to sum to 1 (Mixtral, Qwen3-MoE)
+    router_aux_loss_coef: float = 0.0  # training adds coef * load-balancing loss (Switch Transformer eq. 4-6)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: one dense expert every token takes, sigmoid-gated; 0: none
+    decoder_sparse_step: int = 1  # layer i is MoE when (i + 1) % step == 0 and i is not in mlp_only_layers
+    mlp_only_layers: tuple[int, ...] = ()  # ... these layers keep the dense MLP (intermediate_size)
     # embeddings and head
     scale_embeddings: bool = False  # Gemma multiplies token embeddings by sqrt(hidden_size)
     tie_word_embeddings: bool = False
@@ -151,7 +161,7 @@ class ModelConfig:
             raise ConfigError(f"model.num_heads ({self.num_heads}) must be a multiple of "
                               f"model.num_kv_heads ({self.num_kv_heads})")
         choices = {"norm": ("rmsnorm", "layernorm"), "activation": ("silu", "gelu_tanh", "gelu", "relu"),
-                   "position": ("rope", "learned"), "mlp_class": ("dense",), "qk_norm_scope": ("head", "projection")}
+                   "position": ("rope", "learned"), "mlp_class": ("dense", "moe"), "qk_norm_scope": ("head", "projection")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name}: expected one of {allowed}, got {getattr(self, name)!r}")
@@ -173,6 +183,31 @@ class ModelConfig:
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         self._check_per_layer()
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        """MoE fields: set (and consistent) exactly when mlp_class is "moe"."""
+        if isinstance(self.mlp_only_layers, list):  # from JSON
+            object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers))
+        if self.mlp_class != "moe":
+            return
+        for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"model.{name}: expected a positive integer for mlp_class='moe', got {value!r}")
+        if self.num_experts_per_tok > self.num_experts:
+            raise ConfigError(f"model.num_experts_per_tok: {self.num_experts_per_tok} is more than "
+                              f"model.num_experts ({self.num_experts})")
+        if not (isinstance(self.router_aux_loss_coef, (int, float)) and self.router_aux_loss_coef >= 0):
+            raise ConfigError(f"model.router_aux_loss_coef: expected a number >= 0, got {self.router_aux_loss_coef!r}")
+        bad = [i for i in self.mlp_only_layers if not isinstance(i, int) or not 0 <= i < self.num_layers]
+        if bad:
+            raise ConfigError(f"model.mlp_only_layers: expected layer indices in [0, {self.num_layers}), got {bad[0]!r}")
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether layer i builds the mixture-of-experts MLP (Qwen-MoE's decoder_sparse_step / mlp_only_layers)."""
+        return (self.mlp_class == "moe" and (i + 1) % self.decoder_sparse_step == 0
+                and i not in self.mlp_only_layers)
 
     def _check_per_layer(self) -> None:
         """Per-layer tuples: num_layers entries of the right kind (lists and dicts from JSON are converted)."""
@@ -204,7 +239,8 @@ class ModelConfig:
                 scaling = self.rope_scaling if self.layer_rope_scalings is None else self.layer_rope_scalings[i]
                 rope = None if theta is None else LayerRope(float(theta), scaling)
             specs.append(LayerSpec(i, window, rope, self.pre_norm, self.post_attn_norm, self.post_mlp_norm,
-                                   self.mlp_class))
+                                   "dense" if self.mlp_class == "moe" and not self.is_moe_layer(i)
+                                   else self.mlp_class))
         return tuple(specs)
 
     @property
@@ -224,10 +260,18 @@ class ModelConfig:
         mlp += (self.intermediate_size * (2 if self.gated_mlp else 1) + C) if self.mlp_bias else 0
         norm = C * (2 if self.norm == "layernorm" else 1)
         norms = 2 * self.pre_norm + self.post_attn_norm + self.post_mlp_norm
-        total = self.num_layers * (attn + mlp + norms * norm) + norm + self.vocab_size * C
+        total = self.num_layers * (attn + norms * norm) + norm + self.vocab_size * C
+        moe_layers = sum(map(self.is_moe_layer, range(self.num_layers)))
+        total += (self.num_layers - moe_layers) * mlp + moe_layers * self.moe_layer_params
         total += 0 if self.tie_word_embeddings else self.vocab_size * C
         total += self.max_position_embeddings * C if self.position == "learned" else 0
         return total
+
+    @property
+    def moe_layer_params(self) -> int:
+        """Parameters of one mixture-of-experts MLP: router [E, C], experts [E, 3 * F, C], shared expert."""
+        C, E, Fs = self.hidden_size, self.num_experts, self.shared_expert_intermediate_size
+        return E * C + E * 3 * C * self.moe_intermediate_size + (3 * C * Fs + C if Fs else 0)
 
     def to_dict(self) -> dict:
         """A JSON-ready dict; `ModelConfig.from_dict` inverts it."""

@@ -13,6 +13,8 @@ from typing import Optional
 from engine.config import ConfigError, ModelConfig, RopeScaling
 from engine.model.hf_layers import (LAYER_TYPES, expressed_fields, layer_fields, layer_keys_to_hf, parse_rope,
                                     partial_rotary_factor, rope_to_hf)
+from engine.model import moe_families
+from engine.model.moe_families import ExpertsStored
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +32,7 @@ ARCHITECTURES = {
     "Phi3ForCausalLM": "phi3",
     "Olmo2ForCausalLM": "olmo2",
     "SmolLM3ForCausalLM": "smollm3",
+    **moe_families.ARCHITECTURES,
 }
 
 # What each family fixes whatever its config.json says (the rest is read from the file).
@@ -49,6 +52,7 @@ FAMILY_TRAITS = {
     "olmo2": {"pre_norm": False, "post_attn_norm": True, "post_mlp_norm": True, "qk_norm": True,
               "qk_norm_scope": "projection"},
     "smollm3": {},
+    **moe_families.FAMILY_TRAITS,
 }
 
 # What each family's config.json can say per layer (issue 14). layer_types: the key that lists
@@ -58,11 +62,12 @@ FAMILY_TRAITS = {
 LAYER_KEYS = {
     "mistral": {"every_layer": True},
     "phi3": {"every_layer": True},
+    "mixtral": {"every_layer": True},
+    "qwen3_moe": {"every_layer": True},
     "gemma2": {"layer_types": True},
     "gemma3_text": {"layer_types": True, "rope_per_layer_type": True},
     "smollm3": {"layer_types": True, "window_switch": "use_sliding_window", "no_rope_layers": True},
 }
-# Scalars some families' config.json carry: ModelConfig field -> key (null keeps our default None).
 # Scalars some families' config.json carry: ModelConfig field -> (key, transformers' default when absent).
 SCALAR_KEYS = {
     "gemma2": {"query_pre_attn_scalar": ("query_pre_attn_scalar", 256), "attn_softcap": ("attn_logit_softcapping", 50.0),
@@ -194,16 +199,20 @@ LAYOUTS = {
     "gemma3_text": WeightLayout(SANDWICH_WEIGHTS, ignored_suffixes=(".rotary_emb.inv_freq",)),
     "olmo2": WeightLayout(SANDWICH_WEIGHTS, ignored_suffixes=(".rotary_emb.inv_freq",)),
     "phi3": WeightLayout(PHI3_WEIGHTS, ignored_suffixes=(".rotary_emb.inv_freq",)),
+    **{family: WeightLayout({**LLAMA_WEIGHTS, **rows}, ignored_suffixes=(".rotary_emb.inv_freq",))
+       for family, rows in moe_families.WEIGHTS.items()},
 }
-DEFAULT_LAYOUT = WeightLayout(LLAMA_WEIGHTS, ignored_suffixes=(".rotary_emb.inv_freq",))
+# Qwen-MoE's expert names too, so an MoE model of a dense family (trained from scratch) saves and reloads.
+DEFAULT_LAYOUT = WeightLayout({**LLAMA_WEIGHTS, **moe_families.QWEN_MOE_WEIGHTS}, ignored_suffixes=(".rotary_emb.inv_freq",))
 
 
 def weight_layout(cfg: ModelConfig) -> WeightLayout:
     return LAYOUTS.get(cfg.hf_model_type, DEFAULT_LAYOUT)
 
 
-def stored_as(layout: WeightLayout, native_name: str) -> Stored:
-    """Map a native parameter name (`layers.3.attn.q_proj.weight`) to where HF stores it."""
+def stored_as(layout: WeightLayout, native_name: str) -> Stored | ExpertsStored:
+    """Map a native parameter name (`layers.3.attn.q_proj.weight`) to where HF stores it (a stacked
+    expert parameter to its per-expert tensors)."""
     parts = native_name.split(".")
     layer = None
     if parts[0] == "layers":
@@ -211,6 +220,8 @@ def stored_as(layout: WeightLayout, native_name: str) -> Stored:
     spec = layout.table.get(".".join(parts))
     if spec is None:
         raise KeyError(f"no Hugging Face name for parameter '{native_name}'")
+    if isinstance(spec, ExpertsStored):
+        return ExpertsStored(tuple(n.format(layer, e="{e}") for n in spec.names))
     spec = spec if isinstance(spec, Stored) else Stored(spec)
     return Stored(spec.name.format(layer), spec.transposed, spec.part, spec.parts) if layer else spec
 
@@ -332,6 +343,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     values["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings", model_type in TIED_BY_DEFAULT))
     for tok in ("bos_token_id", "eos_token_id", "pad_token_id"):
         values[tok] = hf.get(tok)
+    values.update(moe_families.fields_from_hf(model_type, hf, values, source))
     values.update(_engine_fields(hf, source))
     try:
         return ModelConfig(hf_model_type=model_type, extra_hf=dict(hf), **values)
@@ -346,7 +358,8 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
 # config that sets them (a model trained from scratch) keeps them under ENGINE_KEY so this engine reloads
 # the same model; transformers ignores that key. A family that gains such a layer maps its own keys instead.
 NO_HF_KEY = {"layer_sliding_windows": None, "layer_rope_thetas": None, "layer_rope_scalings": None,
-             "pre_norm": True, "post_attn_norm": False, "post_mlp_norm": False, "mlp_class": "dense"}
+             "pre_norm": True, "post_attn_norm": False, "post_mlp_norm": False, "mlp_class": "dense",
+             **moe_families.NO_HF_KEY}
 ENGINE_KEY = "engine_layers"
 
 
@@ -367,8 +380,10 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     hf.pop(ENGINE_KEY, None)
     layers = LAYER_KEYS.get(cfg.hf_model_type, {})
     fixed = FAMILY_TRAITS[cfg.hf_model_type]  # the family's own layout says these
+    own = moe_families.KEYS.get(cfg.hf_model_type, {})  # fields the family's config.json has keys for
     custom = {f: getattr(cfg, f) for f, default in NO_HF_KEY.items() if getattr(cfg, f) != default
-              and f not in expressed_fields(layers) and fixed.get(f, default) != getattr(cfg, f)}
+              and f not in expressed_fields(layers) and fixed.get(f, default) != getattr(cfg, f)
+              and f not in own}
     if custom:
         logger.warning("config.json: %s kept under '%s'; transformers will load a '%s' model without them",
                        ", ".join(custom), ENGINE_KEY, cfg.hf_model_type)
@@ -398,6 +413,10 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         hf.update(layer_keys_to_hf(cfg, layers))  # layer_types, sliding_window, per-type rope_parameters ...
         for field, (key, _) in SCALAR_KEYS.get(cfg.hf_model_type, {}).items():
             hf[key] = getattr(cfg, field)
+        moe, aliases = moe_families.fields_to_hf(cfg)
+        for key in aliases:
+            hf.pop(key, None)
+        hf.update(moe)
     hf["tie_word_embeddings"] = cfg.tie_word_embeddings
     hf.update(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
     return hf

@@ -19,7 +19,7 @@ from safetensors.torch import save
 
 from engine.config import ConfigError
 from engine.files import atomic_write
-from engine.model.families import Stored, config_from_hf, config_to_hf, stored_as, weight_layout
+from engine.model.families import ExpertsStored, Stored, config_from_hf, config_to_hf, stored_as, weight_layout
 
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 logger = logging.getLogger(__name__)
@@ -208,6 +208,10 @@ def load_weights(model, files: dict[str, Path]) -> None:
     params = dict(model.named_parameters())  # tied weights appear once, under the embedding name
     for native, param in params.items():
         spec = stored_as(layout, native)
+        if isinstance(spec, ExpertsStored):  # a stacked [E, ...] parameter: each expert's tensor fills a view of it
+            for name, index in spec.pieces(param.shape):
+                plan.setdefault(in_file(name), []).append((Stored(name), param.detach()[index]))
+            continue
         plan.setdefault(in_file(spec.name), []).append((spec, param))
     missing = sorted(set(plan) - present)
     if missing:
@@ -271,6 +275,10 @@ def hf_state_dict(model, params: dict[str, torch.Tensor] | None = None) -> dict[
         named = {name: params[name] for name in named}
     for native, param in named.items():
         spec = stored_as(layout, native)
+        if isinstance(spec, ExpertsStored):  # written per expert, as transformers writes them
+            for name, index in spec.pieces(param.shape):
+                grouped[name] = {0: (Stored(name), param.detach()[index])}
+            continue
         grouped.setdefault(spec.name, {})[spec.part] = (spec, param.detach())
     out = {}
     for name, parts in grouped.items():

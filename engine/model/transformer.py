@@ -23,9 +23,10 @@ from torch.utils.checkpoint import checkpoint
 
 import kernels
 
-from engine.config import LayerRope, LayerSpec, ModelConfig, RopeScaling
+from engine.config import LayerSpec, ModelConfig
 from engine.model.attention import attend
 from engine.model.rope import rope_inv_freq, rope_uses_long  # noqa: F401 (rope_inv_freq: re-exported)
+from engine.model.moe import Experts, MoE
 
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": partial(F.gelu, approximate="tanh"), "gelu": F.gelu, "relu": F.relu}
 
@@ -202,7 +203,7 @@ class MLP(nn.Module):
         return w.linear(self.down_proj, w.act(self.activation, w.linear(self.up_proj, x)))
 
 
-MLPS = {"dense": MLP}  # ModelConfig.mlp_class -> the class each Block builds (mixture-of-experts goes here)
+MLPS = {"dense": MLP, "moe": MoE}  # ModelConfig.mlp_class (per layer: LayerSpec.mlp) -> the class each Block builds
 
 
 class Block(nn.Module):
@@ -274,6 +275,9 @@ class Transformer(nn.Module):
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 residual = name.endswith(("o_proj", "down_proj"))  # keeps the residual stream's variance flat
                 nn.init.normal_(m.weight, 0.0, std / math.sqrt(2 * self.config.num_layers) if residual else std)
+            elif isinstance(m, Experts):
+                nn.init.normal_(m.gate_up_proj, 0.0, std)
+                nn.init.normal_(m.down_proj, 0.0, std / math.sqrt(2 * self.config.num_layers))
             elif isinstance(m, RMSNorm):
                 nn.init.constant_(m.weight, 1.0 - m.weight_offset)
             elif isinstance(m, nn.LayerNorm):

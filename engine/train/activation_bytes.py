@@ -131,6 +131,27 @@ class SavedBytes:
             self.save(b)
         return Sym(a.n, max(a.b, b.b), a.rg or b.rg)
 
+    def moe(self, m, x: Sym) -> Sym:
+        """engine.model.moe.MoE: the router, then per token k rows through the grouped experts (each
+        grouped matmul keeps its input), the weighted sum over k, and the shared expert if any."""
+        logits = self.linear(m.router, x)
+        k, C = m.top_k, x.n
+        F = m.experts.down_proj.shape[-1]
+        E = m.num_experts  # (no autocast weight copies: grouped_linear casts one expert at a time)
+        rg = self.full or x.rg
+        out = Sym(C, self.compute, rg)
+        if rg:
+            self.save(Sym(E, FP32, False), Sym(2 * k, 8, False))  # softmax output, top-k ids and sort order
+            # sorted inputs [k, C], gate|up [k, 2F], act(gate) [k, F], down's input [k, F], expert outputs [k, C]
+            self.save(Sym(k * (2 * C + 4 * F), self.compute, True), Sym(k, FP32, True))
+        if logits.rg and not rg:  # a LoRA-adapted router alone: the weighted sum needs the expert outputs
+            self.save(Sym(k * C, self.compute, False))
+        if m.shared_expert is not None:
+            shared = m.shared_expert.walk(self, x)
+            gate = self.linear(m.shared_expert_gate, x)
+            out = self.add(out, self.mul(self.act("sigmoid", gate), shared))
+        return out
+
     @staticmethod
     def add(a: Sym, b: Sym) -> Sym:  # the residual keeps the wider dtype
         return Sym(a.n, max(a.b, b.b), a.rg or b.rg)

@@ -30,6 +30,7 @@ import torch.nn as nn
 import kernels
 from engine.data.sampler import IGNORE_INDEX
 from engine.dtypes import DTYPES
+from engine.model.moe import collect_router_logits, load_balancing_loss
 
 AMP_DTYPES = {name: DTYPES[name] for name in ("bf16", "fp16")}  # train.precision -> autocast dtype
 
@@ -95,4 +96,13 @@ class TokenLoss(Objective):
     def forward(self, batch) -> tuple[torch.Tensor, dict]:
         inputs, targets, *packed = batch
         packing = dict(zip(("position_ids", "attn_mask"), packed))
-        return token_loss_sum(self.model, inputs, targets, self.precision, self.hidden_fn, **packing), {}
+        cfg = self.model.config
+        if not (self.model.training and cfg.mlp_class == "moe"):  # evaluation reports the LM loss alone
+            return token_loss_sum(self.model, inputs, targets, self.precision, self.hidden_fn, **packing), {}
+        # Mixture of experts: + coef * the router's load-balancing loss, per unit, as transformers adds it to
+        # its mean loss (over every input token, as transformers without an attention mask).
+        with collect_router_logits(self.model) as router_logits:
+            loss_sum = token_loss_sum(self.model, inputs, targets, self.precision, self.hidden_fn, **packing)
+        aux = load_balancing_loss(router_logits, cfg.num_experts, cfg.num_experts_per_tok)
+        units = self.units(batch)
+        return loss_sum + cfg.router_aux_loss_coef * units * aux, {"aux_loss": aux.detach() * units}

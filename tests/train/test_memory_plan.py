@@ -47,6 +47,11 @@ MEASURED_ARCH = {name: {**ARCH, **LAYERED} for name in MEASURED if "per-layer" i
 MEASURED_ARCH["bf16 Gemma 2 soft caps, sandwich norms"] = {
     **ARCH, **LAYERED, "attn_softcap": 50.0, "final_softcap": 30.0, "query_pre_attn_scalar": 96,
     "norm_weight_offset": 1.0, "scale_embeddings": True, "activation": "gelu_tanh"}
+# Mixture of experts (engine.model.moe): 8 experts, top-2, a sigmoid-gated shared expert, one dense layer.
+MOE = {"mlp_class": "moe", "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 352,
+       "shared_expert_intermediate_size": 176, "mlp_only_layers": [0], "router_aux_loss_coef": 0.01}
+MEASURED.update({"fp32 mixture of experts": ({}, None), "bf16 mixture of experts": ({"precision": "bf16"}, None)})
+MEASURED_ARCH.update({name: {**ARCH, **MOE} for name in MEASURED if "experts" in name})
 
 
 def run_dict(train: dict | None = None, lora: dict | None = None, arch: dict | None = None, seq_len: int = 256) -> dict:
