@@ -7,9 +7,10 @@ n = completion tokens; a = l / n, the length-normalized log-prob), beta = dpo.be
   ipo      ((l_c - r_c) / n_c - (l_j - r_j) / n_j - 1 / (2 beta))^2      (TRL's length-normalized IPO)
   simpo    -(1 - eps) log s(beta m) - eps log s(-beta m),  m = a_c - a_j - gamma / beta         (no reference)
   orpo     -a_c - beta log s(log odds),  log odds = (a_c - a_j) - (log(1 - e^a_c) - log(1 - e^a_j)) (no reference)
-These are TRL 1.16's DPOTrainer (sigmoid, hinge, ipo), CPOTrainer loss_type="simpo" with cpo_alpha=0, and
-ORPOTrainer, per pair (ORPO's NLL is per pair here: TRL averages it over the batch's chosen tokens; the two agree
-when the chosen sides have equal lengths). Units are pairs: the loop divides the summed loss by the pairs of the
+These are TRL 1.16's DPOTrainer (sigmoid, hinge, ipo; its sigmoid has no label smoothing, cDPO is the formula
+above), CPOTrainer loss_type="simpo" with cpo_alpha=0, and ORPOTrainer, per pair. ORPO's NLL term here is each
+pair's mean over its chosen completion (the paper's SFT term on the response); TRL's averages over the batch's
+chosen tokens with the prompt included: the same number for empty prompts and equal chosen lengths. Units are pairs: the loop divides the summed loss by the pairs of the
 whole step, so k micro-batches of b pairs equal one batch of k*b (and N ranks equal one with accumulation).
 Chosen and rejected sides run through one forward (the batch's 2B rows, engine.data.preference).
 
