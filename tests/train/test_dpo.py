@@ -188,3 +188,22 @@ def test_bad_dpo_configs_name_the_key(change, message, model_dir, tmp_path):
         d[section] = {**d[section], **values}
     with pytest.raises(ConfigError, match=message):
         from_dict(RunConfig, d, where="")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_equal_one_process_with_accumulation(strategy, model_dir, tmp_path):
+    """torchrun 2 ranks x batch 2 = one process x 2 micro-batches of 2: the loss is normalized by the pairs of
+    every rank, so the losses, metrics and val losses agree."""
+    from tests.train.test_distributed import _torchrun
+
+    one = dpo_run_dict(tmp_path / "one", model_dir, batch_size=2, grad_accum=2, max_steps=4, save_every=0,
+                       eval_every=2)
+    _run(one)
+    two = {**dpo_run_dict(tmp_path / "two", model_dir, batch_size=2, max_steps=4, save_every=0, eval_every=2),
+           "distributed": {"strategy": strategy}}
+    result = _torchrun(two, tmp_path / "two.json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours, ref = _rows(tmp_path / "two" / "run"), _rows(tmp_path / "one" / "run")
+    for name in ("loss", "val_loss", *METRICS):
+        torch.testing.assert_close([r.get(name) for r in ours], [r.get(name) for r in ref], rtol=1e-5, atol=1e-6,
+                                   msg=name)
