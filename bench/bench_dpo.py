@@ -31,12 +31,16 @@ LORA = {"rank": 16, "alpha": 32, "targets": "all-linear"}
 MB = 1024  # ru_maxrss is in KiB on Linux
 
 
-def default_model() -> str:
-    if Path("/work/smollm2_hf/config.json").is_file():
+def default_model(llama35m: bool = False) -> str:
+    if not llama35m and Path("/work/smollm2_hf/config.json").is_file():
         return "/work/smollm2_hf"
     from bench.llama35m import write_llama35m
+    from tests.tokenizer_fixtures import write_tokenizer_dir
 
-    return str(write_llama35m(ROOT / "bench" / ".cache" / "llama35m"))
+    directory = write_llama35m()
+    if not (directory / "tokenizer.json").is_file():  # TRL's trainer wants one (the ids here are drawn at random)
+        write_tokenizer_dir(directory)
+    return str(directory)
 
 
 def examples(vocab: int, pairs: int) -> list[dict]:
@@ -150,11 +154,12 @@ def measure(kind: str, model_dir: str, pairs: int, steps: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="HF model dir (default: /work/smollm2_hf, else the 35M Llama)")
+    p.add_argument("--llama35m", action="store_true", help="the random 35M Llama of bench/llama35m.py")
     p.add_argument("--pairs", type=int, default=4, help="pairs per step (default: 4)")
     p.add_argument("--steps", type=int, default=3, help="timed steps (default: 3)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
-    model_dir = args.model or default_model()
+    model_dir = args.model or default_model(args.llama35m)
     if args.one:
         print(json.dumps(run_one(args.one, model_dir, args.pairs, args.steps)))
         return
