@@ -60,6 +60,20 @@ class DatasetConfig:
 
 
 @dataclass(frozen=True)
+class PreferenceConfig:
+    """How preference pairs (`data.format: "preference"`) become token rows (`data.preference.*`);
+    see engine/data/preference.py. Rendering is SFT's (engine/data/sft.py)."""
+
+    truncation: Literal["drop", "truncate"] = "drop"  # a side longer than seq_len + 1: skip the pair, or keep heads
+    template: Literal["auto", "chat", "plain"] = "auto"  # as data.sft.template
+
+    def __post_init__(self):
+        for name, allowed in {"truncation": ("drop", "truncate"), "template": ("auto", "chat", "plain")}.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"data.preference.{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where the corpus is and how it is cut into training windows (`data.*` in a run config)."""
 
@@ -70,18 +84,24 @@ class DataConfig:
     text_field: str = "text"  # the key read from each .jsonl line
     processed_dir: str = "data/processed"  # tokenized corpora are cached under <processed_dir>/<hash>/
     # "text": raw documents packed into windows; "sft": .jsonl of {"prompt", "completion"} or {"messages"}
-    format: Literal["text", "sft"] = "text"
+    # "preference": .jsonl of {"prompt", "chosen", "rejected"} (strings or message lists), for train.objective "dpo"
+    format: Literal["text", "sft", "preference"] = "text"
     sft: Optional[SFTConfig] = None  # SFT options (defaults when omitted); only with format "sft"
     # train/val entries may be datasets: data files (.parquet ...), save_to_disk dirs, "hf:owner/name" Hub ids
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    preference: Optional[PreferenceConfig] = None  # preference-pair options; only with format "preference"
 
     def __post_init__(self):
-        if self.format not in ("text", "sft"):
-            raise ConfigError(f"data.format: expected one of ('text', 'sft'), got {self.format!r}")
+        if self.format not in ("text", "sft", "preference"):
+            raise ConfigError(f"data.format: expected one of ('text', 'sft', 'preference'), got {self.format!r}")
         if self.sft is not None and self.format != "sft":
             raise ConfigError('data.sft: SFT options need data.format: "sft"')
         if self.format == "sft" and self.sft is None:
             object.__setattr__(self, "sft", SFTConfig())
+        if self.preference is not None and self.format != "preference":
+            raise ConfigError('data.preference: preference options need data.format: "preference"')
+        if self.format == "preference" and self.preference is None:
+            object.__setattr__(self, "preference", PreferenceConfig())
         for name in ("train", "val"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -154,8 +174,12 @@ class TrainConfig:
     device: str = "auto"  # "auto": cuda when available, else cpu
     sample_prompt: str = ""  # printed continuation at the end ("" = skip)
     sample_tokens: int = 64
+    # what is optimized: "sft" next-token cross-entropy (text and SFT data); "dpo" a preference loss (the `dpo` section)
+    objective: Literal["sft", "dpo"] = "sft"
 
     def __post_init__(self):
+        if self.objective not in ("sft", "dpo"):
+            raise ConfigError(f"train.objective: expected one of ('sft', 'dpo'), got {self.objective!r}")
         positive = ("batch_size", "grad_accum", "eval_batches", "log_every", "keep_last")
         for name in positive:
             _check_int(f"train.{name}", getattr(self, name), minimum=1)
@@ -225,6 +249,45 @@ class LoraConfig:
         return self.alpha / (self.rank ** 0.5 if self.rslora else self.rank)
 
 
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")
+REFERENCE_FREE_LOSSES = ("simpo", "orpo")  # no reference model: nothing to disable, copy or precompute
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """Preference optimization (`dpo.*`, with train.objective "dpo"); formulas in engine/train/dpo.py.
+
+    The reference (sigmoid/ipo/hinge): a LoRA run's own base (adapters disabled, no second copy of the weights);
+    full fine-tuning: a frozen copy of model.from_pretrained in ref_dtype, or with precompute_ref its log-probs,
+    computed in one pass before training and cached under data.processed_dir (no reference held while training).
+    """
+
+    loss: Literal["sigmoid", "ipo", "hinge", "simpo", "orpo"] = "sigmoid"  # sigmoid = DPO; simpo/orpo: no reference
+    beta: float = 0.1  # DPO/IPO/hinge/SimPO temperature; ORPO's odds-ratio weight (lambda)
+    label_smoothing: float = 0.0  # cDPO: the probability a label is flipped (sigmoid and simpo)
+    gamma: float = 0.5  # SimPO's target reward margin (TRL's simpo_gamma)
+    precompute_ref: bool = False  # reference log-probs computed once before training, then read from the batch
+    ref_dtype: Literal["fp32", "bf16"] = "fp32"  # the frozen reference copy of a full fine-tuning run
+
+    def __post_init__(self):
+        if self.loss not in DPO_LOSSES:
+            raise ConfigError(f"dpo.loss: expected one of {DPO_LOSSES}, got {self.loss!r}")
+        if not (isinstance(self.beta, (int, float)) and self.beta > 0):
+            raise ConfigError(f"dpo.beta: expected a positive number, got {self.beta!r}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing: expected a number in [0, 0.5), got {self.label_smoothing!r}")
+        if self.label_smoothing and self.loss not in ("sigmoid", "simpo"):
+            raise ConfigError(f"dpo.label_smoothing: applies to the sigmoid and simpo losses, not {self.loss!r}")
+        if self.ref_dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"dpo.ref_dtype: expected 'fp32' or 'bf16', got {self.ref_dtype!r}")
+        if self.precompute_ref and self.loss in REFERENCE_FREE_LOSSES:
+            raise ConfigError(f"dpo.precompute_ref: the {self.loss!r} loss uses no reference model")
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss not in REFERENCE_FREE_LOSSES
+
+
 @dataclass(frozen=True)
 class DistributedConfig:
     """How `torchrun --nproc_per_node=N -m cli.train` splits the work (`distributed.*`); ignored in one process.
@@ -287,8 +350,10 @@ class RunConfig:
     lora: Optional[LoraConfig] = None  # null: full fine-tuning; else train adapters only (needs from_pretrained)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    dpo: Optional[DPOConfig] = None  # preference-optimization options (defaults when omitted); train.objective "dpo"
 
     def __post_init__(self):
+        self._check_dpo()
         if self.lora is not None and self.model.from_pretrained is None:
             raise ConfigError("lora: LoRA adapts a pretrained model; set model.from_pretrained")
         if self.resume not in (None, "auto") and not Path(self.resume).exists():
@@ -298,6 +363,21 @@ class RunConfig:
         if self.overwrite and self.resume is not None:
             raise ConfigError(f"overwrite: true starts the run over, which contradicts resume={self.resume!r}; "
                               f"set one of them")
+
+    def _check_dpo(self) -> None:
+        """train.objective "dpo" <-> data.format "preference" <-> the dpo section; a reference needs a base model."""
+        dpo_run = self.train.objective == "dpo"
+        if self.dpo is not None and not dpo_run:
+            raise ConfigError('dpo: DPO options need train.objective: "dpo"')
+        if dpo_run != (self.data.format == "preference"):
+            raise ConfigError('train.objective: "dpo" trains on data.format: "preference" (and preference data '
+                              f'needs train.objective "dpo"); got objective {self.train.objective!r} with data.format '
+                              f'{self.data.format!r}')
+        if dpo_run and self.dpo is None:
+            object.__setattr__(self, "dpo", DPOConfig())
+        if dpo_run and self.dpo.needs_reference and self.model.from_pretrained is None:
+            raise ConfigError(f"dpo.loss: {self.dpo.loss!r} compares against a reference model, which is "
+                              "model.from_pretrained; set it (or use a reference-free loss: simpo, orpo)")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -88,8 +88,9 @@ def _messages(record) -> list[dict]:
     return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
 
 
-def segments(record, where: str, tokenizer: Tokenizer, kind: str) -> list[tuple[str, bool]]:
-    """The example as [(text, is_completion)] pieces, each to be tokenized on its own, in order."""
+def segments(record, where: str, tokenizer: Tokenizer, kind: str, first_supervised: int = 0) -> list[tuple[str, bool]]:
+    """The example as [(text, is_completion)] pieces, each to be tokenized on its own, in order; assistant
+    messages before index `first_supervised` count as prompt (a preference pair's shared turns)."""
     if kind == "plain":
         if "messages" in record:
             raise DataError(f"{where}: 'messages' needs a chat template, and tokenizer {tokenizer.source} has none "
@@ -105,7 +106,7 @@ def segments(record, where: str, tokenizer: Tokenizer, kind: str) -> list[tuple[
             if not (prompt.startswith(done) and full.startswith(prompt)):
                 raise DataError(f"{where}: the chat template does not render messages[:{i + 1}] as an extension of "
                                 f"messages[:{i}]; cannot tell assistant tokens apart (try a single-turn example)")
-            out += [(prompt[len(done):], False), (full[len(prompt):], True)]
+            out += [(prompt[len(done):], False), (full[len(prompt):], i >= first_supervised)]
             done = full
         rest = tokenizer.apply_chat_template(messages)
         if not rest.startswith(done):
@@ -153,15 +154,13 @@ class SFTStats:
                 f"{self.dropped_unsupervised} with no supervised tokens), {self.rows} rows ({fill:.1f}% filled)")
 
 
-def tokenize_examples(records, tokenizer: Tokenizer, cfg: DataConfig, stats: SFTStats):
-    """[(ids int64 [n], supervised bool [n])] for `records` [(record, where)], after truncation and drops."""
-    sft, seq_len = cfg.sft, cfg.seq_len
-    kind = template_kind(tokenizer, sft)
+def encode_pieces(pieces, tokenizer: Tokenizer, kind: str) -> list[tuple[list[int], list[bool]]]:
+    """[(ids, supervised)] of examples given as `segments` pieces, before truncation: each piece tokenized on its
+    own, plain examples framed by [BOS] ... EOS (EOS supervised)."""
     eos = tokenizer.eos_token_id
     if kind == "plain" and eos is None:
         raise DataError(f"tokenizer {tokenizer.source}: has no eos_token, which ends each plain-template example")
     bos = [tokenizer.bos_token_id] if kind == "plain" and tokenizer.add_bos_token else []
-    pieces = [segments(r, where, tokenizer, kind) for r, where in records]
     flat = tokenizer.encode_batch([text for segs in pieces for text, _ in segs], add_special_tokens=False)
     out, k = [], 0
     for segs in pieces:
@@ -173,6 +172,16 @@ def tokenize_examples(records, tokenizer: Tokenizer, cfg: DataConfig, stats: SFT
         if kind == "plain":
             ids.append(eos)
             sup.append(True)
+        out.append((ids, sup))
+    return out
+
+
+def tokenize_examples(records, tokenizer: Tokenizer, cfg: DataConfig, stats: SFTStats):
+    """[(ids int64 [n], supervised bool [n])] for `records` [(record, where)], after truncation and drops."""
+    sft, seq_len = cfg.sft, cfg.seq_len
+    kind = template_kind(tokenizer, sft)
+    out = []
+    for ids, sup in encode_pieces([segments(r, where, tokenizer, kind) for r, where in records], tokenizer, kind):
         stats.examples += 1
         if len(ids) - 1 > seq_len:
             if sft.truncation == "drop":

@@ -20,6 +20,9 @@ from engine.data.tokenizer import Tokenizer, with_default_chat_template
 from engine.dtypes import DTYPES
 from engine.model.hf_format import read_config, resolve_model_dir
 from engine.train.objectives import Objective, TokenLoss
+from engine.data.preference import prepare_preference
+from engine.train.dpo import DPOLoss, frozen_reference
+from engine.train.dpo_reference import attach_precomputed_reference
 
 logger = logging.getLogger("engine.train.run_factory")
 
@@ -70,6 +73,8 @@ def build_tokenizer(cfg: RunConfig, progress: bool = True) -> tuple[Tokenizer, P
     tokenizer = Tokenizer.from_pretrained(directory)
     if cfg.data.format == "sft" and cfg.data.sft.template != "plain":  # an SFT model must chat: give it a template
         tokenizer = with_default_chat_template(tokenizer)
+    if cfg.data.format == "preference" and cfg.data.preference.template != "plain":  # rendered as SFT renders
+        tokenizer = with_default_chat_template(tokenizer)
     return tokenizer, directory
 
 
@@ -115,6 +120,8 @@ def build_data(cfg: RunConfig, tokenizer: Tokenizer, tokenizer_dir: Path, progre
     """PreparedData (token windows) for data.format "text"; SFTData (packed examples) for "sft"."""
     if cfg.data.format == "sft":
         return prepare_sft(cfg.data, tokenizer, seed=cfg.train.seed, tokenizer_dir=tokenizer_dir)
+    if cfg.data.format == "preference":
+        return prepare_preference(cfg.data, tokenizer, seed=cfg.train.seed, tokenizer_dir=tokenizer_dir)
     return prepare(cfg.data, tokenizer, tokenizer_dir, progress=progress)
 
 
@@ -145,11 +152,36 @@ def build_batch_sources(cfg: RunConfig, tokenizer: Tokenizer, tokenizer_dir: Pat
     data = build_data(cfg, tokenizer, tokenizer_dir, progress)
     if cfg.data.format == "sft":
         return RunData(data.train, data.val, data)
+    if cfg.data.format == "preference":
+        if cfg.dpo.precompute_ref:  # one pass of the reference now; no reference model while training
+            attach_precomputed_reference(cfg, data, resolve_device(cfg.train.device))
+        return RunData(data.train, data.val, data)
     seq_len = cfg.data.seq_len
     val = data.windows("val", seq_len) if data.meta["val_tokens"] > seq_len else None
     return RunData(data.windows("train", seq_len, seed=cfg.train.seed), val, data)
 
 
 def build_objective(cfg: RunConfig, model: Transformer, hidden_fn=None) -> Objective:
-    """What the run optimizes: next-token cross-entropy for text and SFT data (engine.train.objectives)."""
+    """What the run optimizes: next-token cross-entropy for text and SFT data (engine.train.objectives), or a
+    preference loss for train.objective "dpo" (engine.train.dpo)."""
+    if cfg.train.objective == "dpo":
+        return build_dpo_objective(cfg, model, hidden_fn)
     return TokenLoss(model, cfg.train.precision, hidden_fn)
+
+
+def build_dpo_objective(cfg: RunConfig, model: Transformer, hidden_fn=None) -> Objective:
+    """DPOLoss with the run's reference: none (simpo/orpo), precomputed, the LoRA base, or a frozen copy."""
+    dpo, ref_model = cfg.dpo, None
+    if not dpo.needs_reference:
+        reference = None
+    elif dpo.precompute_ref:
+        reference = "batch"
+    elif cfg.lora is not None:
+        reference = "adapters"
+    else:  # loaded again from its files: a resumed run's weights are not the reference
+        reference = "copy"
+        ref_model = frozen_reference(cfg.model.from_pretrained, DTYPES[dpo.ref_dtype], model.output_weight.device)
+    logger.info("dpo: %s loss, beta %g, reference: %s", dpo.loss, dpo.beta,
+                {None: "none", "batch": "precomputed log-probs", "adapters": "the base model (adapters disabled)",
+                 "copy": f"a frozen {dpo.ref_dtype} copy"}[reference])
+    return DPOLoss(model, dpo, cfg.train.precision, hidden_fn, reference, ref_model)

@@ -1,0 +1,178 @@
+"""LoRA-DPO memory and speed: peak RSS vs LoRA-SFT, and tokens/s vs TRL's DPOTrainer, each in its own process.
+
+    python bench/bench_dpo.py                       # markdown table on /work/smollm2_hf (else bench/llama35m.py)
+    python bench/bench_dpo.py --model DIR --pairs 4 --steps 3
+
+The same model, batch and precision everywhere: B pairs of prompt + completion (random token ids, fixed seed,
+PROMPT and COMPLETION tokens each side), LoRA r 16 / alpha 32 on all seven linear layers, fp32, lr 1e-4.
+- memory: engine.train.train_step with DPOLoss (reference = the base with adapters disabled) vs with TokenLoss
+  on the same 2B rows (SFT on both sides, targets on the completions): ru_maxrss of each process (model load,
+  warm-up and timed steps included). Goal: DPO <= 1.2x SFT (the reference costs no weights).
+- speed: our train_step vs TRL's DPOTrainer.compute_loss + backward + clip + optimizer step (peft LoRA, same ranks/targets, its
+  collator's batch of the same ids), WARMUP untimed then `steps` timed steps; tokens/s counts the 2B rows'
+  tokens. Goal: ours >= 1.5x TRL.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+WARMUP = 1
+PROMPT, COMPLETION = 24, 40  # tokens per prompt and per completion side
+LORA = {"rank": 16, "alpha": 32, "targets": "all-linear"}
+MB = 1024  # ru_maxrss is in KiB on Linux
+
+
+def default_model(llama35m: bool = False) -> str:
+    if not llama35m and Path("/work/smollm2_hf/config.json").is_file():
+        return "/work/smollm2_hf"
+    from bench.llama35m import write_llama35m
+    from tests.tokenizer_fixtures import write_tokenizer_dir
+
+    directory = write_llama35m()
+    if not (directory / "tokenizer.json").is_file():  # TRL's trainer wants one (the ids here are drawn at random)
+        write_tokenizer_dir(directory)
+    return str(directory)
+
+
+def examples(vocab: int, pairs: int) -> list[dict]:
+    """TRL-style tokenized pairs (prompt_ids, chosen_ids, rejected_ids), seeded."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(3, vocab, (n,), generator=g).tolist()  # noqa: E731
+    return [{"prompt_ids": ids(PROMPT), "chosen_ids": ids(COMPLETION), "rejected_ids": ids(COMPLETION)}
+            for _ in range(pairs)]
+
+
+def our_batch(exs: list[dict]) -> dict:
+    """engine.data.preference's batch of the same pairs: chosen rows, then rejected; targets on completions."""
+    import torch
+
+    from engine.data.sampler import IGNORE_INDEX
+
+    rows = [e["prompt_ids"] + e["chosen_ids"] for e in exs] + [e["prompt_ids"] + e["rejected_ids"] for e in exs]
+    full = torch.tensor(rows)  # (2B, P + C), equal lengths: no padding
+    targets = full[:, 1:].clone()
+    targets[:, :PROMPT - 1] = IGNORE_INDEX
+    return {"input_ids": full[:, :-1].contiguous(), "targets": targets}
+
+
+def run_ours(model_dir: str, method: str, pairs: int, steps: int) -> dict:
+    import torch
+
+    from engine import Transformer
+    from engine.adapters.lora import apply_lora
+    from engine.config import DPOConfig, LoraConfig, TrainConfig
+    from engine.train.dpo import DPOLoss
+    from engine.train.objectives import TokenLoss
+    from engine.train.step import make_optimizer, train_step
+
+    model = Transformer.from_pretrained(model_dir)
+    apply_lora(model, LoraConfig(**LORA))
+    model.train()
+    batch = our_batch(examples(model.config.vocab_size, pairs))
+    if method == "dpo":
+        objective = DPOLoss(model, DPOConfig(), reference="adapters")
+    else:  # SFT on the same 2B rows
+        objective = TokenLoss(model)
+        batch = (batch["input_ids"], batch["targets"])
+    opt = make_optimizer(model, TrainConfig(lr=1e-4, weight_decay=0.0))
+    cpu = torch.device("cpu")
+    for _ in range(WARMUP):
+        train_step(model, opt, [batch], device=cpu, loss_module=objective)
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = train_step(model, opt, [batch], device=cpu, loss_module=objective)
+    elapsed = time.perf_counter() - start
+    return {"tokens_per_s": steps * 2 * pairs * (PROMPT + COMPLETION) / elapsed, "loss": out["loss"]}
+
+
+def run_trl(model_dir: str, pairs: int, steps: int) -> dict:
+    import datasets
+    import torch
+    import transformers
+    from peft import LoraConfig as PeftLora
+    from trl import DPOConfig as TRLConfig, DPOTrainer
+
+    from engine.config import LORA_TARGETS
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    args = TRLConfig(output_dir="/tmp/bench_dpo_trl", beta=0.1, report_to=[], use_cpu=True, bf16=False,
+                     learning_rate=1e-4, per_device_train_batch_size=pairs, max_grad_norm=1.0)
+    peft = PeftLora(r=LORA["rank"], lora_alpha=LORA["alpha"], target_modules=list(LORA_TARGETS), lora_dropout=0.0)
+    trainer = DPOTrainer(model=model, args=args, processing_class=tok, peft_config=peft,
+                         train_dataset=datasets.Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}]))
+    trainer.create_optimizer_and_scheduler(num_training_steps=WARMUP + steps)
+    inputs = trainer.data_collator(examples(model.config.vocab_size, pairs))
+    policy = trainer.model
+    policy.train()
+
+    def step():
+        loss = trainer.compute_loss(policy, inputs)  # TRL's loss (its reference: the peft base, adapter disabled)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    for _ in range(WARMUP):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    elapsed = time.perf_counter() - start
+    return {"tokens_per_s": steps * 2 * pairs * (PROMPT + COMPLETION) / elapsed, "loss": loss}
+
+
+def run_one(kind: str, model_dir: str, pairs: int, steps: int) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    out = run_trl(model_dir, pairs, steps) if kind == "trl-dpo" else run_ours(model_dir, kind, pairs, steps)
+    return {"kind": kind, **out, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / MB}
+
+
+def measure(kind: str, model_dir: str, pairs: int, steps: int) -> dict:
+    cmd = [sys.executable, __file__, "--one", kind, "--model", model_dir, "--pairs", str(pairs), "--steps", str(steps)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        raise RuntimeError(f"{kind} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="HF model dir (default: /work/smollm2_hf, else the 35M Llama)")
+    p.add_argument("--llama35m", action="store_true", help="the random 35M Llama of bench/llama35m.py")
+    p.add_argument("--pairs", type=int, default=4, help="pairs per step (default: 4)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps (default: 3)")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    model_dir = args.model or default_model(args.llama35m)
+    if args.one:
+        print(json.dumps(run_one(args.one, model_dir, args.pairs, args.steps)))
+        return
+    rows = {kind: measure(kind, model_dir, args.pairs, args.steps) for kind in ("sft", "dpo", "trl-dpo")}
+    print(f"model {model_dir}, {args.pairs} pairs x {PROMPT}+{COMPLETION} tokens per side, LoRA r{LORA['rank']} "
+          f"all-linear, fp32, {args.steps} timed steps\n")
+    print("| run | tokens/s | peak RSS (MB) |\n|---|---:|---:|")
+    for kind, r in rows.items():
+        print(f"| {kind} | {r['tokens_per_s']:,.0f} | {r['peak_rss_mb']:,.0f} |")
+    print(f"\nDPO / SFT peak RSS: {rows['dpo']['peak_rss_mb'] / rows['sft']['peak_rss_mb']:.2f}x (goal <= 1.2x); "
+          f"DPO tokens/s ours / TRL: {rows['dpo']['tokens_per_s'] / rows['trl-dpo']['tokens_per_s']:.2f}x "
+          f"(goal >= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()
