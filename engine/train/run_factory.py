@@ -14,10 +14,12 @@ from engine.data.text import expand_paths, prepare
 from engine.adapters.lora import apply_lora, check_lora_supported
 from engine.adapters.peft_format import load_adapter_weights, read_adapter_config
 from engine.model.transformer import Transformer
+from engine.data.prompts import prepare_prompts
 from engine.data.sft import prepare_sft
 from engine.data.tokenizer import Tokenizer, with_default_chat_template
 from engine.dtypes import DTYPES
 from engine.model.hf_format import read_config, resolve_model_dir
+from engine.train.grpo import build_grpo
 from engine.train.objectives import Objective, TokenLoss
 
 logger = logging.getLogger("engine.train.run_factory")
@@ -44,6 +46,10 @@ def check_run_config(cfg: RunConfig) -> ModelConfig:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds the model's max_position_embeddings "
                           f"{model_cfg.max_position_embeddings}")
     resolve_device(cfg.train.device)
+    if cfg.grpo is not None and cfg.data.seq_len + cfg.grpo.max_completion_length > model_cfg.max_position_embeddings:
+        raise ConfigError(f"grpo.max_completion_length: prompts of data.seq_len={cfg.data.seq_len} tokens plus "
+                          f"{cfg.grpo.max_completion_length} generated exceed the model's max_position_embeddings "
+                          f"{model_cfg.max_position_embeddings}")
     if cfg.lora is not None:
         check_lora_supported(model_cfg, cfg.lora)
     return model_cfg
@@ -110,6 +116,8 @@ def build_data(cfg: RunConfig, tokenizer: Tokenizer, tokenizer_dir: Path, progre
     """PreparedData (token windows) for data.format "text"; SFTData (packed examples) for "sft"."""
     if cfg.data.format == "sft":
         return prepare_sft(cfg.data, tokenizer, seed=cfg.train.seed, tokenizer_dir=tokenizer_dir)
+    if cfg.data.format == "prompts":
+        return prepare_prompts(cfg.data, tokenizer, seed=cfg.train.seed, repeat=cfg.grpo.num_iterations)
     return prepare(cfg.data, tokenizer, tokenizer_dir, progress=progress)
 
 
@@ -140,11 +148,15 @@ def build_batch_sources(cfg: RunConfig, tokenizer: Tokenizer, tokenizer_dir: Pat
     data = build_data(cfg, tokenizer, tokenizer_dir, progress)
     if cfg.data.format == "sft":
         return RunData(data.train, data.val, data)
+    if cfg.data.format == "prompts":  # held-out prompts are scored by reward (cli.train), not by a val loss
+        return RunData(data.train, None, data)
     seq_len = cfg.data.seq_len
     val = data.windows("val", seq_len) if data.meta["val_tokens"] > seq_len else None
     return RunData(data.windows("train", seq_len, seed=cfg.train.seed), val, data)
 
 
-def build_objective(cfg: RunConfig, model: Transformer, hidden_fn=None) -> Objective:
+def build_objective(cfg: RunConfig, model: Transformer, hidden_fn=None, tokenizer=None) -> Objective:
     """What the run optimizes: next-token cross-entropy for text and SFT data (engine.train.objectives)."""
+    if cfg.train.objective == "grpo":
+        return build_grpo(cfg, model, tokenizer, hidden_fn)
     return TokenLoss(model, cfg.train.precision, hidden_fn)
