@@ -232,6 +232,7 @@ class GRPOConfig:
     epsilon: float = 0.2  # ratio clip: [1 - epsilon, 1 + epsilon_high]
     epsilon_high: Optional[float] = None  # default: epsilon (DAPO's clip-higher sets it larger)
     beta: float = 0.0  # KL(policy || reference) weight (k3 estimator); 0: no reference pass at all
+    use_bias_correction_kl: bool = True  # the KL term times the policy ratio (off-policy correction; TRL's default)
     num_iterations: int = 1  # optimizer steps per generation (old log-probs from the sampling policy when > 1)
     scale_rewards: Literal["group", "batch", "none"] = "group"  # advantage / std over the group, the step, or not
     eval_max_prompts: int = 64  # held-out prompts (data.val) scored greedily before and after training by cli.train

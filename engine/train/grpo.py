@@ -47,9 +47,9 @@ def group_advantages(rewards: torch.Tensor, group: int, scale: str = "group") ->
 
 
 def grpo_token_loss(logps, old_logps, ref_logps, advantages, mask, *, epsilon_low: float, epsilon_high: float,
-                    beta: float) -> tuple[torch.Tensor, dict]:
-    """Per-token loss [N, T] of the clipped-ratio objective (+ beta * k3 KL), and per-token stats [N, T]
-    (`clipped`: the ratio's clip is active for this token's sign of advantage; `kl`)."""
+                    beta: float, kl_correction: bool = True) -> tuple[torch.Tensor, dict]:
+    """Per-token loss [N, T] of the clipped-ratio objective (+ beta * k3 KL, times the ratio when kl_correction),
+    and per-token stats [N, T] (`clipped`: the ratio's clip is active for this token's sign of advantage; `kl`)."""
     ratio = torch.exp(logps - old_logps)
     adv = advantages[:, None]
     clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
@@ -58,7 +58,7 @@ def grpo_token_loss(logps, old_logps, ref_logps, advantages, mask, *, epsilon_lo
     if beta != 0.0:
         delta = ref_logps - logps
         kl = torch.exp(delta) - delta - 1
-        loss = loss + beta * kl
+        loss = loss + beta * (kl * ratio if kl_correction else kl)
         stats["kl"] = kl.detach()
     return loss * mask, stats
 
@@ -167,7 +167,8 @@ class GRPO(Objective):
                         rollout["ref_logps"] = self._logps(ref, ids, targets).cpu()
 
     def _logps(self, model, ids, targets):
-        return completion_logps(model, ids, targets, self.precision, self.hidden_fn if model is self.model else None)
+        hidden_fn = self.hidden_fn if model is self.model else None
+        return completion_logps(model, ids, targets, self.precision, hidden_fn, self.cfg.temperature)
 
     @contextlib.contextmanager
     def _reference(self):
@@ -189,7 +190,8 @@ class GRPO(Objective):
         mask = (batch["targets"] != -100).float()
         old = batch.get("old_logps", logps.detach())
         token_loss, stats = grpo_token_loss(logps, old, batch.get("ref_logps"), batch["advantages"], mask,
-                                            epsilon_low=c.epsilon, epsilon_high=c.clip_high, beta=c.beta)
+                                            epsilon_low=c.epsilon, epsilon_high=c.clip_high, beta=c.beta,
+                                            kl_correction=c.use_bias_correction_kl)
         loss_sum = grpo_loss_sum(token_loss, mask, c.loss_type)
         units = grpo_units(mask, c.loss_type, c.max_completion_length)
         tokens = mask.sum().clamp(min=1.0)  # stats: token means of this batch, weighted by its units

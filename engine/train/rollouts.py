@@ -87,15 +87,18 @@ def pack(prompts: list[list[int]], completions: list[list[int]], per_prompt: int
 
 
 def completion_logps(model, ids: torch.Tensor, targets: torch.Tensor, precision: str = "fp32",
-                     hidden_fn=None) -> torch.Tensor:
-    """log p(targets | ids) per position [N, T] float32 (0 where targets is IGNORE_INDEX), differentiable.
+                     hidden_fn=None, temperature: float = 1.0) -> torch.Tensor:
+    """log p(targets | ids) per position [N, T] float32 (0 where targets is IGNORE_INDEX), differentiable,
+    under the sampling distribution softmax(logits / temperature) (as TRL scores its completions).
 
     Only the completion positions reach the LM head (fused, kernels.linear_cross_entropy), so [N, T, V]
-    logits never exist.
+    logits never exist; h / temperature before the head is logits / temperature.
     """
     h = (hidden_fn or model.hidden_states)(ids)  # (N, T, C)
     keep = targets != IGNORE_INDEX
     hs, w = h[keep], model.output_weight  # (M, C)
+    if temperature != 1.0:
+        hs = hs / temperature
     if precision != "fp32":  # what autocast would do to the head matmul, done explicitly for the fused op
         hs, w = hs.to(AMP_DTYPES[precision]), w.to(AMP_DTYPES[precision])
     nll = kernels.linear_cross_entropy(hs, w, targets[keep], ignore_index=IGNORE_INDEX, reduction="none",
