@@ -55,7 +55,12 @@ def _prompts_file(path, n=12):
 
 
 def _run_cfg(tmp_path, model_dir, **grpo) -> RunConfig:
-    return from_dict(RunConfig, {
+    return from_dict(RunConfig, _run_dict(tmp_path, model_dir, **grpo), where="")
+
+
+def _run_dict(tmp_path, model_dir, **grpo) -> dict:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return {
         "model": {"from_pretrained": str(model_dir)},
         "data": {"train": str(_prompts_file(tmp_path / "p.jsonl")), "format": "prompts", "seq_len": 16},
         "train": {"objective": "grpo", "batch_size": 2, "grad_accum": 2, "max_steps": 6, "lr": 3e-2,
@@ -63,7 +68,7 @@ def _run_cfg(tmp_path, model_dir, **grpo) -> RunConfig:
                   "weight_decay": 0.0},
         "grpo": {"rewards": ["tests.train.test_grpo:short"], "num_generations": 4, "max_completion_length": 8,
                  **grpo},
-        "out_dir": str(tmp_path / "run")}, where="")
+        "out_dir": str(tmp_path / "run")}
 
 
 def test_group_advantages_are_trls_formula():
@@ -171,7 +176,7 @@ def test_config_refuses_a_group_of_one_and_mismatched_sections(tmp_path, model_d
         GRPOConfig(num_generations=1)
     with pytest.raises(ConfigError, match="grpo.reward_weights: 1 weights for 2 rewards"):
         GRPOConfig(rewards=("exact_match", "format"), reward_weights=(1.0,))
-    raw = _run_cfg(tmp_path, model_dir).to_dict()
+    raw = _run_dict(tmp_path, model_dir)
     raw["data"]["format"] = "text"
     with pytest.raises(ConfigError, match='set data.format "prompts"'):
         from_dict(RunConfig, raw, where="")
