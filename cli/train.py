@@ -43,6 +43,16 @@ def print_sample(model_dir, prompt: str, max_new_tokens: int) -> None:
     print(f"\n--- sample (temperature 0.8) ---\n{tokenizer.decode(out[0].tolist(), skip_special_tokens=True)}\n---")
 
 
+def grpo_heldout(cfg, model_dir):
+    """Greedy mean reward of the model (or adapter) in `model_dir` on the first grpo.eval_max_prompts of data.val."""
+    from engine.data.prompts import read_prompts
+    from engine.train.grpo_eval import heldout_reward
+
+    model, tokenizer = load_for_inference(model_dir)
+    prompts = read_prompts(cfg.data.val, tokenizer, cfg.data.seq_len, where="data.val")[:cfg.grpo.eval_max_prompts]
+    return heldout_reward(model, tokenizer, prompts, cfg.grpo)
+
+
 def load_checked_config(args):
     """The run config, checked before any rank does work (every config error surfaces before any write).
 
@@ -68,9 +78,15 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     with exit_on_user_error("cli.train"):
         cfg = load_checked_config(args)
+        scored = cfg.grpo is not None and bool(cfg.data.val) and rank == 0
+        before = grpo_heldout(cfg, cfg.model.from_pretrained) if scored else None
         result = train(cfg, progress=not args.no_progress)
         if rank != 0:
             return
+        if scored and not result.interrupted:
+            after = grpo_heldout(cfg, result.final_dir)
+            print(f"held-out reward ({after['prompts']} prompts, greedy): {before['reward']:.3f} -> "
+                  f"{after['reward']:.3f}")
         first, last = result.losses[:1], result.losses[-1:]
         if first and last:
             print(f"train loss {first[0][1]:.3f} (step {first[0][0]}) -> {last[0][1]:.3f} (step {last[0][0]})")

@@ -83,17 +83,19 @@ class DataConfig:
     seq_len: int = 512  # tokens per training window (targets are the window shifted by one)
     text_field: str = "text"  # the key read from each .jsonl line
     processed_dir: str = "data/processed"  # tokenized corpora are cached under <processed_dir>/<hash>/
-    # "text": raw documents packed into windows; "sft": .jsonl of {"prompt", "completion"} or {"messages"}
-    # "preference": .jsonl of {"prompt", "chosen", "rejected"} (strings or message lists), for train.objective "dpo"
-    format: Literal["text", "sft", "preference"] = "text"
+    # "text": raw documents packed into windows; "sft": .jsonl of {"prompt", "completion"} or {"messages"};
+    # "preference": .jsonl of {"prompt", "chosen", "rejected"} (strings or message lists), for train.objective "dpo";
+    # "prompts": .jsonl of {"prompt"} or {"messages"} plus the fields rewards read (train.objective "grpo")
+    format: Literal["text", "sft", "preference", "prompts"] = "text"
     sft: Optional[SFTConfig] = None  # SFT options (defaults when omitted); only with format "sft"
     # train/val entries may be datasets: data files (.parquet ...), save_to_disk dirs, "hf:owner/name" Hub ids
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     preference: Optional[PreferenceConfig] = None  # preference-pair options; only with format "preference"
 
     def __post_init__(self):
-        if self.format not in ("text", "sft", "preference"):
-            raise ConfigError(f"data.format: expected one of ('text', 'sft', 'preference'), got {self.format!r}")
+        if self.format not in ("text", "sft", "preference", "prompts"):
+            raise ConfigError(f"data.format: expected one of ('text', 'sft', 'preference', 'prompts'), "
+                              f"got {self.format!r}")
         if self.sft is not None and self.format != "sft":
             raise ConfigError('data.sft: SFT options need data.format: "sft"')
         if self.format == "sft" and self.sft is None:
@@ -174,12 +176,13 @@ class TrainConfig:
     device: str = "auto"  # "auto": cuda when available, else cpu
     sample_prompt: str = ""  # printed continuation at the end ("" = skip)
     sample_tokens: int = 64
-    # what is optimized: "sft" next-token cross-entropy (text and SFT data); "dpo" a preference loss (the `dpo` section)
-    objective: Literal["sft", "dpo"] = "sft"
+    # what is optimized: "sft" next-token cross-entropy (text and SFT data); "dpo" a preference loss (the `dpo`
+    # section); "grpo" reinforcement learning with rewards (the `grpo` section)
+    objective: Literal["sft", "dpo", "grpo"] = "sft"
 
     def __post_init__(self):
-        if self.objective not in ("sft", "dpo"):
-            raise ConfigError(f"train.objective: expected one of ('sft', 'dpo'), got {self.objective!r}")
+        if self.objective not in ("sft", "dpo", "grpo"):
+            raise ConfigError(f"train.objective: expected one of ('sft', 'dpo', 'grpo'), got {self.objective!r}")
         positive = ("batch_size", "grad_accum", "eval_batches", "log_every", "keep_last")
         for name in positive:
             _check_int(f"train.{name}", getattr(self, name), minimum=1)
@@ -312,6 +315,70 @@ class DistributedConfig:
 
 
 @dataclass(frozen=True)
+class GRPOConfig:
+    """Group Relative Policy Optimization (`grpo.*`, with train.objective "grpo"); see engine/train/grpo.py.
+
+    Each optimizer step samples `num_generations` completions for each of its prompts (train.batch_size prompts
+    per micro-batch) with the model being trained, scores them with `rewards`, and takes the clipped-ratio
+    policy-gradient step on group-normalized advantages (TRL GRPOTrainer's formulas and names).
+    """
+
+    rewards: tuple[str, ...] = ("exact_match",)  # built-ins "exact_match", "format", or "module:function"
+    reward_weights: Optional[tuple[float, ...]] = None  # one per reward; default all 1
+    answer_field: str = "answer"  # the row field exact_match compares the completion's final answer with
+    format_pattern: str = r"^\s*-?\d+(\.\d+)?\s*$"  # the regex the "format" reward looks for (re.search, DOTALL)
+    num_generations: int = 8  # G completions per prompt (the group); 1 is refused: every advantage would be 0
+    max_completion_length: int = 64  # generated tokens per completion at most (also dr_grpo's normalizer)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: Optional[int] = None
+    # "grpo": mean over each completion's tokens, then over completions; "dapo": over all completion tokens of the
+    # step; "dr_grpo": the step's token sum / (completions x max_completion_length)
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "dapo"
+    epsilon: float = 0.2  # ratio clip: [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: Optional[float] = None  # default: epsilon (DAPO's clip-higher sets it larger)
+    beta: float = 0.0  # KL(policy || reference) weight (k3 estimator); 0: no reference pass at all
+    use_bias_correction_kl: bool = True  # the KL term times the policy ratio (off-policy correction; TRL's default)
+    num_iterations: int = 1  # optimizer steps per generation (old log-probs from the sampling policy when > 1)
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # advantage / std over the group, the step, or not
+    eval_max_prompts: int = 64  # held-out prompts (data.val) scored greedily before and after training by cli.train
+
+    def __post_init__(self):
+        for name in ("rewards", "reward_weights"):
+            value = getattr(self, name)
+            if isinstance(value, (list, str)):
+                object.__setattr__(self, name, tuple(value) if isinstance(value, list) else (value,))
+        if not self.rewards or not all(isinstance(r, str) and r for r in self.rewards):
+            raise ConfigError(f"grpo.rewards: expected a list of reward names, got {self.rewards!r}")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise ConfigError(f"grpo.reward_weights: {len(self.reward_weights)} weights for {len(self.rewards)} "
+                              f"rewards; give one per reward")
+        if self.num_generations == 1:
+            raise ConfigError("grpo.num_generations: 1 completion per prompt makes every group-normalized "
+                              "advantage 0 (no gradient); use at least 2")
+        for name in ("num_generations", "max_completion_length", "num_iterations", "eval_max_prompts"):
+            _check_int(f"grpo.{name}", getattr(self, name), minimum=1)
+        if self.top_k is not None:
+            _check_int("grpo.top_k", self.top_k, minimum=1)
+        if not self.temperature > 0:
+            raise ConfigError(f"grpo.temperature: expected a positive number (sampling), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"grpo.top_p: expected a number in (0, 1], got {self.top_p}")
+        for name in ("epsilon", "epsilon_high", "beta"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ConfigError(f"grpo.{name}: expected a number >= 0, got {value}")
+        choices = {"loss_type": ("grpo", "dapo", "dr_grpo"), "scale_rewards": ("group", "batch", "none")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"grpo.{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+
+    @property
+    def clip_high(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+
+@dataclass(frozen=True)
 class WandbConfig:
     """Weights & Biases run tracking (`logging.wandb.*`); the optional `wandb` package must be installed."""
 
@@ -351,9 +418,11 @@ class RunConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     dpo: Optional[DPOConfig] = None  # preference-optimization options (defaults when omitted); train.objective "dpo"
+    grpo: Optional[GRPOConfig] = None  # GRPO options (defaults when omitted); only with train.objective "grpo"
 
     def __post_init__(self):
         self._check_dpo()
+        self._check_objective()
         if self.lora is not None and self.model.from_pretrained is None:
             raise ConfigError("lora: LoRA adapts a pretrained model; set model.from_pretrained")
         if self.resume not in (None, "auto") and not Path(self.resume).exists():
@@ -378,6 +447,19 @@ class RunConfig:
         if dpo_run and self.dpo.needs_reference and self.model.from_pretrained is None:
             raise ConfigError(f"dpo.loss: {self.dpo.loss!r} compares against a reference model, which is "
                               "model.from_pretrained; set it (or use a reference-free loss: simpo, orpo)")
+
+    def _check_objective(self) -> None:
+        """train.objective, data.format and the method's section must agree."""
+        grpo = self.train.objective == "grpo"
+        if grpo != (self.data.format == "prompts"):
+            raise ConfigError('train.objective: "grpo" trains on prompts: set data.format "prompts" with it '
+                              f'(got train.objective {self.train.objective!r}, data.format {self.data.format!r})')
+        if self.grpo is not None and not grpo:
+            raise ConfigError('grpo: GRPO options need train.objective: "grpo"')
+        if grpo and self.grpo is None:
+            object.__setattr__(self, "grpo", GRPOConfig())
+        if grpo and self.distributed.strategy == "fsdp":
+            raise ConfigError('distributed.strategy: GRPO samples with whole weights; use "ddp" (FSDP shards them)')
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -120,7 +120,7 @@ def _setup(cfg: RunConfig, group: Dist, device: torch.device, progress: bool) ->
     if resume_from is not None and not is_sharded(resume_from):
         load_model_weights(resume_from, model)  # before DDP/FSDP take the weights over
     hidden_fn = torch.compile(model.hidden_states) if t.compile else None
-    objective = distributed.wrap(build_objective(cfg, model, hidden_fn), model.layers, group, device,
+    objective = distributed.wrap(build_objective(cfg, model, hidden_fn, tokenizer), model.layers, group, device,
                                  AMP_DTYPES.get(t.precision))
     optimizer = make_optimizer(model, t)  # after wrap: FSDP replaced the parameters by their shards
     scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
@@ -263,6 +263,7 @@ def _train_one_step(run: Run) -> dict:
         param_group["lr"] = lr
     batches = [run.data.train.batch(state.step, m, batch_size=t.batch_size, accum=t.grad_accum, rank=group.rank,
                                     world_size=group.world_size) for m in range(t.grad_accum)]
+    batches, prepared = distributed.unwrap(run.objective).prepare(batches, state.step)  # GRPO: sampling
     started = time.perf_counter()
     out = train_step(run.model, run.optimizer, batches, device=run.device, precision=t.precision,
                      scaler=run.scaler, loss_module=run.objective, group=group)
@@ -271,7 +272,9 @@ def _train_one_step(run: Run) -> dict:
     extra = {k: v for k, v in out.items() if k not in ("loss", "tokens", "grad_norm", "skipped")}
     row = {"step": state.step, "loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"],
            "tokens_per_s": run.tokens_per_step / (time.perf_counter() - started), "tokens_seen": state.tokens_seen,
-           "time": round(time.time(), 3), **extra}  # time: unix seconds, to line runs up with other logs
+           "time": round(time.time(), 3), **extra, **prepared}  # time: unix s, to line runs up with other logs
+    if prepared:  # the objective did work before the step (GRPO's generation): time the step's own part too
+        row["train_time_s"] = time.perf_counter() - started
     if out["skipped"]:
         row["skipped"] = True
     return row

@@ -58,6 +58,11 @@ class Objective(nn.Module):
 
     model: nn.Module
 
+    def prepare(self, batches: list, step: int) -> tuple[list, dict]:
+        """The step's micro-batches as this objective trains on them, and metrics of that work (the loop calls
+        it before the step is timed). Identity here; GRPO samples completions with the current model."""
+        return batches, {}
+
     def units(self, batch) -> int:
         """Normalization units in `batch` (computed from the batch, without the model)."""
         raise NotImplementedError

@@ -15,10 +15,12 @@ from engine.data.text import expand_paths, prepare
 from engine.adapters.lora import apply_lora, check_lora_supported
 from engine.adapters.peft_format import load_adapter_weights, read_adapter_config
 from engine.model.transformer import Transformer
+from engine.data.prompts import prepare_prompts
 from engine.data.sft import prepare_sft
 from engine.data.tokenizer import Tokenizer, with_default_chat_template
 from engine.dtypes import DTYPES
 from engine.model.hf_format import read_config, resolve_model_dir
+from engine.train.grpo import build_grpo
 from engine.train.objectives import Objective, TokenLoss
 from engine.data.preference import prepare_preference
 from engine.train.dpo import DPOLoss, frozen_reference
@@ -52,6 +54,10 @@ def check_run_config(cfg: RunConfig) -> ModelConfig:
             any(map(names_dataset, cfg.data.train)):
         raise ConfigError("model.bpe_vocab_size: a BPE tokenizer is trained on text files, and data.train names a "
                           "dataset; set model.tokenizer (a tokenizer dir)")
+    if cfg.grpo is not None and cfg.data.seq_len + cfg.grpo.max_completion_length > model_cfg.max_position_embeddings:
+        raise ConfigError(f"grpo.max_completion_length: prompts of data.seq_len={cfg.data.seq_len} tokens plus "
+                          f"{cfg.grpo.max_completion_length} generated exceed the model's max_position_embeddings "
+                          f"{model_cfg.max_position_embeddings}")
     if cfg.lora is not None:
         check_lora_supported(model_cfg, cfg.lora)
     return model_cfg
@@ -122,6 +128,8 @@ def build_data(cfg: RunConfig, tokenizer: Tokenizer, tokenizer_dir: Path, progre
         return prepare_sft(cfg.data, tokenizer, seed=cfg.train.seed, tokenizer_dir=tokenizer_dir)
     if cfg.data.format == "preference":
         return prepare_preference(cfg.data, tokenizer, seed=cfg.train.seed, tokenizer_dir=tokenizer_dir)
+    if cfg.data.format == "prompts":
+        return prepare_prompts(cfg.data, tokenizer, seed=cfg.train.seed, repeat=cfg.grpo.num_iterations)
     return prepare(cfg.data, tokenizer, tokenizer_dir, progress=progress)
 
 
@@ -156,16 +164,20 @@ def build_batch_sources(cfg: RunConfig, tokenizer: Tokenizer, tokenizer_dir: Pat
         if cfg.dpo.precompute_ref:  # one pass of the reference now; no reference model while training
             attach_precomputed_reference(cfg, data, resolve_device(cfg.train.device))
         return RunData(data.train, data.val, data)
+    if cfg.data.format == "prompts":  # held-out prompts are scored by reward (cli.train), not by a val loss
+        return RunData(data.train, None, data)
     seq_len = cfg.data.seq_len
     val = data.windows("val", seq_len) if data.meta["val_tokens"] > seq_len else None
     return RunData(data.windows("train", seq_len, seed=cfg.train.seed), val, data)
 
 
-def build_objective(cfg: RunConfig, model: Transformer, hidden_fn=None) -> Objective:
-    """What the run optimizes: next-token cross-entropy for text and SFT data (engine.train.objectives), or a
-    preference loss for train.objective "dpo" (engine.train.dpo)."""
+def build_objective(cfg: RunConfig, model: Transformer, hidden_fn=None, tokenizer=None) -> Objective:
+    """What the run optimizes: next-token cross-entropy for text and SFT data (engine.train.objectives), a
+    preference loss for train.objective "dpo" (engine.train.dpo), or GRPO (engine.train.grpo)."""
     if cfg.train.objective == "dpo":
         return build_dpo_objective(cfg, model, hidden_fn)
+    if cfg.train.objective == "grpo":
+        return build_grpo(cfg, model, tokenizer, hidden_fn)
     return TokenLoss(model, cfg.train.precision, hidden_fn)
 
 
