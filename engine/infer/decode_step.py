@@ -202,5 +202,5 @@ class FusedDecoder:
         """Logits [B, V] (model dtype; a view of a buffer the next step overwrites) after token ids [B]
         (int64) at cache slots pos [B] (int64). The caller advances the cache."""
         B = ids.shape[0]
-        self.plan.step(ids, pos, self.logits[:B], self.threads)
+        self.plan.step(ids.contiguous(), pos.contiguous(), self.logits[:B], self.threads)
         return self.logits[:B]
