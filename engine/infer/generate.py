@@ -5,7 +5,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from engine.infer.decode_step import fused_decoder
+from engine.infer.decode_step import FUSED_MAX_ROWS, fused_decoder
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] = None,
@@ -76,7 +76,8 @@ def generate_stream(model, input_ids: torch.Tensor, max_new_tokens: int, tempera
     B, T = input_ids.shape
     max_new_tokens = min(max_new_tokens, model.config.max_position_embeddings - T)
     cache = model.new_cache(B, T + max_new_tokens)
-    fused = fused_decoder(model, cache) if max_new_tokens > 1 else None  # None: the eager forward decodes
+    # None: the eager forward decodes (also past FUSED_MAX_ROWS rows, where torch's GEMM is faster)
+    fused = fused_decoder(model, cache) if max_new_tokens > 1 and B <= FUSED_MAX_ROWS else None
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     tokens = input_ids
     for i in range(max_new_tokens):

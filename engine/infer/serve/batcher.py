@@ -7,8 +7,8 @@ Every iteration of the loop:
      (batch 1, the same path as engine.infer.generate) and its first token sampled;
   3. runs ONE batched decode forward over all n active rows. Rows hold different lengths: the per-row
      cache writes each row's token at its own length and masks every slot past it, so padding never
-     leaks into a row's attention. Models the fused decode step implements take it
-     (engine.infer.decode_step: one compiled call for the n rows), others the eager forward;
+     leaks into a row's attention. Up to FUSED_MAX_ROWS rows of a model the fused decode step implements
+     take it (engine.infer.decode_step: one compiled call for the n rows), others the eager forward;
   4. samples each row with its request's own temperature / top_p / torch.Generator, hands the token to
      the request's callback, and marks sequences that hit EOS or max_tokens as done.
 
@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from engine.infer.decode_step import fused_decoder
+from engine.infer.decode_step import FUSED_MAX_ROWS, fused_decoder
 from engine.infer.generate import sample_next
 
 log = logging.getLogger("engine.infer.serve")
@@ -192,7 +192,7 @@ class Batcher:
         n = len(self.active)
         tokens = torch.tensor([s.tokens[-1] for s in self.active], device=self.cache.k.device)  # (B,)
         rows = self.cache.rows(0, n)
-        if self._fused is not None:  # row b writes and attends at its own length
+        if self._fused is not None and n <= FUSED_MAX_ROWS:  # row b writes and attends at its own length
             logits = self._fused.step(tokens, rows.lengths)  # (B, V)
             rows.advance(1)
         else:
