@@ -43,11 +43,12 @@ _CONFIG_HANDLED = {
     "post_mlp_norm", "mlp_class", "scale_embeddings", "tie_word_embeddings", "hf_model_type", "bos_token_id",
     "eos_token_id", "pad_token_id", "extra_hf",
 }
-# Most rows decoded together through the fused step. Its GEMV streams each weight once for any row
-# count, but spends 16 FMAs per weight load at 16 rows, where torch's GEMM (the eager forward) is
-# compute-efficient: the serving batcher measured 0.93x at 16 rows (AMD EPYC, shared 2 cores), and
-# kernels.linear stops its GEMV at 8 rows for the same reason (LINEAR_MAX_ROWS).
-FUSED_MAX_ROWS = 8
+# Most rows decoded together through the fused step by generate and the serving batcher. The step is
+# correct for up to 64 rows (tested), but with several rows it measured slower than the eager forward,
+# whose per-row-masked SDPA and GEMMs do well there: serving batcher, ~35M fp32, AMD EPYC shared by 8
+# engineers (load ~25 on 2 cores): 1 row 5.0x eager, 4 rows 0.55-0.85x, 16 rows 0.70x. Until multi-row
+# decoding is tuned on a quiet machine, only batch-1 steps take the fused path.
+FUSED_MAX_ROWS = 1
 _SPEC_HANDLED = {"index", "window", "rope", "pre_norm", "post_attn_norm", "post_mlp_norm", "mlp"}
 _decisions: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> last logged decision
 

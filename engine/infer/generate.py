@@ -76,7 +76,7 @@ def generate_stream(model, input_ids: torch.Tensor, max_new_tokens: int, tempera
     B, T = input_ids.shape
     max_new_tokens = min(max_new_tokens, model.config.max_position_embeddings - T)
     cache = model.new_cache(B, T + max_new_tokens)
-    # None: the eager forward decodes (also past FUSED_MAX_ROWS rows, where torch's GEMM is faster)
+    # None: the eager forward decodes (also past FUSED_MAX_ROWS rows, where it measured faster)
     fused = fused_decoder(model, cache) if max_new_tokens > 1 and B <= FUSED_MAX_ROWS else None
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     tokens = input_ids
