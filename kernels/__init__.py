@@ -8,6 +8,7 @@ pure-PyTorch fallbacks.
     attention(q, k, v, mask=None)                        SDPA; batched GEMMs for bf16 CPU training
     rms_norm(x, weight, eps, weight_offset=0, out_dtype=None)   RMSNorm; fused fwd/bwd for CPU training
     rope(q, k, cos, sin, out_dtype=None)                 rotate-half RoPE + head transpose; fused for CPU training
+    decode_plan(embed, ..., layers, ...)                 the fused batch-B decode step over a KV cache (CPU)
     info()                                               what was built, what runs, and why
 
 This file imports the compiled module (kernels._C) and decides, per call, between each op's native
@@ -30,9 +31,10 @@ from kernels import reference
 from kernels.ops import adamw, attention as _attention, cross_entropy as _cross_entropy
 from kernels.ops import linear as _linear, linear_cross_entropy as _linear_cross_entropy
 from kernels.ops import rms_norm as _rms_norm, rope as _rope
+from kernels.ops import decode_step as _decode_step
 
 __all__ = ["cross_entropy", "linear_cross_entropy", "linear", "attention", "rms_norm", "rope", "AdamW", "info",
-           "release_workspace", "reference"]
+           "release_workspace", "reference", "decode_plan", "decode_plan_problems"]
 
 logger = logging.getLogger("kernels")
 
@@ -258,3 +260,25 @@ class AdamW(adamw.FusedAdamW):
 
     def _native_ext(self, params, grads):
         return _select("kernels.AdamW", self.backend, OPS["AdamW"].problems(_BUILD, params, grads))
+
+
+def decode_plan_problems(embed: torch.Tensor, activation: str, n_rows: int, head_dim: int) -> list[str]:
+    """Why kernels.decode_plan can't run for this model ([] if it can): no _C, ENGINE_KERNELS=torch,
+    dtype, device, activation, batch or head size (kernels/ops/decode_step.py)."""
+    _log_once()
+    reasons = [_EXT_ERROR] if _ext is None else []
+    if _env_backend() == "torch":
+        reasons.append("ENGINE_KERNELS=torch is set")
+    return reasons + _decode_step.problems(embed, activation, n_rows, head_dim)
+
+
+def decode_plan(embed, final_norm, lm_head, cache_k, cache_v, layers, windows, n_heads: int, eps: float,
+                norm_offset: float, qk_norm_offset: float, embed_scale: float, attn_scale: float,
+                activation: str):
+    """The fused decode step over these weights and KV cache, checked once: `.step(ids [B] int64,
+    pos [B] int64, logits [B, V] out, n_threads)`. Raises RuntimeError listing decode_plan_problems."""
+    reasons = decode_plan_problems(embed, activation, cache_k.shape[1], cache_k.shape[-1])
+    if reasons:
+        _raise_cannot_run(_decode_step.NAME, reasons)
+    return _decode_step.build(_ext, embed, final_norm, lm_head, cache_k, cache_v, layers, windows, n_heads, eps,
+                              norm_offset, qk_norm_offset, embed_scale, attn_scale, activation)

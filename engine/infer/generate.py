@@ -5,6 +5,8 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from engine.infer.decode_step import FUSED_MAX_ROWS, fused_decoder
+
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] = None,
                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -74,11 +76,17 @@ def generate_stream(model, input_ids: torch.Tensor, max_new_tokens: int, tempera
     B, T = input_ids.shape
     max_new_tokens = min(max_new_tokens, model.config.max_position_embeddings - T)
     cache = model.new_cache(B, T + max_new_tokens)
+    # None: the eager forward decodes (also past FUSED_MAX_ROWS rows, where it measured faster)
+    fused = fused_decoder(model, cache) if max_new_tokens > 1 and B <= FUSED_MAX_ROWS else None
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     tokens = input_ids
-    for _ in range(max_new_tokens):
-        h = model.hidden_states(tokens, cache=cache)[:, -1]  # only the last position needs logits
-        nxt = sample_next(model.lm_head(h), temperature, top_k, top_p, generator)
+    for i in range(max_new_tokens):
+        if i == 0 or fused is None:  # the prompt (T > 1) always goes through the eager forward
+            logits = model.lm_head(model.hidden_states(tokens, cache=cache)[:, -1])  # only the last position
+        else:
+            logits = fused.step(tokens[:, 0], torch.full((B,), cache.pos, dtype=torch.long))
+            cache.advance(1)
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
         nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
         yield nxt
         finished |= torch.isin(nxt, eos)

@@ -302,6 +302,8 @@ void grad_sumsq_cuda_entry(py::list grads, py::handle out, int64_t stream) {
       py::arg("clip_sumsq") = py::none(), py::arg("max_grad_norm") = 0.0,                     \
       py::arg("n_threads") = 1, py::arg("stream") = 0
 
+namespace kernels { void bind_decode_plan(py::module_& m); }  // decode_plan.cpp: kernels._C.DecodePlan
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "Compiled kernels for the `kernels` package; call them through kernels/__init__.py.";
   m.def("build_info", &build_info);
@@ -317,6 +319,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("weight_offset"), py::arg("n_threads"));
   m.def("rope_cpu", &rope_entry, py::arg("x"), py::arg("out"), py::arg("cos"), py::arg("sin"),
         py::arg("inverse"), py::arg("n_threads"));
+  bind_decode_plan(m);
 #ifdef ENGINE_WITH_CUDA
   m.def("cross_entropy_cuda", &cross_entropy_entry<cross_entropy_cuda, true>, CE_ARGS);
   m.def("grad_sumsq_cuda", &grad_sumsq_cuda_entry, py::arg("grads"), py::arg("out"),

@@ -44,6 +44,33 @@ struct AdamWArgs {
   int64_t stream;
 };
 
+// One decode step of a pre-norm decoder (decode_step.cpp): B new tokens, one per row, through
+// every layer and the LM head. Weights, cache and logits share one dtype (fp32 or bf16); the
+// bindings check every pointer's tensor once, when the plan is built (kernels/csrc/decode_plan.cpp).
+enum Activation : int { kActSilu = 0, kActGeluTanh = 1, kActGelu = 2, kActRelu = 3 };
+struct DecodeLayer {
+  const void *attn_norm, *wq, *wk, *wv, *bq, *bk, *bv, *wo, *bo, *q_norm, *k_norm;  // biases, q/k norms nullable
+  const void *mlp_norm, *wg, *wu, *wd, *bg, *bu, *bd;  // wg null: down(act(up(x)))
+  const float *cos, *sin;  // [max_pos, head_dim] fp32, or null: no RoPE on this layer
+  int64_t window;          // sliding window (keys pos - window < k <= pos), 0 = global
+};
+struct DecodeModel {
+  int dtype;  // kF32 or kBF16
+  int64_t hidden, n_heads, n_kv_heads, head_dim, intermediate, vocab, max_len, max_pos, cache_batch;
+  float eps, norm_offset, qk_norm_offset, embed_scale, attn_scale;  // embed_scale 0: none
+  int activation;  // Activation
+  const void *embed, *final_norm, *lm_head;  // embed [V, C], lm_head [V, C] (may be embed)
+  void *cache_k, *cache_v;                   // [L, cache_batch, n_kv_heads, max_len, head_dim]
+  std::vector<DecodeLayer> layers;
+};
+struct DecodeStepArgs {
+  const int64_t* ids;  // [batch] token ids
+  const int64_t* pos;  // [batch] cache slot of each row's new token (= tokens already cached)
+  int64_t batch;
+  void* logits;  // [batch, vocab]
+  int n_threads;
+};
+
 // out [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N]), all contiguous and of one dtype
 // (fp32 or bf16; bias nullable); fp32 accumulation. Meant for small M (decoding).
 struct LinearArgs {
@@ -113,6 +140,7 @@ void rms_norm_cpu(const RMSNormArgs& a);
 void rms_norm_backward_cpu(const RMSNormBackwardArgs& a);
 void rope_cpu(const RopeArgs& a);
 void linear_cpu(const LinearArgs& a);
+void decode_step_cpu(const DecodeModel& m, const DecodeStepArgs& s);
 double grad_sumsq_cpu(const std::vector<int64_t>& grads, const std::vector<int64_t>& sizes,
                       const std::vector<int>& dtypes, int n_threads);
 void adamw_cpu(const AdamWArgs& a);

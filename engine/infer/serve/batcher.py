@@ -7,7 +7,8 @@ Every iteration of the loop:
      (batch 1, the same path as engine.infer.generate) and its first token sampled;
   3. runs ONE batched decode forward over all n active rows. Rows hold different lengths: the per-row
      cache writes each row's token at its own length and masks every slot past it, so padding never
-     leaks into a row's attention;
+     leaks into a row's attention. Up to FUSED_MAX_ROWS rows of a model the fused decode step implements
+     take it (engine.infer.decode_step: one compiled call for the n rows), others the eager forward;
   4. samples each row with its request's own temperature / top_p / torch.Generator, hands the token to
      the request's callback, and marks sequences that hit EOS or max_tokens as done.
 
@@ -24,6 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
+from engine.infer.decode_step import FUSED_MAX_ROWS, fused_decoder
 from engine.infer.generate import sample_next
 
 log = logging.getLogger("engine.infer.serve")
@@ -82,6 +84,7 @@ class Batcher:
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.cache = model.new_cache(max_batch, max_len, per_row=True)
         self.max_len = self.cache.max_len  # capped at the model's max_position_embeddings
+        self._fused = fused_decoder(self.model, self.cache)  # None: decode with the eager forward
         self.active: list[Sequence] = []  # row i of the cache belongs to active[i]
         self._waiting: deque[Sequence] = deque()
         self._cond = threading.Condition()
@@ -187,9 +190,13 @@ class Batcher:
 
     def _decode(self):
         n = len(self.active)
-        tokens = torch.tensor([[s.tokens[-1]] for s in self.active], device=self.cache.k.device)  # (B, 1)
-        h = self.model.hidden_states(tokens, cache=self.cache.rows(0, n))[:, -1]  # (B, C)
-        logits = self.model.lm_head(h)  # (B, V)
+        tokens = torch.tensor([s.tokens[-1] for s in self.active], device=self.cache.k.device)  # (B,)
+        rows = self.cache.rows(0, n)
+        if self._fused is not None and n <= FUSED_MAX_ROWS:  # row b writes and attends at its own length
+            logits = self._fused.step(tokens, rows.lengths)  # (B, V)
+            rows.advance(1)
+        else:
+            logits = self.model.lm_head(self.model.hidden_states(tokens[:, None], cache=rows)[:, -1])  # (B, V)
         greedy = logits.argmax(dim=-1).tolist() if any(s.params.temperature <= 0 for s in self.active) else None
         for i, seq in enumerate(self.active):
             self._take(seq, logits[i:i + 1], greedy[i] if greedy and seq.params.temperature <= 0 else None)

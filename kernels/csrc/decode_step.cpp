@@ -1,0 +1,247 @@
+// Fused decode step (CPU): one new token per row through every layer of a pre-norm decoder and
+// the LM head, inside ONE OpenMP parallel region.
+//
+// What it fuses and why: batch-1 decoding should be bound by reading each weight once per token,
+// but the eager model spends per layer ~15 ATen ops (norm, 3 GEMVs, RoPE, cache writes, SDPA's
+// setup for one query, o_proj, norm, 2 GEMVs, act, mul, GEMV, 2 adds) plus their Python and
+// dispatch overhead, and forks the thread team ~8 times. Here each thread walks the whole step:
+// it normalizes the residual row into a private buffer (no barrier: a few hundred floats, done
+// twice), streams its own contiguous slice of the q/k/v rows (q, k and v are one index space, so
+// the three matrices are read in one pass with one barrier), rotates, writes the cache and
+// attends for its share of the (row, kv head) pairs, then streams its slice of o_proj with the
+// residual add fused into the GEMV's store, and the same for gate/up (both rows n read together,
+// act(gate) * up written directly) and down. Five barriers per layer; no allocation per layer.
+//
+// Numerics mirror the eager model: math in fp32, every tensor the eager path materializes is
+// rounded to the model dtype at the same place (a no-op in fp32), RoPE tables as the eager path
+// casts them. The GEMV is gemv.h's, so q/k/v/o/MLP outputs equal kernels.linear's bitwise.
+// Attention for the one query is computed directly over the cache slots [lo, pos]: scores,
+// fp32 softmax, weighted sum of V (SDPA's result to fp32 rounding, not bitwise).
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+#include "gemv.h"
+#include "ops.h"
+
+namespace kernels {
+namespace {
+
+template <typename T>
+inline float rnd(float v) {  // v rounded to T and back (identity for fp32)
+  if constexpr (std::is_same<T, float>::value) {
+    return v;
+  } else {
+    T t;
+    store(&t, v);
+    return to_f32(t);
+  }
+}
+
+template <typename X>
+inline X as(float v) {  // v as the GEMV's x type (rounded once for bf16)
+  if constexpr (std::is_same<X, float>::value) {
+    return v;
+  } else {
+    X t;
+    store(&t, v);
+    return t;
+  }
+}
+
+inline float act(int kind, float g) {
+  switch (kind) {
+    case kActSilu: return g / (1.f + std::exp(-g));
+    case kActGeluTanh: {
+      const float u = 0.7978845608028654f * (g + 0.044715f * g * g * g);
+      return 0.5f * g * (1.f + std::tanh(u));
+    }
+    case kActGelu: return 0.5f * g * (1.f + std::erf(g * 0.7071067811865476f));
+    default: return g > 0.f ? g : 0.f;
+  }
+}
+
+// out[0:C] = RMSNorm(x[0:C]) with weight w, rounded as kernels/reference.py rms_norm does with
+// x, w and out all of dtype W.
+template <typename W, typename O>
+inline void norm_row(const float* x, const W* w, int64_t C, float eps, float offset, O* out) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t j = 0; j < C; ++j) ss += x[j] * x[j];
+  const float r = 1.f / std::sqrt(ss / float(C) + eps);
+  for (int64_t j = 0; j < C; ++j) {
+    const float y = offset != 0.f ? x[j] * r * (offset + to_f32(w[j])) : to_f32(w[j]) * rnd<W>(x[j] * r);
+    if constexpr (std::is_same<O, float>::value) out[j] = rnd<W>(y);
+    else store(out + j, y);
+  }
+}
+
+// x[0:D] rotated in place (rotate-half, kernels/csrc/rope.cpp's formula), rounded to W.
+template <typename W>
+inline void rope_row(float* x, const float* c, const float* s, int64_t D) {
+  const int64_t H = D / 2;
+  for (int64_t j = 0; j < H; ++j) {
+    const float lo = x[j], hi = x[j + H];
+    x[j] = rnd<W>(lo * c[j] - hi * s[j]);
+    x[j + H] = rnd<W>(hi * c[j + H] + lo * s[j + H]);
+  }
+}
+
+template <typename W>
+struct Step {
+  using X = typename gemv::XOf<W>::type;  // what the GEMV reads x as
+  const DecodeModel& m;
+  const DecodeStepArgs& s;
+  int64_t B, C, Q, KV, NQKV, F, hd;
+  std::vector<float> h, qkv;     // residual [B, C]; q|k|v [B, NQKV] (fp32 holding W-rounded values)
+  std::vector<X> y, a;           // attention output [B, Q]; act(gate) * up [B, F]
+
+  Step(const DecodeModel& model, const DecodeStepArgs& args) : m(model), s(args) {
+    B = s.batch, C = m.hidden, hd = m.head_dim, Q = m.n_heads * hd, KV = m.n_kv_heads * hd;
+    NQKV = Q + 2 * KV, F = m.intermediate;
+    h.resize(size_t(B * C)), qkv.resize(size_t(B * NQKV)), y.resize(size_t(B * Q)), a.resize(size_t(B * F));
+  }
+
+  // Rows [n0, n1) of a GEMV over the B rows of x [B, K]: each output row n calls put(b, n, value).
+  template <typename Put>
+  void gemv(const void* weight, const void* bias, const X* x, int64_t K, int64_t n0, int64_t n1,
+            float* acc, Put put) {
+    const W* w = static_cast<const W*>(weight);
+    const W* bs = static_cast<const W*>(bias);
+    for (int64_t n = n0; n < n1; ++n) {
+      gemv::row_dots(w + n * K, x, B, K, acc);
+      for (int64_t b = 0; b < B; ++b) put(b, n, bs ? acc[b] + to_f32(bs[n]) : acc[b]);
+    }
+  }
+
+  // This thread's contiguous share [lo, hi) of n items.
+  static void share(int64_t n, int64_t& lo, int64_t& hi) {
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+    lo = n * t / nt, hi = n * (t + 1) / nt;
+  }
+
+  void attention(const DecodeLayer& L, int64_t layer, int64_t b, int64_t g, std::vector<float>& scores) {
+    const int64_t pos = s.pos[b], group = m.n_heads / m.n_kv_heads;
+    const int64_t slot = ((layer * m.cache_batch + b) * m.n_kv_heads + g) * m.max_len;  // cache row (l, b, g)
+    W* kc = static_cast<W*>(m.cache_k) + slot * hd;
+    W* vc = static_cast<W*>(m.cache_v) + slot * hd;
+    float* k = qkv.data() + b * NQKV + Q + g * hd;
+    const float* v = k + KV;
+    const float* c = L.cos ? L.cos + pos * hd : nullptr;
+    const float* sn = L.sin ? L.sin + pos * hd : nullptr;
+    if (L.k_norm) norm_row<W, float>(k, static_cast<const W*>(L.k_norm), hd, m.eps, m.qk_norm_offset, k);
+    if (c) rope_row<W>(k, c, sn, hd);
+    for (int64_t d = 0; d < hd; ++d) store(kc + pos * hd + d, k[d]), store(vc + pos * hd + d, v[d]);
+    const int64_t first = L.window > 0 ? std::max<int64_t>(0, pos - L.window + 1) : 0;
+    for (int64_t j = 0; j < group; ++j) {
+      const int64_t head = g * group + j;
+      float* q = qkv.data() + b * NQKV + head * hd;
+      if (L.q_norm) norm_row<W, float>(q, static_cast<const W*>(L.q_norm), hd, m.eps, m.qk_norm_offset, q);
+      if (c) rope_row<W>(q, c, sn, hd);
+      float top = -INFINITY;
+      for (int64_t t = first; t <= pos; ++t) {
+        const W* kt = kc + t * hd;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < hd; ++d) dot += q[d] * to_f32(kt[d]);
+        scores[t] = dot * m.attn_scale;
+        top = std::max(top, scores[t]);
+      }
+      float total = 0.f;
+      for (int64_t t = first; t <= pos; ++t) total += (scores[t] = std::exp(scores[t] - top));
+      float out[512];  // head_dim <= 512, checked at plan time
+      std::fill(out, out + hd, 0.f);
+      for (int64_t t = first; t <= pos; ++t) {
+        const W* vt = vc + t * hd;
+        const float p = scores[t] / total;
+#pragma omp simd
+        for (int64_t d = 0; d < hd; ++d) out[d] += p * to_f32(vt[d]);
+      }
+      X* yo = y.data() + b * Q + head * hd;
+      for (int64_t d = 0; d < hd; ++d) yo[d] = as<X>(rnd<W>(out[d]));
+    }
+  }
+
+  void run_thread() {
+    const W* embed = static_cast<const W*>(m.embed);
+    std::vector<X> xn(size_t(B * C));  // this thread's copy of the normalized residual
+    std::vector<float> acc(static_cast<size_t>(B)), scores(static_cast<size_t>(m.max_len));
+    int64_t lo, hi;
+    share(B * C, lo, hi);  // embedding rows (ids checked by the entry)
+    for (int64_t i = lo; i < hi; ++i) {
+      const float e = to_f32(embed[s.ids[i / C] * C + i % C]);
+      h[i] = m.embed_scale != 0.f ? rnd<W>(e * m.embed_scale) : e;
+    }
+#pragma omp barrier
+    for (int64_t l = 0; l < int64_t(m.layers.size()); ++l) {
+      const DecodeLayer& L = m.layers[l];
+      for (int64_t b = 0; b < B; ++b)
+        norm_row<W, X>(&h[b * C], static_cast<const W*>(L.attn_norm), C, m.eps, m.norm_offset, &xn[b * C]);
+      share(NQKV, lo, hi);  // q, k and v rows as one index space: one pass over the three matrices
+      const int64_t qk = Q + KV;
+      auto put_qkv = [&](int64_t off) {
+        return [this, off](int64_t b, int64_t n, float v) { qkv[b * NQKV + off + n] = rnd<W>(v); };
+      };
+      if (lo < Q) gemv(L.wq, L.bq, xn.data(), C, lo, std::min(hi, Q), acc.data(), put_qkv(0));
+      if (hi > Q && lo < qk)
+        gemv(L.wk, L.bk, xn.data(), C, std::max(lo, Q) - Q, std::min(hi, qk) - Q, acc.data(), put_qkv(Q));
+      if (hi > qk) gemv(L.wv, L.bv, xn.data(), C, std::max(lo, qk) - qk, hi - qk, acc.data(), put_qkv(qk));
+#pragma omp barrier
+      share(B * m.n_kv_heads, lo, hi);
+      for (int64_t i = lo; i < hi; ++i) attention(L, l, i / m.n_kv_heads, i % m.n_kv_heads, scores);
+#pragma omp barrier
+      share(C, lo, hi);  // o_proj, its output added into the residual row as it is stored
+      gemv(L.wo, L.bo, y.data(), Q, lo, hi, acc.data(),
+           [this](int64_t b, int64_t n, float v) { h[b * C + n] = rnd<W>(h[b * C + n] + rnd<W>(v)); });
+#pragma omp barrier
+      for (int64_t b = 0; b < B; ++b)
+        norm_row<W, X>(&h[b * C], static_cast<const W*>(L.mlp_norm), C, m.eps, m.norm_offset, &xn[b * C]);
+      share(F, lo, hi);
+      for (int64_t n = lo; n < hi; ++n) {  // gate row n and up row n: act(gate) * up straight into a
+        float gate[64], up[64];  // B <= 64, checked by the entry
+        if (L.wg) {
+          gemv(L.wg, L.bg, xn.data(), C, n, n + 1, acc.data(), [&](int64_t b, int64_t, float v) { gate[b] = v; });
+        }
+        gemv(L.wu, L.bu, xn.data(), C, n, n + 1, acc.data(), [&](int64_t b, int64_t, float v) { up[b] = v; });
+        for (int64_t b = 0; b < B; ++b) {
+          const float u = rnd<W>(up[b]);
+          const float v = L.wg ? rnd<W>(rnd<W>(act(m.activation, rnd<W>(gate[b]))) * u) : rnd<W>(act(m.activation, u));
+          a[b * F + n] = as<X>(v);
+        }
+      }
+#pragma omp barrier
+      share(C, lo, hi);
+      gemv(L.wd, L.bd, a.data(), F, lo, hi, acc.data(),
+           [this](int64_t b, int64_t n, float v) { h[b * C + n] = rnd<W>(h[b * C + n] + rnd<W>(v)); });
+#pragma omp barrier
+    }
+    for (int64_t b = 0; b < B; ++b)
+      norm_row<W, X>(&h[b * C], static_cast<const W*>(m.final_norm), C, m.eps, m.norm_offset, &xn[b * C]);
+    share(m.vocab, lo, hi);
+    W* logits = static_cast<W*>(s.logits);
+    gemv(m.lm_head, nullptr, xn.data(), C, lo, hi, acc.data(),
+         [&](int64_t b, int64_t n, float v) { store(logits + b * m.vocab + n, v); });
+  }
+};
+
+template <typename W>
+void run(const DecodeModel& m, const DecodeStepArgs& s) {
+  Step<W> step(m, s);
+  const int n_threads = std::max(1, s.n_threads);
+#pragma omp parallel num_threads(n_threads)
+  step.run_thread();
+}
+
+}  // namespace
+
+void decode_step_cpu(const DecodeModel& m, const DecodeStepArgs& s) {
+  if (s.batch <= 0) return;
+  if (m.dtype == kBF16) run<bf16>(m, s);
+  else run<float>(m, s);
+}
+
+}  // namespace kernels

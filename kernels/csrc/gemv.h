@@ -1,0 +1,162 @@
+// The decoding GEMV's inner loops, shared by linear.cpp (kernels.linear) and decode_step.cpp (the
+// fused decode step): dot products of one weight row with a few rows of x, W read once, in order.
+// See linear.cpp for why they are shaped this way (one sequential stream per thread, kTokens rows
+// of x per load of W, vdpbf16ps for bf16).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "common.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define KERNELS_GEMV_AVX512 1
+#if defined(__AVX512BF16__)
+#define KERNELS_GEMV_DPBF16 1
+#endif
+#endif
+
+namespace kernels {
+namespace gemv {
+
+constexpr int kTokens = 4;  // x rows per tile: each load of W feeds kTokens FMAs
+constexpr int64_t kSlice = 512;  // K elements per slice when a row is walked more than once
+// Below this many multiply-adds a single thread beats waking the OpenMP team (~ a few us).
+constexpr int64_t kMinParallelMacs = 1 << 16;
+
+#if KERNELS_GEMV_AVX512
+// The U accumulators of each of T x rows, cleared, then folded into sums[t] at the end of a tile.
+template <int T, int U>
+inline void zero(__m512 (&acc)[T][U]) {
+#pragma GCC unroll 16
+  for (int t = 0; t < T; ++t)
+#pragma GCC unroll 16
+    for (int u = 0; u < U; ++u) acc[t][u] = _mm512_setzero_ps();
+}
+
+template <int T, int U>
+inline void add_into(__m512 (&acc)[T][U], float sums[T]) {
+#pragma GCC unroll 16
+  for (int t = 0; t < T; ++t) {
+#pragma GCC unroll 16
+    for (int u = 1; u < U; ++u) acc[t][0] = _mm512_add_ps(acc[t][0], acc[t][u]);
+    sums[t] += _mm512_reduce_add_ps(acc[t][0]);
+  }
+}
+
+// sums[t] += dot(w[0:K], x[t * ldx : t * ldx + K]) for one weight row and T rows of x; U
+// independent accumulators per x row hide the FMA latency.
+template <int T, typename W>
+inline void tile(const W* w, const float* x, int64_t ldx, int64_t K, float sums[T]) {
+  constexpr int U = T == 1 ? 4 : 2;
+  __m512 acc[T][U];
+  zero(acc);
+  int64_t k = 0;
+  for (; k + 16 * U <= K; k += 16 * U) {
+#pragma GCC unroll 16
+    for (int u = 0; u < U; ++u) {
+      const __m512 wv = load16(w + k + 16 * u);
+#pragma GCC unroll 16
+      for (int t = 0; t < T; ++t)
+        acc[t][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + t * ldx + k + 16 * u), acc[t][u]);
+    }
+  }
+  for (; k + 16 <= K; k += 16) {
+    const __m512 wv = load16(w + k);
+#pragma GCC unroll 16
+    for (int t = 0; t < T; ++t)
+      acc[t][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + t * ldx + k), acc[t][0]);
+  }
+  if (k < K) {  // masked tail: lanes past K load as 0 and cannot fault
+    const __mmask16 m = __mmask16((1u << (K - k)) - 1u);
+    const __m512 wv = load16(w + k, m);
+#pragma GCC unroll 16
+    for (int t = 0; t < T; ++t)
+      acc[t][0] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x + t * ldx + k), acc[t][0]);
+  }
+  add_into(acc, sums);
+}
+#endif
+
+#if KERNELS_GEMV_DPBF16
+// bf16 weights and bf16 x with AVX512-BF16: one vdpbf16ps multiplies 32 bf16 pairs and adds
+// them into 16 fp32 lanes, so x stays bf16 (no widening; half the loads of x per weight) and
+// it takes half the instructions of the widening path, which matters when several x rows
+// share each weight load. The products of two bf16 are exact in fp32, and the accumulation
+// rounds to nearest even like an FMA; the instruction treats denormals (|v| < 1.2e-38) as 0.
+template <int T>
+inline void tile(const bf16* w, const bf16* x, int64_t ldx, int64_t K, float sums[T]) {
+  constexpr int U = T == 1 ? 4 : 2;
+  __m512 acc[T][U];
+  zero(acc);
+  auto pairs = [](const bf16* p) { return (__m512bh)_mm512_loadu_si512(p); };
+  int64_t k = 0;
+  for (; k + 32 * U <= K; k += 32 * U) {
+#pragma GCC unroll 16
+    for (int u = 0; u < U; ++u) {
+      const __m512bh wv = pairs(w + k + 32 * u);
+#pragma GCC unroll 16
+      for (int t = 0; t < T; ++t)
+        acc[t][u] = _mm512_dpbf16_ps(acc[t][u], wv, pairs(x + t * ldx + k + 32 * u));
+    }
+  }
+  for (; k + 32 <= K; k += 32) {
+    const __m512bh wv = pairs(w + k);
+#pragma GCC unroll 16
+    for (int t = 0; t < T; ++t) acc[t][0] = _mm512_dpbf16_ps(acc[t][0], wv, pairs(x + t * ldx + k));
+  }
+  if (k < K) {  // masked tail: lanes past K load as 0 and cannot fault
+    const __mmask32 m = __mmask32((1u << (K - k)) - 1u);
+    const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(m, w + k);
+#pragma GCC unroll 16
+    for (int t = 0; t < T; ++t)
+      acc[t][0] = _mm512_dpbf16_ps(acc[t][0], wv, (__m512bh)_mm512_maskz_loadu_epi16(m, x + t * ldx + k));
+  }
+  add_into(acc, sums);
+}
+#endif
+
+#if !KERNELS_GEMV_AVX512
+// Portable version of the same tile (AVX2/NEON builds): GCC vectorizes each dot product.
+template <int T, typename W>
+inline void tile(const W* w, const float* x, int64_t ldx, int64_t K, float sums[T]) {
+  for (int t = 0; t < T; ++t) {
+    const float* xt = x + t * ldx;
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < K; ++k) s += to_f32(w[k]) * xt[k];
+    sums[t] += s;
+  }
+}
+#endif
+
+// The type the tiles read x as: bf16 when vdpbf16ps takes it as is, else fp32.
+template <typename W> struct XOf { using type = float; };
+#if KERNELS_GEMV_DPBF16
+template <> struct XOf<bf16> { using type = bf16; };
+#endif
+
+// acc[m] = dot(w[0:K], x[m * K : m * K + K]) for m < M: one weight row against M rows of x.
+// Each pass over the row serves kTokens rows of x. With more rows than that, K is walked in
+// slices of kSlice, so that the slice of x (M x kSlice) and of the weight row stay in L1.
+template <typename W, typename X>
+inline void row_dots(const W* w, const X* x, int64_t M, int64_t K, float* acc) {
+  const int64_t slice = M <= kTokens ? std::max<int64_t>(K, 1) : kSlice;
+  std::fill(acc, acc + M, 0.f);
+  for (int64_t k0 = 0; k0 < K; k0 += slice) {
+    const int64_t len = std::min(slice, K - k0);
+    for (int64_t m0 = 0; m0 < M; m0 += kTokens) {
+      const X* xs = x + m0 * K + k0;
+      switch (std::min<int64_t>(kTokens, M - m0)) {
+        case 1: tile<1>(w + k0, xs, K, len, acc + m0); break;
+        case 2: tile<2>(w + k0, xs, K, len, acc + m0); break;
+        case 3: tile<3>(w + k0, xs, K, len, acc + m0); break;
+        default: tile<kTokens>(w + k0, xs, K, len, acc + m0); break;
+      }
+    }
+  }
+}
+
+}  // namespace gemv
+}  // namespace kernels
