@@ -68,6 +68,9 @@ def _config_reasons(cfg: ModelConfig) -> list[str]:
         out.append(f"model.position={cfg.position!r}: the fused step implements rope (or none per layer)")
     if cfg.mlp_class != "dense":
         out.append(f"model.mlp_class={cfg.mlp_class!r}: the fused step implements the dense MLP")
+    scalings = (cfg.rope_scaling,) + tuple(cfg.layer_rope_scalings or ())
+    if any(s is not None and s.kind == "longrope" for s in scalings):  # its tables switch with the length
+        out.append("model.rope_scaling: longrope switches its factors per forward; the fused step uses one table")
     return out
 
 
@@ -200,7 +203,7 @@ class FusedDecoder:
         """LayerRope -> (cos, sin) [max_len, hd] fp32 holding the values the eager forward rotates with
         (its fp32 tables cast to the model dtype): one table per distinct RoPE, as the model shares them."""
         positions = torch.arange(max_len)[None]
-        ropes = model._rope(positions, dtype)  # the model's own tables: one definition of RoPE
+        ropes = model._rope(positions, dtype, max_len)  # the model's own tables: one definition of RoPE
         return {r: (cs[0][0].float().contiguous(), cs[1][0].float().contiguous())
                 for r, cs in ropes.items() if r is not None}
 
