@@ -182,8 +182,9 @@ def estimate_memory(mc: ModelConfig, cfg: RunConfig, world_size: int = 1, device
     if lora is not None and lora.base_dtype in QUANT_BYTES:  # one tile at a time (kernels.quant_linear)
         from kernels.ops.quant_linear import TILE_ELEMS
 
-        workspace["dequantized weight tile"] = TILE_ELEMS * HALF
-        transient += TILE_ELEMS * HALF
+        largest = C * max(mc.intermediate_size, mc.num_heads * mc.head_dim)  # the widest block linear
+        workspace["dequantized weight tile"] = min(TILE_ELEMS, largest) * HALF
+        transient += workspace["dequantized weight tile"]
     if step.copies_forward:
         workspace["autocast bf16 weight copies"] = step.copies_forward
     workspace["backward temporaries"] = transient

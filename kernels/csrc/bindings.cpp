@@ -324,11 +324,12 @@ QuantWeight quant_weight(Checker& c, int kind, int64_t n, int64_t k, py::handle 
 }
 
 // out [rows, K] = rows [row0, row0 + rows) of the quantized W, dequantized (fp32 or bf16).
+template <bool kCuda>
 void quant_dequant_entry(int kind, int64_t n, int64_t k, py::handle codes, py::handle qabsmax, py::handle absmax2,
                          py::handle code2, py::handle nf4, float offset, py::handle scale, int64_t row0,
-                         int64_t rows, py::handle out, int n_threads) {
-  Checker c("quant_dequant_cpu", false);
-  c.threads(n_threads);
+                         int64_t rows, py::handle out, int n_threads, int64_t stream) {
+  Checker c(kCuda ? "quant_dequant_cuda" : "quant_dequant_cpu", kCuda);
+  if (!kCuda) c.threads(n_threads);
   const QuantWeight w = quant_weight(c, kind, n, k, codes, qabsmax, absmax2, code2, nf4, offset, scale);
   if (row0 < 0 || rows < 0 || row0 + rows > n)
     c.fail("rows", "a row range inside [0, " + std::to_string(n) + ")",
@@ -339,15 +340,19 @@ void quant_dequant_entry(int kind, int64_t n, int64_t k, py::handle codes, py::h
            "a contiguous " + shape_str({rows, k}));
   QuantDequantArgs a{w, row0, rows, o.data, o.dtype, n_threads};
   py::gil_scoped_release release;
+#ifdef ENGINE_WITH_CUDA
+  if (kCuda) return quant_dequant_cuda(a, stream);
+#endif
   quant_dequant_cpu(a);
 }
 
 // out [M, N] = x [M, K] @ W^T (+ bias [N]) for at most 8 rows; x, bias, out one dtype (fp32 or bf16).
+template <bool kCuda>
 void quant_gemv_entry(int kind, int64_t n, int64_t k, py::handle codes, py::handle qabsmax, py::handle absmax2,
                       py::handle code2, py::handle nf4, float offset, py::handle scale, py::handle x,
-                      py::handle bias, py::handle out, int n_threads) {
-  Checker c("quant_gemv_cpu", false);
-  c.threads(n_threads);
+                      py::handle bias, py::handle out, int n_threads, int64_t stream) {
+  Checker c(kCuda ? "quant_gemv_cuda" : "quant_gemv_cpu", kCuda);
+  if (!kCuda) c.threads(n_threads);
   const QuantWeight w = quant_weight(c, kind, n, k, codes, qabsmax, absmax2, code2, nf4, offset, scale);
   if (kind == kNF4 && k % 64 != 0) c.fail("K", "a multiple of 64 for the NF4 GEMV", std::to_string(k));
   const TensorArg xa = c.tensor(x, "x");
@@ -361,6 +366,9 @@ void quant_gemv_entry(int kind, int64_t n, int64_t k, py::handle codes, py::hand
   if (b.present) c.dense(b, xa.dtype, {n}, " (one per output channel)");
   QuantGemvArgs a{w, xa.data, b.data, o.data, xa.dtype, m, n_threads};
   py::gil_scoped_release release;
+#ifdef ENGINE_WITH_CUDA
+  if (kCuda) return quant_gemv_cuda(a, stream);
+#endif
   quant_gemv_cpu(a);
 }
 
@@ -393,10 +401,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("weight_offset"), py::arg("n_threads"));
 #define QUANT_ARGS py::arg("kind"), py::arg("n"), py::arg("k"), py::arg("codes"), py::arg("qabsmax"), \
       py::arg("absmax2"), py::arg("code2"), py::arg("nf4"), py::arg("offset"), py::arg("scale")
-  m.def("quant_dequant_cpu", &quant_dequant_entry, QUANT_ARGS, py::arg("row0"), py::arg("rows"), py::arg("out"),
-        py::arg("n_threads"));
-  m.def("quant_gemv_cpu", &quant_gemv_entry, QUANT_ARGS, py::arg("x"), py::arg("bias"), py::arg("out"),
-        py::arg("n_threads"));
+  m.def("quant_dequant_cpu", &quant_dequant_entry<false>, QUANT_ARGS, py::arg("row0"), py::arg("rows"),
+        py::arg("out"), py::arg("n_threads"), py::arg("stream") = 0);
+  m.def("quant_gemv_cpu", &quant_gemv_entry<false>, QUANT_ARGS, py::arg("x"), py::arg("bias"), py::arg("out"),
+        py::arg("n_threads"), py::arg("stream") = 0);
   m.def("rope_cpu", &rope_entry, py::arg("x"), py::arg("out"), py::arg("cos"), py::arg("sin"),
         py::arg("inverse"), py::arg("n_threads"));
 #ifdef ENGINE_WITH_CUDA
@@ -404,5 +412,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("grad_sumsq_cuda", &grad_sumsq_cuda_entry, py::arg("grads"), py::arg("out"),
         py::arg("stream"));
   m.def("adamw_cuda", &adamw_entry<adamw_cuda, true>, ADAMW_ARGS);
+  m.def("quant_dequant_cuda", &quant_dequant_entry<true>, QUANT_ARGS, py::arg("row0"), py::arg("rows"),
+        py::arg("out"), py::arg("n_threads") = 1, py::arg("stream") = 0);
+  m.def("quant_gemv_cuda", &quant_gemv_entry<true>, QUANT_ARGS, py::arg("x"), py::arg("bias"), py::arg("out"),
+        py::arg("n_threads") = 1, py::arg("stream") = 0);
 #endif
 }

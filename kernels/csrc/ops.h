@@ -162,6 +162,8 @@ void cross_entropy_cuda(const CrossEntropyArgs& a);
 void grad_sumsq_cuda(const std::vector<int64_t>& grads, const std::vector<int64_t>& sizes,
                      const std::vector<int>& dtypes, int64_t out, int64_t stream);
 void adamw_cuda(const AdamWArgs& a);
+void quant_dequant_cuda(const QuantDequantArgs& a, int64_t stream);
+void quant_gemv_cuda(const QuantGemvArgs& a, int64_t stream);
 #endif
 
 }  // namespace kernels

@@ -69,16 +69,21 @@ def check(x, qw, bias) -> None:
 
 
 def problems(build, x, qw, bias) -> tuple[list[str], list[str]]:
-    """(unsupported, by_design): off CPU the reference (dequantize one layer, F.linear) is the path."""
+    """(unsupported, by_design): CPU, or CUDA when built with it (kernels/csrc/cuda/quant_linear.cu); on other
+    devices the reference (dequantize one layer, F.linear) is the path."""
     dtype = _compute_dtype(x)
-    if x.is_cpu and qw.device.type == "cpu" and dtype in DTYPES and (bias is None or bias.is_cpu):
+    devices = {t.device for t in (x, qw.codes, bias) if t is not None}
+    if dtype in DTYPES and len(devices) == 1 and (x.is_cpu or (x.is_cuda and build.get("cuda"))):
         return NO_PROBLEMS
     unsupported, by_design = [], []
     if dtype not in DTYPES:
         unsupported.append(f"x dtype {dtype} is not supported natively (float32, bfloat16)")
-    devices = {str(t.device) for t in (x, qw.codes, bias) if t is not None}
-    if devices != {"cpu"}:
-        by_design.append("the quantized kernels run on cpu only, got " + ", ".join(sorted(devices)))
+    if len(devices) > 1:
+        unsupported.append("x, the weight and bias must be on one device, got " + ", ".join(sorted(map(str, devices))))
+    elif x.is_cuda:
+        by_design.append(f"x is on {x.device} but kernels._C was built without CUDA (reinstall with ENGINE_CUDA=1)")
+    elif not x.is_cpu:
+        by_design.append(f"x is on {x.device}; the quantized kernels run on cpu and cuda")
     return unsupported, by_design
 
 
@@ -95,17 +100,32 @@ def _tiles(n: int, k: int):
     return [(r, min(step, n - r)) for r in range(0, n, step)]
 
 
+def _entry(ext, name: str, device: torch.device):
+    """(the _C entry for `device`, its keyword arguments): *_cpu with the thread count, *_cuda with the stream."""
+    if device.type == "cuda":
+        return getattr(ext, name + "_cuda"), {"stream": torch.cuda.current_stream(device).cuda_stream}
+    return getattr(ext, name + "_cpu"), {"n_threads": torch.get_num_threads()}
+
+
 def _dequant(ext, qw: QuantizedWeight, dtype, row0: int, rows: int) -> torch.Tensor:
-    out = torch.empty((rows, qw.shape[1]), dtype=dtype)
-    ext.quant_dequant_cpu(*_weight_args(qw), row0, rows, out, torch.get_num_threads())
+    out = torch.empty((rows, qw.shape[1]), dtype=dtype, device=qw.device)
+    fn, kw = _entry(ext, "quant_dequant", qw.device)
+    fn(*_weight_args(qw), row0, rows, out, **kw)
     return out
+
+
+_TABLES: dict = {}  # device -> (DYNAMIC_MAP, NF4_CODE) there
 
 
 def _weight_args(qw: QuantizedWeight):
     n, k = qw.shape
     if qw.kind == "nf4":
-        return (0, n, k, qw.codes, qw.qabsmax, qw.absmax2, reference.DYNAMIC_MAP, reference.NF4_CODE,
-                float(qw.offset), None)
+        dev = qw.device
+        if dev not in _TABLES:
+            _TABLES[dev] = (reference.DYNAMIC_MAP.to(dev), reference.NF4_CODE.to(dev))
+        code2, nf4 = _TABLES[dev]
+        # offset: a 0-d tensor; .item() on CUDA syncs once per call, which the GEMV's launch needs anyway
+        return (0, n, k, qw.codes, qw.qabsmax, qw.absmax2, code2, nf4, float(qw.offset), None)
     return (1, n, k, qw.codes, None, None, None, None, 0.0, qw.scale)
 
 
@@ -120,7 +140,8 @@ class _QuantLinearFn(torch.autograd.Function):
         m = x2.shape[0]
         if m <= GEMV_MAX_ROWS and (qw.kind == "int8" or k % 64 == 0):
             out = x2.new_empty((m, n))
-            ext.quant_gemv_cpu(*_weight_args(qw), x2.contiguous(), bias, out, torch.get_num_threads())
+            fn, kw = _entry(ext, "quant_gemv", x.device)
+            fn(*_weight_args(qw), x2.contiguous(), bias, out, **kw)
             return out.reshape(*x.shape[:-1], n)
         tiles = _tiles(n, k)
         if len(tiles) == 1:

@@ -108,12 +108,12 @@ def assert_matches_float64(y, ref, mag, dtype):
     assert bool((err <= tol + 1e-30).all()), f"max err {err.max():.3g}, worst margin {(err - tol).max():.3g}"
 
 
-ROWS = [1, 2, 5, 8, 9, 37]  # GEMV (<= 8 rows) and the tiled GEMM
+ROWS = [1, 5, 8, 9, 37]  # GEMV (<= 8 rows) and the tiled GEMM
 
 
 @pytest.mark.parametrize("backend", [pytest.param("native", marks=needs_native), "torch"])
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
-@pytest.mark.parametrize("shape", [(33, 192), (130, 448), (7, 100), (300, 64)])
+@pytest.mark.parametrize("shape", [(33, 192), (130, 448), (7, 100)])
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_forward_matches_float64(backend, kind, shape, rows, dtype):
