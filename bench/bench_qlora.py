@@ -4,6 +4,7 @@ process (peak RSS is its own), side by side in one invocation.
     python bench/bench_qlora.py                 # 0.5B: bf16-base LoRA, QLoRA-NF4, QLoRA-int8; 3B: QLoRA-NF4
     python bench/bench_qlora.py --one NAME      # one row, as JSON
     python bench/bench_qlora.py --quality       # real SmolLM2-135M: held-out loss and LoRA vs QLoRA fine-tune
+    python bench/bench_qlora.py --load          # peak RSS of loading SmolLM2 dense vs quantized on load
 
 Models are random-init (no network), shaped like Qwen2.5-0.5B (bench/bench_finetune.py's QWEN05B) and
 Qwen2.5-3B (hidden 2048, 36 layers, 16 / 2 heads, head_dim 128, MLP 11008, vocab 151936, tied). They are built on
@@ -151,7 +152,7 @@ def main() -> None:
 
 # ---- quality on the real SmolLM2-135M-Instruct ----------------------------------------------------------------
 SMOLLM2 = Path("/work/smollm2_hf")
-QUALITY_STEPS = 30
+QUALITY_STEPS = 20
 
 
 def heldout_loss(kind) -> float:
@@ -164,7 +165,7 @@ def heldout_loss(kind) -> float:
 
     text = "\n\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
     ids = torch.tensor(Tokenizer.from_pretrained(SMOLLM2).encode(text))
-    windows = ids[: len(ids) // 257 * 257].view(-1, 257)[:24]
+    windows = ids[: len(ids) // 257 * 257].view(-1, 257)[:8]
     model = Transformer.from_pretrained(SMOLLM2, dtype=torch.bfloat16, quantize=kind)
     with torch.inference_mode():
         losses = [F.cross_entropy(model(w[None, :-1]).float()[0], w[1:]) for w in windows]
@@ -188,7 +189,7 @@ def finetune_loss(tmp: Path, base: str) -> float:
 def quality() -> None:
     import tempfile
 
-    print("\nSmolLM2-135M-Instruct, held-out loss (README + docs/, 24 x 256 tokens):")
+    print("\nSmolLM2-135M-Instruct, held-out loss (README + docs/, 8 x 256 tokens):")
     ref = heldout_loss(None)
     print(f"- bf16 base: {ref:.4f}")
     for kind in ("nf4", "int8"):
@@ -200,5 +201,40 @@ def quality() -> None:
             print(f"- {base} base: {finetune_loss(Path(tmp), base):.4f}", flush=True)
 
 
+def load_one(kind: str) -> dict:
+    """Peak RSS growth of loading SmolLM2 (fp32 file) as bf16, quantizing on load when kind is nf4/int8."""
+    import torch
+
+    from engine import Transformer
+    from tests.peak_memory import rss
+
+    torch.zeros(1)  # the runtime's own start-up memory is not the model's
+    before = rss()
+    model = Transformer.from_pretrained(SMOLLM2, dtype=torch.bfloat16, quantize=None if kind == "bf16" else kind)
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    return {"kind": kind, "peak_growth_mb": grown / 2**20, "model_mb": held / 2**20}
+
+
+def load_memory() -> None:
+    """Each load in its own process; the largest tensor of the file, for the "model + one tensor" bound."""
+    from safetensors import safe_open
+
+    with safe_open(str(SMOLLM2 / "model.safetensors"), "pt") as f:
+        largest = max((f.get_slice(n).get_shape() for n in f.keys()), key=lambda s: s[0] * s[1] if len(s) > 1 else s[0])
+    print(f"
+Loading SmolLM2-135M (fp32 file; largest tensor {largest}, {largest[0] * largest[1] * 4 / 2**20:.0f} MB "
+          "in fp32), peak RSS growth per process:")
+    for kind in ("bf16", "nf4", "int8"):
+        out = subprocess.run([sys.executable, __file__, "--load-one", kind], capture_output=True, text=True, cwd=ROOT)
+        r = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-300:]}
+        print(f"- {kind}: {r}", flush=True)
+
+
 if __name__ == "__main__":
-    quality() if "--quality" in sys.argv else main()
+    if "--load-one" in sys.argv:
+        print(json.dumps(load_one(sys.argv[sys.argv.index("--load-one") + 1])))
+    elif "--load" in sys.argv:
+        load_memory()
+    else:
+        quality() if "--quality" in sys.argv else main()

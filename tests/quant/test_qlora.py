@@ -130,3 +130,20 @@ def test_dense_only_operations_on_a_quantized_base_are_errors(base):
                                           r"got 'nf3'"):
         LoraConfig(base_dtype="nf3")
     assert isinstance(bare.layers[0].mlp.down_proj, QuantLinear) and not hasattr(bare.layers[0].mlp.down_proj, "weight")
+
+
+def test_qlora_on_two_ddp_ranks_matches_one_process(base, tmp_path):
+    """torchrun, 2 gloo ranks: each quantizes the same file identically (DDP does not broadcast the codes), and
+    their steps equal one process's with grad_accum 2."""
+    from tests.train.test_distributed import _losses, _torchrun
+
+    one = lora_run_dict(tmp_path / "one", base, lora={"base_dtype": "nf4"}, max_steps=4, save_every=2,
+                        eval_every=2, grad_accum=2)
+    train(from_dict(RunConfig, one, where=""), progress=False)
+    two = {**lora_run_dict(tmp_path / "two", base, lora={"base_dtype": "nf4"}, max_steps=4, save_every=2,
+                           eval_every=2), "distributed": {"strategy": "ddp"}}
+    result = _torchrun(two, tmp_path / "qlora.json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.testing.assert_close(_losses(tmp_path / "two" / "run"), _losses(tmp_path / "one" / "run"),
+                               rtol=1e-5, atol=1e-6)
+    assert (tmp_path / "two" / "run" / "final" / "adapter_model.safetensors").is_file()
