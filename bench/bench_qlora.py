@@ -222,8 +222,7 @@ def load_memory() -> None:
 
     with safe_open(str(SMOLLM2 / "model.safetensors"), "pt") as f:
         largest = max((f.get_slice(n).get_shape() for n in f.keys()), key=lambda s: s[0] * s[1] if len(s) > 1 else s[0])
-    print(f"
-Loading SmolLM2-135M (fp32 file; largest tensor {largest}, {largest[0] * largest[1] * 4 / 2**20:.0f} MB "
+    print(f"\nLoading SmolLM2-135M (fp32 file; largest tensor {largest}, {largest[0] * largest[1] * 4 / 2**20:.0f} MB "
           "in fp32), peak RSS growth per process:")
     for kind in ("bf16", "nf4", "int8"):
         out = subprocess.run([sys.executable, __file__, "--load-one", kind], capture_output=True, text=True, cwd=ROOT)
