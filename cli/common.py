@@ -64,13 +64,14 @@ def add_set_argument(parser, example: str = "train.lr=1e-4") -> None:
 
 
 def load_for_inference(model, adapter=None, dtype="fp32", device=None, merge: bool = False,
-                       require_tokenizer: bool = True):
+                       require_tokenizer: bool = True, quantize: str | None = None):
     """(Transformer in eval mode, Tokenizer) from what a user passes as --model [--adapter].
 
     `model` is an HF model dir or hub id (through the one resolver, resolve_model_dir), a training checkpoint,
     or a LoRA run's adapter dir (final/ or a checkpoint: its base is adapter_config.json's
     base_model_name_or_path). `adapter` is a PEFT adapter dir applied on top; `merge` folds it into the weights
-    so inference pays nothing for it. The tokenizer is the first tokenizer.json among the adapter dir, the model
+    so inference pays nothing for it. `quantize` ("nf4" | "int8", engine.quant) stores the block linears quantized
+    (a merged adapter is merged first, in `dtype`, then quantized with the rest). The tokenizer is the first tokenizer.json among the adapter dir, the model
     dir and the adapter's base; without one, a TokenizerError, or None when not `require_tokenizer`.
     """
     from engine.adapters.lora import merge_lora
@@ -87,11 +88,15 @@ def load_for_inference(model, adapter=None, dtype="fp32", device=None, merge: bo
             raise WeightsError(f"{model_dir / ADAPTER_CONFIG}: no base_model_name_or_path; pass the base model "
                                "with --model and this dir with --adapter")
         base_dir = resolve_model_dir(base)
-    net = Transformer.from_pretrained(base_dir, dtype=dtype, device=device)
+    merge_first = adapter_dir is not None and merge
+    net = Transformer.from_pretrained(base_dir, dtype=dtype, device=device, quantize=None if merge_first else quantize)
     if adapter_dir is not None:
         load_adapter(net, adapter_dir)
         if merge:
             merge_lora(net)
+    if merge_first and quantize is not None:
+        from engine.quant import quantize as quantize_layers
+        quantize_layers(net, quantize)
     candidates = list(dict.fromkeys(d for d in (adapter_dir, model_dir, base_dir) if d is not None))
     tok_dir = next((d for d in candidates if (Path(d) / "tokenizer.json").is_file()), None)
     if tok_dir is None and require_tokenizer:

@@ -26,6 +26,8 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of tokens with this mass")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler (None: not reproducible)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the weights")
+    p.add_argument("--quantize", choices=["int8", "nf4"], default=None,
+                   help="store the block linears int8 or NF4 (weight-only; decoding reads fewer bytes per token)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt with the tokenizer's chat template")
     args = p.parse_args(argv)
     if args.max_new_tokens < 0:
@@ -42,7 +44,7 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     with exit_on_user_error("cli.generate"):
-        model, tokenizer = load_for_inference(args.model, args.adapter, dtype=args.dtype)
+        model, tokenizer = load_for_inference(args.model, args.adapter, dtype=args.dtype, quantize=args.quantize)
         if args.chat:
             ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
                                                 add_generation_prompt=True, tokenize=True)

@@ -27,6 +27,8 @@ def parse_args(argv=None):
     p.add_argument("--host", default="127.0.0.1", help="interface to bind; 0.0.0.0 exposes the server to the network")
     p.add_argument("--port", type=int, default=8000, help="TCP port; checked before the model loads (0: any free one)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and compute dtype")
+    p.add_argument("--quantize", choices=["int8", "nf4"], default=None,
+                   help="store the block linears int8 or NF4 (weight-only; an adapter is merged first)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* routes")
     p.add_argument("--served-model-name", default=None, help="the model id clients send; None: the model dir's name")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV-cache rows)")
@@ -71,7 +73,7 @@ def load(args):
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    return load_for_inference(args.model, args.adapter, dtype=args.dtype, merge=True)
+    return load_for_inference(args.model, args.adapter, dtype=args.dtype, merge=True, quantize=args.quantize)
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -9,6 +9,7 @@ pure-PyTorch fallbacks.
     rms_norm(x, weight, eps, weight_offset=0, out_dtype=None)   RMSNorm; fused fwd/bwd for CPU training
     rope(q, k, cos, sin, out_dtype=None)                 rotate-half RoPE + head transpose; fused for CPU training
     decode_plan(embed, ..., layers, ...)                 the fused batch-B decode step over a KV cache (CPU)
+    quant_linear(x [..., K], QuantizedWeight [N, K], bias=None)   weight-only NF4/int8 linear (fused decode GEMV)
     info()                                               what was built, what runs, and why
 
 This file imports the compiled module (kernels._C) and decides, per call, between each op's native
@@ -32,9 +33,11 @@ from kernels.ops import adamw, attention as _attention, cross_entropy as _cross_
 from kernels.ops import linear as _linear, linear_cross_entropy as _linear_cross_entropy
 from kernels.ops import rms_norm as _rms_norm, rope as _rope
 from kernels.ops import decode_step as _decode_step
+from kernels.ops import quant_linear as _quant_linear
+from kernels.ops.quant_linear import QuantizedWeight
 
 __all__ = ["cross_entropy", "linear_cross_entropy", "linear", "attention", "rms_norm", "rope", "AdamW", "info",
-           "release_workspace", "reference", "decode_plan", "decode_plan_problems"]
+           "release_workspace", "reference", "decode_plan", "decode_plan_problems", "quant_linear", "QuantizedWeight"]
 
 logger = logging.getLogger("kernels")
 
@@ -72,6 +75,7 @@ OPS: dict[str, Op] = {
     "rms_norm": _row(_rms_norm),                          # _C.rms_norm_cpu, _C.rms_norm_backward_cpu
     "rope": _row(_rope),                                  # _C.rope_cpu
     "attention": _row(_attention, compiled=False),        # batched GEMMs (ops/attention.py) vs SDPA
+    "quant_linear": _row(_quant_linear),                  # _C.quant_dequant_cpu, _C.quant_gemv_cpu
     # AdamW is a class: kernels.AdamW asks _select with these problems, then steps through
     # _C.adamw_cpu / _cuda (ops/adamw.py) or reference.adamw_step_.
     "AdamW": Op(None, reference.adamw_step_, adamw.problems, None),
@@ -229,6 +233,16 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     (q, k) rotated, [B, h, T, hd]: exactly reference.rope. CPU training runs the fused kernel
     (kernels/csrc/rope.cpp: fp32 math, one rounding to the output dtype, no separate transpose)."""
     return _run("rope", backend, q, k, cos, sin, out_dtype)
+
+
+def quant_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None,
+                 backend: str | None = None) -> torch.Tensor:
+    """F.linear(x [..., K], W [N, K] dequantized, bias [N]) -> [..., N] for a weight-only quantized W (NF4 or
+    int8, kernels/reference.py), in autocast's dtype (else x's); gradient w.r.t. x only (W is frozen).
+
+    CPU: a fused GEMV for up to 8 rows (decoding), else W dequantized a tile at a time into torch's GEMM
+    (kernels/ops/quant_linear.py). Elsewhere, the reference (one layer dequantized, F.linear)."""
+    return _run("quant_linear", backend, x, weight, bias)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,

@@ -175,3 +175,113 @@ def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor],
         w.addcdiv_(m, denom, value=-step_size)
         if master is not None:
             p.copy_(master)
+
+
+# ---- weight-only quantization (kernels.quant_linear) ------------------------------------------------------
+# NF4 is bitsandbytes' layout (quantize_4bit(quant_type="nf4", blocksize=64, compress_statistics=True)),
+# checked code for code and value for value against bitsandbytes 0.50 on CPU (tests/kernels/test_quant_linear.py).
+# A weight W [N, K] (n = N * K elements, row-major, blocks running across row ends when K % 64 != 0):
+#   codes    uint8 [ceil(n / 2)]   element 2j in the high nibble of byte j, element 2j + 1 in the low one
+#   qabsmax  uint8 [nb = ceil(n / 64)]   block b's absmax, double-quantized: an index into DYNAMIC_MAP
+#   absmax2  fp32  [ceil(nb / 256)]      the absmax of (absmax - offset) per 256 blocks
+#   offset   fp32  []                    mean of the block absmaxes
+#   W[i] = NF4_CODE[code_i] * (DYNAMIC_MAP[qabsmax[b]] * absmax2[b // 256] + offset),  b = i // 64, in fp32.
+# int8 (per output channel, symmetric): scale [N] fp32 = max_k |W[n, k]| / 127, q = round(W / scale) in [-127, 127].
+NF4_BLOCK = 64          # elements per absmax (QLoRA's block)
+NF4_ABSMAX_BLOCK = 256  # absmaxes per second-level scale (QLoRA's double quantization)
+NF4_CODE = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230552196503, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0])
+
+
+def _dynamic_map() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic map (create_dynamic_map(signed=True)): 256 sorted fp32 values in [-1, 1]."""
+    data = []
+    for i in range(7):  # exponent 10^-6 .. 10^0, 2^i fraction steps each, both signs
+        bounds = torch.linspace(0.1, 1, 2 ** i + 1, dtype=torch.float32)
+        means = ((bounds[:-1] + bounds[1:]) / 2.0)
+        data += ((10 ** (-6 + i)) * means).tolist() + (-(10 ** (-6 + i)) * means).tolist()
+    data += [0.0, 1.0]
+    data += [0.0] * (256 - len(data))
+    return torch.tensor(sorted(data), dtype=torch.float32)
+
+
+DYNAMIC_MAP = _dynamic_map()
+
+
+def _nearest(values: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest entry of a sorted `code` for each value (ties to the lower entry), as uint8."""
+    mid = (code[:-1] + code[1:]) / 2
+    return torch.bucketize(values, mid).to(torch.uint8)
+
+
+def _block_absmax(flat: torch.Tensor, block: int) -> torch.Tensor:
+    pad = (-flat.numel()) % block
+    return torch.nn.functional.pad(flat.abs(), (0, pad)).view(-1, block).amax(dim=1)
+
+
+def nf4_quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """W (any shape, fp32/bf16/fp16) -> {"codes", "qabsmax", "absmax2", "offset"} (layout above)."""
+    flat = w.detach().reshape(-1).float()
+    n = flat.numel()
+    absmax = _block_absmax(flat, NF4_BLOCK)  # (nb,)
+    per_elem = absmax.clamp(min=1e-38).repeat_interleave(NF4_BLOCK)[:n]
+    scaled = torch.clamp(flat * (1.0 / per_elem), -1, 1)
+    q = _nearest(torch.nn.functional.pad(scaled, (0, n % 2)), NF4_CODE)
+    codes = (q[0::2] << 4) | q[1::2]
+    offset = absmax.mean()
+    centered = absmax - offset
+    absmax2 = _block_absmax(centered, NF4_ABSMAX_BLOCK)
+    second = absmax2.repeat_interleave(NF4_ABSMAX_BLOCK)[:centered.numel()]
+    qabsmax = _nearest(torch.clamp(centered * (1.0 / second), -1, 1), DYNAMIC_MAP)
+    # A group whose absmaxes all equal the mean has absmax2 = 0 (0/0): code 0, as bitsandbytes (any code
+    # dequantizes to `offset` there).
+    qabsmax = torch.where(second > 0, qabsmax, 0).to(torch.uint8)
+    return {"codes": codes, "qabsmax": qabsmax, "absmax2": absmax2, "offset": offset}
+
+
+def nf4_absmax(qabsmax: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """The fp32 absmax of 64-blocks [first, first + len(qabsmax)) from their double-quantized form."""
+    blocks = torch.arange(first, first + qabsmax.numel(), device=qabsmax.device)
+    return DYNAMIC_MAP.to(qabsmax.device)[qabsmax.long()] * absmax2[blocks // NF4_ABSMAX_BLOCK] + offset
+
+
+def nf4_dequantize(codes, qabsmax, absmax2, offset, shape, dtype=torch.float32, start: int = 0,
+                   count: int | None = None) -> torch.Tensor:
+    """Elements [start, start + count) of the flattened weight of `shape` (all by default), in `dtype`;
+    reshaped to `shape` when whole, else flat. Only the codes and absmaxes of that range are read."""
+    n = math.prod(shape)
+    count = n - start if count is None else count
+    b0, b1 = start // NF4_BLOCK, -(-(start + count) // NF4_BLOCK)
+    scales = nf4_absmax(qabsmax[b0:b1], absmax2, offset, b0)
+    byte0, byte1 = start // 2, -(-(start + count) // 2)
+    q = codes[byte0:byte1]
+    idx = torch.stack([q >> 4, q & 15], dim=1).reshape(-1)[start % 2:start % 2 + count]
+    w = NF4_CODE.to(codes.device)[idx.long()] * scales.repeat_interleave(NF4_BLOCK)[start - b0 * NF4_BLOCK:][:count]
+    w = w.to(dtype)
+    return w.reshape(shape) if (start, count) == (0, n) else w
+
+
+def int8_quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """W [N, K] -> {"qweight": int8 [N, K], "scale": fp32 [N]} (symmetric per output channel, zero rows scale 0)."""
+    w = w.detach().float()
+    scale = w.abs().amax(dim=1) / 127.0
+    q = torch.round(w / scale.clamp(min=1e-38)[:, None]).clamp(-127, 127).to(torch.int8)
+    return {"qweight": q, "scale": scale}
+
+
+def int8_dequantize(qweight, scale, dtype=torch.float32, row0: int = 0, rows: int | None = None) -> torch.Tensor:
+    """Rows [row0, row0 + rows) of the int8 weight, in `dtype` (fp32 product, one rounding)."""
+    rows = qweight.shape[0] - row0 if rows is None else rows
+    return (qweight[row0:row0 + rows].float() * scale[row0:row0 + rows, None]).to(dtype)
+
+
+def quant_linear(x: torch.Tensor, kind: str, tensors: dict, shape, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x [..., K], dequantized W [N, K] in x's dtype, bias) for kind "nf4" or "int8"; the spec the
+    compiled kernels match (up to fp32 summation order). Dequantizes this one layer's weight."""
+    if kind == "nf4":
+        w = nf4_dequantize(tensors["codes"], tensors["qabsmax"], tensors["absmax2"], tensors["offset"], shape, x.dtype)
+    else:
+        w = int8_dequantize(tensors["qweight"], tensors["scale"], x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))

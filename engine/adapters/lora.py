@@ -21,6 +21,7 @@ separate dropout masks where PEFT draws one: the same in expectation, not bit fo
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ import torch.nn as nn
 
 from engine.config import LORA_TARGETS, ConfigError, LoraConfig
 from engine.model.families import stored_as, weight_layout
+from engine.quant import QuantLinear
 
 logger = logging.getLogger(__name__)
 PEFT_PREFIX = "base_model.model."
@@ -45,7 +47,7 @@ class LoRALinear(nn.Module):
         self.base_layer = base.requires_grad_(False)
         self.scale = scale
         self.disabled = False  # set by LoraState.disabled(): forward is then exactly base_layer(x)
-        device = next(base.parameters()).device
+        device = next(itertools.chain(base.parameters(), base.buffers())).device  # a QuantLinear: buffers only
         # Adapters are fp32 master weights whatever the base dtype; initialized as PEFT does (B = 0: a no-op at start).
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
@@ -63,8 +65,9 @@ class LoRALinear(nn.Module):
         return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scale
 
     def merged_weight(self) -> torch.Tensor:
-        """W + scale * B @ A in fp32 [out, in] (the base must hold a dense `weight`)."""
-        w = self.base_layer.weight.float()
+        """W + scale * B @ A in fp32 [out, in]; a quantized base is dequantized to fp32 first."""
+        base = self.base_layer
+        w = base.dequantize(torch.float32) if isinstance(base, QuantLinear) else base.weight.float()
         return w + self.scale * (self.lora_B.weight.float() @ self.lora_A.weight.float())
 
     def extra_repr(self) -> str:
@@ -167,7 +170,7 @@ def apply_lora(model, lora: LoraConfig, base_name: str = "") -> list[str]:
     modules = {}
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if child_name in lora.targets and isinstance(child, nn.Linear):
+            if child_name in lora.targets and isinstance(child, (nn.Linear, QuantLinear)):
                 full = f"{name}.{child_name}" if name else child_name
                 modules[full] = LoRALinear(child, lora.rank, lora.scale, lora.dropout)
                 setattr(module, child_name, modules[full])
@@ -180,11 +183,23 @@ def apply_lora(model, lora: LoraConfig, base_name: str = "") -> list[str]:
     return list(modules)
 
 
-def merge_lora(model):
-    """Fold every adapter into its base weight (in the base dtype) and put the base layers back; returns model."""
+def merge_lora(model, dtype=None):
+    """Fold every adapter into its base weight (in the base dtype) and put the base layers back; returns model.
+
+    A quantized base (engine.quant) is dequantized to `dtype` first and the merged weight stays dense in `dtype`:
+    re-quantizing W + BA would throw the adapter's small update away again (peft#2321). Without `dtype` that is
+    an in-place merge into a quantized base: a ValueError."""
+    modules = lora_modules(model)
+    quantized = [name for name, m in modules.items() if isinstance(m.base_layer, QuantLinear)]
+    if quantized and dtype is None:
+        raise ValueError(f"merge_lora: {quantized[0]} has a {modules[quantized[0]].base_layer.kind}-quantized base; "
+                         "merging into it in place would re-quantize the merged weight (peft#2321): pass dtype= "
+                         "(e.g. torch.bfloat16) to dequantize the base to, then merge")
     with torch.no_grad():
-        for name, m in lora_modules(model).items():
+        for name, m in modules.items():
             base = m.base_layer
+            if isinstance(base, QuantLinear):
+                base = base.to_linear(dtype)
             base.weight = nn.Parameter(m.merged_weight().to(base.weight.dtype), requires_grad=False)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, base)

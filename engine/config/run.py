@@ -223,7 +223,9 @@ class LoraConfig:
     alpha: float = 16.0  # scale = alpha / r (PEFT's lora_alpha)
     dropout: float = 0.0  # on the adapter's input only
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # module names; "all-linear" = every one
-    base_dtype: Literal["fp32", "bf16"] = "fp32"  # frozen base weights; bf16 halves their memory
+    # frozen base weights; bf16 halves their memory; nf4 / int8 (QLoRA) quantize the block linears on load
+    # (engine.quant), the embedding, norms and head then stay bf16
+    base_dtype: Literal["fp32", "bf16", "nf4", "int8"] = "fp32"
     rslora: bool = False  # scale = alpha / sqrt(r) (PEFT's use_rslora)
     init_from: Optional[str] = None  # a PEFT LoRA adapter dir (ours or peft's) to keep training; same rank/targets
 
@@ -244,8 +246,9 @@ class LoraConfig:
         if not targets:
             raise ConfigError("lora.targets: expected at least one module name")
         object.__setattr__(self, "targets", tuple(dict.fromkeys(targets)))
-        if self.base_dtype not in ("fp32", "bf16"):
-            raise ConfigError(f"lora.base_dtype: expected one of ('fp32', 'bf16'), got {self.base_dtype!r}")
+        if self.base_dtype not in ("fp32", "bf16", "nf4", "int8"):
+            raise ConfigError("lora.base_dtype: expected one of ('fp32', 'bf16', 'nf4', 'int8'), "
+                              f"got {self.base_dtype!r}")
 
     @property
     def scale(self) -> float:

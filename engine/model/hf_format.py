@@ -180,15 +180,20 @@ def _read(f, path: Path, name: str, spec: Stored, shape: torch.Size, offset: int
     return t.t() if spec.transposed else t
 
 
-def load_pretrained(cls, path_or_hub_id, dtype=None, device=None):
-    """Build `cls(config)` from an HF directory or hub id and fill it with the stored weights."""
+def load_pretrained(cls, path_or_hub_id, dtype=None, device=None, quantize=None):
+    """Build `cls(config)` from an HF directory or hub id and fill it with the stored weights; `quantize`
+    ("nf4" | "int8", engine.quant) stores the block linears quantized, each as it is read."""
     directory = resolve_model_dir(path_or_hub_id)
     cfg = read_config(directory)
     check_fits(cfg, dtype or torch.float32, device or "cpu", directory / "config.json")
     files = weight_files(directory)
     with torch.device("meta"):
         model = cls(cfg)
-    model = model.to(dtype or torch.float32).to_empty(device=device or "cpu")
+    model = model.to(dtype or torch.float32)
+    if quantize is not None:  # swapped while on meta: the dense block weights are never allocated
+        from engine.quant import quantize as quantize_layers
+        quantize_layers(model, quantize)
+    model = model.to_empty(device=device or "cpu")
     model.tie_weights()  # to_empty allocates each module's parameters separately
     load_weights(model, files)
     model._rope_cache = {}
@@ -206,6 +211,8 @@ def load_weights(model, files: dict[str, Path]) -> None:
         def in_file(name): return name
     plan = {}  # name in the file -> [(spec, param)]; several params when a fused tensor is split
     params = dict(model.named_parameters())  # tied weights appear once, under the embedding name
+    # Quantized layers (engine.quant) take their dense weight through a slot that quantizes it on copy_.
+    params.update({f"{n}.weight": m.weight_slot() for n, m in model.named_modules() if hasattr(m, "weight_slot")})
     for native, param in params.items():
         spec = stored_as(layout, native)
         if isinstance(spec, ExpertsStored):  # a stacked [E, ...] parameter: each expert's tensor fills a view of it

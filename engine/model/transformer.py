@@ -392,11 +392,12 @@ class Transformer(nn.Module):
         return self.lm_head.weight
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id: str, dtype=None, device=None) -> "Transformer":
-        """Load an HF checkpoint (local dir or hub id) straight into `dtype` (default fp32) on `device`."""
+    def from_pretrained(cls, path_or_hub_id: str, dtype=None, device=None, quantize=None) -> "Transformer":
+        """Load an HF checkpoint (local dir or hub id) straight into `dtype` (default fp32) on `device`;
+        `quantize` ("nf4" | "int8") stores the block linears quantized, tensor by tensor (engine.quant)."""
         from engine.model.hf_format import load_pretrained
 
-        return load_pretrained(cls, path_or_hub_id, dtype=dtype, device=device)
+        return load_pretrained(cls, path_or_hub_id, dtype=dtype, device=device, quantize=quantize)
 
     def save_pretrained(self, directory, max_shard_size: int | str = "2GB") -> None:
         """Write config.json and safetensors (sharded with an index above `max_shard_size`) in HF layout."""

@@ -170,7 +170,12 @@ def wrap(module: nn.Module, blocks: nn.ModuleList, group: Dist, device: torch.de
     if group.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+        from engine.quant import is_quantized
+
+        # A quantized base's codes are buffers, identical on every rank (quantized deterministically from the
+        # same file): broadcasting them before every forward would send the whole base each step.
+        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                       broadcast_buffers=not is_quantized(module))
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

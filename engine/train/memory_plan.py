@@ -64,6 +64,20 @@ def _root_params(mc: ModelConfig) -> int:
     return mc.vocab_size * mc.hidden_size * (1 if mc.tie_word_embeddings else 2)
 
 
+# Bytes per weight of a quantized block linear (engine.quant): NF4 codes + its uint8 absmax per 64 + an fp32
+# scale per 256 absmaxes; int8 + an fp32 scale per output row (counted as 0).
+QUANT_BYTES = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0}
+
+
+def _base_bytes(mc: ModelConfig, lora: LoraConfig) -> int:
+    """Resident bytes of a frozen LoRA base: all fp32 or bf16, or (nf4 / int8) the block linears quantized and
+    the embedding, norms and head in bf16."""
+    if lora.base_dtype not in QUANT_BYTES:
+        return mc.num_params * (HALF if lora.base_dtype == "bf16" else FP32)
+    linears = _layer_params(mc) * mc.num_layers  # the norms in it are a rounding error
+    return int(linears * QUANT_BYTES[lora.base_dtype]) + (mc.num_params - linears) * HALF
+
+
 def _layer_params(mc: ModelConfig) -> int:
     return (mc.num_params - _root_params(mc)) // mc.num_layers  # final norm / learned positions: a rounding error
 
@@ -137,10 +151,11 @@ def estimate_memory(mc: ModelConfig, cfg: RunConfig, world_size: int = 1, device
         raise ConfigError(f"device: expected 'cpu' or 'cuda', got {device!r}")
     t, lora, full = cfg.train, cfg.lora, cfg.lora is None
     amp = t.precision != "fp32"
-    param_bytes = HALF if lora is not None and lora.base_dtype == "bf16" else FP32
+    # A quantized base computes in bf16 from tiles of dequantized weights: like a bf16 base, no autocast copies.
+    param_bytes = HALF if lora is not None and lora.base_dtype != "fp32" else FP32
     P = mc.num_params
     trainable = P if full else lora_params(mc, lora)
-    weights = P * FP32 if full else P * param_bytes + trainable * FP32
+    weights = P * FP32 if full else _base_bytes(mc, lora) + trainable * FP32
     grads, optimizer = trainable * FP32, 2 * trainable * FP32
     C, V, N = mc.hidden_size, mc.vocab_size, t.batch_size * cfg.data.seq_len
     strategy = "single process" if world_size == 1 else cfg.distributed.strategy
@@ -164,6 +179,12 @@ def estimate_memory(mc: ModelConfig, cfg: RunConfig, world_size: int = 1, device
     accum_grads = grads if t.grad_accum > 1 else 0
 
     workspace = {"LM head + loss": head_forward + resident}
+    if lora is not None and lora.base_dtype in QUANT_BYTES:  # one tile at a time (kernels.quant_linear)
+        from kernels.ops.quant_linear import TILE_ELEMS
+
+        largest = C * max(mc.intermediate_size, mc.num_heads * mc.head_dim)  # the widest block linear
+        workspace["dequantized weight tile"] = min(TILE_ELEMS, largest) * HALF
+        transient += workspace["dequantized weight tile"]
     if step.copies_forward:
         workspace["autocast bf16 weight copies"] = step.copies_forward
     workspace["backward temporaries"] = transient

@@ -19,6 +19,7 @@ from engine.data.prompts import prepare_prompts
 from engine.data.sft import prepare_sft
 from engine.data.tokenizer import Tokenizer, with_default_chat_template
 from engine.dtypes import DTYPES
+from engine.quant import KINDS as QUANT_KINDS, check_dense_trainable, quantize
 from engine.model.hf_format import read_config, resolve_model_dir
 from engine.train.grpo import build_grpo
 from engine.train.objectives import Objective, TokenLoss
@@ -89,9 +90,10 @@ def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> Transformer:
 
     With `lora`, the base is loaded in lora.base_dtype, frozen, and adapters (fp32) are added to its target layers.
     """
+    quant = cfg.lora.base_dtype if cfg.lora is not None and cfg.lora.base_dtype in QUANT_KINDS else None
     if cfg.model.from_pretrained is not None:
-        dtype = DTYPES[cfg.lora.base_dtype] if cfg.lora is not None else torch.float32
-        model = Transformer.from_pretrained(cfg.model.from_pretrained, dtype=dtype)
+        dtype = torch.bfloat16 if quant else DTYPES[cfg.lora.base_dtype] if cfg.lora is not None else torch.float32
+        model = Transformer.from_pretrained(cfg.model.from_pretrained, dtype=dtype, quantize=quant)
         if len(tokenizer) > model.config.vocab_size:
             raise ConfigError(f"model.tokenizer: {len(tokenizer)} tokens do not fit the model's vocab_size "
                               f"{model.config.vocab_size}")
@@ -103,10 +105,13 @@ def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> Transformer:
             raise ConfigError(f"model.architecture.vocab_size: {arch['vocab_size']} is smaller than the "
                               f"tokenizer's {len(tokenizer)} tokens")
         model = Transformer(ModelConfig.from_dict(arch, where="model.architecture"))
+        if quant:  # a QLoRA base from scratch (tests, research): bf16, then its block linears quantized
+            quantize(model.to(torch.bfloat16), quant)
     if cfg.lora is not None:
         apply_lora(model, cfg.lora, base_name=str(resolve_model_dir(cfg.model.from_pretrained).resolve()))
         if cfg.lora.init_from is not None:
             _load_initial_adapter(model, cfg.lora)
+    check_dense_trainable(model, "train")
     model.gradient_checkpointing = cfg.train.activation_checkpointing
     return model
 

@@ -20,6 +20,8 @@ namespace kernels {
 namespace py = pybind11;
 
 constexpr int kI64 = 3;       // int64 (targets); not a kernel storage dtype, so not in ops.h
+constexpr int kU8 = 4;        // uint8 (NF4 codes, double-quantized absmax)
+constexpr int kI8 = 5;        // int8 (int8 weights)
 constexpr int kOther = -1;    // any dtype no kernel takes
 constexpr int kCPU = -1;      // TensorArg::device for CPU tensors (else the CUDA device index)
 constexpr int kOtherDevice = -2;
@@ -66,6 +68,8 @@ inline const char* dtype_name(int code) {
     case kBF16: return "bfloat16";
     case kF16: return "float16";
     case kI64: return "int64";
+    case kU8: return "uint8";
+    case kI8: return "int8";
     default: return "another dtype";
   }
 }
@@ -138,7 +142,7 @@ class Checker {
 // torch's objects, looked up once (torch is imported before kernels._C is used).
 // Attribute names are interned once: these reads run on every decoding step (kernels.linear).
 struct TorchRefs {
-  py::handle tensor_type, f32, bf16, f16, i64;
+  py::handle tensor_type, f32, bf16, f16, i64, u8, i8;
   py::handle dtype, shape, stride, is_cpu, is_cuda, get_device, device, data_ptr;
   static const TorchRefs& get() {
     static const TorchRefs refs = [] {
@@ -147,6 +151,7 @@ struct TorchRefs {
       auto keep = [&](const char* n) { return py::object(torch.attr(n)).release(); };
       auto name = [](const char* n) { return py::handle(PyUnicode_InternFromString(n)); };
       return TorchRefs{keep("Tensor"), keep("float32"), keep("bfloat16"), keep("float16"), keep("int64"),
+                       keep("uint8"), keep("int8"),
                        name("dtype"), name("shape"), name("stride"), name("is_cpu"), name("is_cuda"),
                        name("get_device"), name("device"), name("data_ptr")};
     }();
@@ -163,7 +168,7 @@ inline TensorArg Checker::read(py::handle obj, const std::string& name) {
   t.present = true;
   py::object dtype = obj.attr(torch.dtype);
   t.dtype = dtype.is(torch.f32) ? kF32 : dtype.is(torch.bf16) ? kBF16 : dtype.is(torch.f16) ? kF16
-          : dtype.is(torch.i64) ? kI64 : kOther;
+          : dtype.is(torch.i64) ? kI64 : dtype.is(torch.u8) ? kU8 : dtype.is(torch.i8) ? kI8 : kOther;
   t.dtype_name = t.dtype == kOther ? std::string(py::str(dtype)) : dtype_name(t.dtype);
   if (t.dtype_name.rfind("torch.", 0) == 0) t.dtype_name = t.dtype_name.substr(6);
   py::tuple shape = obj.attr(torch.shape), stride = obj.attr(torch.stride)();

@@ -135,6 +135,43 @@ struct RopeArgs {
   int n_threads;
 };
 
+// A weight-only quantized W [n, k] (layout: kernels/reference.py). kind kNF4: codes = 4-bit codes (2 per
+// byte, high nibble first, flat row-major), qabsmax [ceil(n*k/64)] indices into code2 [256], absmax2
+// [ceil(n*k/64/256)], offset, nf4 [16] the code book. kind kInt8: codes = int8 [n, k], scale [n].
+enum QuantKind : int { kNF4 = 0, kInt8 = 1 };
+struct QuantWeight {
+  int kind;
+  const uint8_t* codes;
+  const uint8_t* qabsmax;
+  const float* absmax2;
+  const float* code2;
+  const float* nf4;
+  float offset;
+  const float* scale;
+  int64_t n, k;
+};
+
+// out [rows, k] (fp32 or bf16, contiguous) = rows [row0, row0 + rows) of W, dequantized exactly as the reference.
+struct QuantDequantArgs {
+  QuantWeight w;
+  int64_t row0, rows;
+  void* out;
+  int out_dtype;
+  int n_threads;
+};
+
+// out [m, n] = x [m, k] @ W^T (+ bias [n]); x, bias and out of one dtype (fp32 or bf16); m <= 8; NF4 needs
+// k % 64 == 0. fp32 accumulation.
+struct QuantGemvArgs {
+  QuantWeight w;
+  const void* x;
+  const void* bias;  // nullable
+  void* out;
+  int dtype;
+  int64_t m;
+  int n_threads;
+};
+
 void cross_entropy_cpu(const CrossEntropyArgs& a);
 void rms_norm_cpu(const RMSNormArgs& a);
 void rms_norm_backward_cpu(const RMSNormBackwardArgs& a);
@@ -144,6 +181,8 @@ void decode_step_cpu(const DecodeModel& m, const DecodeStepArgs& s);
 double grad_sumsq_cpu(const std::vector<int64_t>& grads, const std::vector<int64_t>& sizes,
                       const std::vector<int>& dtypes, int n_threads);
 void adamw_cpu(const AdamWArgs& a);
+void quant_dequant_cpu(const QuantDequantArgs& a);
+void quant_gemv_cpu(const QuantGemvArgs& a);
 
 #ifdef ENGINE_WITH_CUDA
 void cross_entropy_cuda(const CrossEntropyArgs& a);
@@ -151,6 +190,8 @@ void cross_entropy_cuda(const CrossEntropyArgs& a);
 void grad_sumsq_cuda(const std::vector<int64_t>& grads, const std::vector<int64_t>& sizes,
                      const std::vector<int>& dtypes, int64_t out, int64_t stream);
 void adamw_cuda(const AdamWArgs& a);
+void quant_dequant_cuda(const QuantDequantArgs& a, int64_t stream);
+void quant_gemv_cuda(const QuantGemvArgs& a, int64_t stream);
 #endif
 
 }  // namespace kernels

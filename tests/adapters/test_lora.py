@@ -121,7 +121,7 @@ def test_lora_config_errors_name_the_key():
     for lora, message in [({"rnak": 4}, "lora.rnak: unknown key (did you mean 'lora.rank'?)"),
                           ({"targets": ["q_prj"]}, "lora.targets: unknown module 'q_prj' (did you mean 'q_proj'?)"),
                           ({"rank": 0}, "lora.rank: expected an integer >= 1, got 0"),
-                          ({"base_dtype": "int8"}, "lora.base_dtype: expected one of 'fp32', 'bf16'")]:
+                          ({"base_dtype": "fp8"}, "lora.base_dtype: expected one of 'fp32', 'bf16'")]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             from_dict(RunConfig, {**base, "lora": lora}, where="")
     with pytest.raises(ConfigError, match="lora: LoRA adapts a pretrained model"):

@@ -20,7 +20,7 @@ def test_cuda_sources_compile_with_nvcc(tmp_path):
                                "-o", str(tmp_path / (src.stem + ".o"))],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for src in sorted((CSRC / "cuda").glob("*.cu"))]
-    assert len(procs) == 2
+    assert len(procs) >= 2  # cross_entropy, adamw, and the kernels added since (quant_linear)
     for p in procs:
         out, _ = p.communicate(timeout=300)
         assert p.returncode == 0, out
