@@ -129,21 +129,22 @@ def tokenizer_config_from_gguf(meta: dict) -> tuple[dict, dict]:
 def _pre_name(pre_tokenizer: dict | None) -> str:
     """The tokenizer.ggml.pre whose splitting equals this tokenizer.json pre-tokenizer (llama.cpp tells
     them apart by hashing a test string's tokens; the structure says the same here)."""
-    for name, pieces in PRE_TOKENIZERS.items():
-        if json.loads(_pre_tokenizer(name).to_str()) == _normalized(pre_tokenizer):
+    for name in PRE_TOKENIZERS:
+        probe = Backend(models.BPE())
+        probe.pre_tokenizer = _pre_tokenizer(name)
+        if _comparable(json.loads(probe.to_str())["pre_tokenizer"]) == _comparable(pre_tokenizer):
             return name
     logger.warning("the tokenizer's pre-tokenizer %s matches none llama.cpp names here; writing "
                    "tokenizer.ggml.pre 'gpt2' (llama.cpp will split text as GPT-2 does)", json.dumps(pre_tokenizer))
     return "gpt2"
 
 
-def _normalized(pre: dict | None):
-    # trim_offsets and the Split invert flag do not change ids; compare what does
-    if pre is None:
-        return None
-    pre = json.loads(json.dumps(pre))
-    for step in pre.get("pretokenizers", [pre]):
-        step.setdefault("trim_offsets", True) if step.get("type") == "ByteLevel" else None
+def _comparable(pre):
+    """A pre-tokenizer's JSON without the fields that never change ids (offset trimming)."""
+    if isinstance(pre, dict):
+        return {k: _comparable(v) for k, v in pre.items() if k != "trim_offsets"}
+    if isinstance(pre, list):
+        return [_comparable(v) for v in pre]
     return pre
 
 

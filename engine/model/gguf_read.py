@@ -190,12 +190,13 @@ def load_gguf_weights(model, path) -> None:
     extra = sorted(set(tensors) - set(plan) - ({"output.weight"} if cfg.tie_word_embeddings else set()))
     if extra:
         raise WeightsError(f"{path}: unexpected tensor(s) {', '.join(extra[:8])}")
-    heads = {"attn_q.weight": cfg.num_heads, "attn_k.weight": cfg.num_kv_heads}
+    heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}  # weights and biases are both permuted
     with torch.no_grad():
         for name, targets in plan.items():
             values = dequantized(tensors[name], path)
-            if arch.permute_qk and name.split(".", 2)[-1] in heads:
-                values = unpermute_qk(values, heads[name.split(".", 2)[-1]])
+            leaf = name.split(".")[-2]
+            if arch.permute_qk and name.startswith("blk.") and leaf in heads:
+                values = unpermute_qk(values, heads[leaf])
             if arch.norm_plus_one and is_norm(name):
                 values = values - 1.0
             total = sum(p.shape[0] for _, _, p in targets)
