@@ -70,7 +70,7 @@ def export_gguf(checkpoint, out, adapter=None, gguf_type: str = "f16") -> Path:
 
 def export_gguf_lora(checkpoint, out, adapter=None) -> Path:
     """Write the LoRA adapter of `checkpoint` (a run's adapter dir) or `adapter` as a GGUF LoRA file `out`."""
-    from engine.model.gguf_lora import write_gguf_lora
+    from engine.adapters.gguf_lora import write_gguf_lora
 
     checkpoint, out = Path(checkpoint), Path(out)
     _check_out(checkpoint, out, adapter)
