@@ -11,7 +11,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from engine.config import ConfigError
 from engine.files import atomic_write_with
