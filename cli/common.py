@@ -14,6 +14,7 @@ from engine.data.text import DataError
 from engine.data.tokenizer import Tokenizer, TokenizerError
 from engine.dtypes import DTYPES, dtype_named
 from engine.files import atomic_write
+from engine.model.gguf_read import gguf_file
 from engine.model.hf_format import WeightsError, resolve_model_dir
 from engine.train.distributed import RankZeroFailed
 from engine.train.metrics import MetricsError
@@ -98,7 +99,7 @@ def load_for_inference(model, adapter=None, dtype="fp32", device=None, merge: bo
         from engine.quant import quantize as quantize_layers
         quantize_layers(net, quantize)
     candidates = list(dict.fromkeys(d for d in (adapter_dir, model_dir, base_dir) if d is not None))
-    tok_dir = next((d for d in candidates if (Path(d) / "tokenizer.json").is_file()), None)
+    tok_dir = next((d for d in candidates if (Path(d) / "tokenizer.json").is_file() or gguf_file(d)), None)
     if tok_dir is None and require_tokenizer:
         raise TokenizerError(f"no tokenizer.json in {' or '.join(map(str, candidates))} (expected the tokenizer "
                              "saved beside the weights or the adapter)")

@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from cli import showcase
 from cli.common import USER_ERRORS, add_set_argument, exit_on_user_error, load_for_inference
 from engine.train.run_factory import check_run_config
 from engine.config import load_run_config
@@ -80,6 +81,7 @@ def main(argv=None) -> None:
         cfg = load_checked_config(args)
         scored = cfg.grpo is not None and bool(cfg.data.val) and rank == 0
         before = grpo_heldout(cfg, cfg.model.from_pretrained) if scored else None
+        base_report = showcase.before(cfg, progress=not args.no_progress) if cfg.showcase and rank == 0 else None
         result = train(cfg, progress=not args.no_progress)
         if rank != 0:
             return
@@ -106,6 +108,8 @@ def main(argv=None) -> None:
             print(f"model: {result.final_dir}  (python -m cli.generate --model {result.final_dir} --prompt ...)")
         if cfg.train.sample_prompt:
             print_sample(result.final_dir, cfg.train.sample_prompt, cfg.train.sample_tokens)
+        if base_report is not None:
+            showcase.after(cfg, result.final_dir, base_report, progress=not args.no_progress)
 
 
 def exit_without_teardown(argv=None) -> None:

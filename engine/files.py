@@ -67,6 +67,23 @@ def atomic_write(path, data: bytes | str) -> Path:
     return path
 
 
+def atomic_write_with(path, fill: Callable[[Path], None]) -> Path:
+    """atomic_write for a file another library writes to a path (too large to build in memory first):
+    `fill(tmp)` writes the temp file beside `path`; it is then fsynced and renamed over `path`."""
+    path = Path(path)
+    tmp = path.parent / f"{TEMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        fill(tmp)
+        fsync_path(tmp)
+        crash_point(f"atomic_write:{path.name}")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+    return path
+
+
 def temp_dir_beside(final: Path) -> Path:
     """A fresh, empty `.tmp-<name>-<random>` directory next to `final` (never reused)."""
     tmp = final.parent / f"{TEMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"

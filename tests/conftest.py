@@ -5,6 +5,10 @@ import torch
 from tests.hf_models import save_hf_model
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "llama_cpp: needs llama-cpp-python (compiles llama.cpp; skipped when absent)")
+
+
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory):
     """`hf_checkpoint(family, sharded=False, **overrides) -> (dir, hf_model)`, cached per argument set."""

@@ -404,6 +404,27 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class ShowcaseConfig:
+    """Before/after report of a fine-tuning run (`showcase.*`, read by cli.train; cli/showcase.py): exact-match
+    accuracy on held-out examples and a chat sample, base vs tuned; then the merged model and a GGUF in out_dir."""
+
+    test: str  # held-out .jsonl ({"prompt", "completion"} lines), scored by exact match of the greedy completion
+    n: int = 50  # examples scored
+    chat_prompt: str = ""  # one user message answered by the base and the tuned model
+    max_new_tokens: int = 48
+    gguf_type: Optional[Literal["f32", "f16", "bf16", "q8_0", "q4_0"]] = "q8_0"  # null: no GGUF file
+
+    def __post_init__(self):
+        _check_int("showcase.n", self.n, minimum=1)
+        _check_int("showcase.max_new_tokens", self.max_new_tokens, minimum=1)
+        if not Path(self.test).is_file():
+            raise ConfigError(f"showcase.test: {self.test} is not a file")
+        if self.gguf_type not in (None, "f32", "f16", "bf16", "q8_0", "q4_0"):
+            raise ConfigError(f"showcase.gguf_type: expected one of f32, f16, bf16, q8_0, q4_0 or null, "
+                              f"got {self.gguf_type!r}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A whole training run, as read from one JSON file."""
 
@@ -422,10 +443,13 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     dpo: Optional[DPOConfig] = None  # preference-optimization options (defaults when omitted); train.objective "dpo"
     grpo: Optional[GRPOConfig] = None  # GRPO options (defaults when omitted); only with train.objective "grpo"
+    showcase: Optional[ShowcaseConfig] = None  # null: no before/after report (cli.train)
 
     def __post_init__(self):
         self._check_dpo()
         self._check_objective()
+        if self.showcase is not None and self.lora is None:
+            raise ConfigError("showcase: the before/after report compares a base with its LoRA adapter; set lora")
         if self.lora is not None and self.model.from_pretrained is None:
             raise ConfigError("lora: LoRA adapts a pretrained model; set model.from_pretrained")
         if self.resume not in (None, "auto") and not Path(self.resume).exists():

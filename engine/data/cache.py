@@ -31,8 +31,12 @@ def fingerprint(files) -> list:
 
 
 def tokenizer_hash(tokenizer_dir) -> str:
-    """sha256 of the tokenizer dir's files (those of TOKENIZER_FILES that exist)."""
+    """sha256 of the tokenizer dir's files (those of TOKENIZER_FILES that exist); for a tokenizer inside one
+    model file (a .gguf), of that file's path, size and mtime (hashing the whole weights file would be slow)."""
     h = hashlib.sha256()
+    if Path(tokenizer_dir).is_file():
+        st = Path(tokenizer_dir).stat()
+        h.update(f"{Path(tokenizer_dir).resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode())
     for name in TOKENIZER_FILES:
         if (Path(tokenizer_dir) / name).is_file():
             h.update(name.encode() + b"\0" + (Path(tokenizer_dir) / name).read_bytes())

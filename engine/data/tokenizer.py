@@ -185,6 +185,9 @@ class Tokenizer:
     def from_pretrained(cls, path) -> "Tokenizer":
         """Load a HF tokenizer dir: tokenizer.json (required), tokenizer_config.json and chat templates."""
         path = Path(path)
+        if path.suffix.lower() == ".gguf" or (path.is_dir() and not (path / "tokenizer.json").is_file()
+                                               and any(path.glob("*.gguf"))):
+            return cls.from_gguf(path)
         if not path.is_dir():
             raise TokenizerError(f"{path}: tokenizer directory not found (expected a dir holding tokenizer.json)")
         tok_file = path / "tokenizer.json"
@@ -200,6 +203,25 @@ class Tokenizer:
             # Older dirs: transformers lets special_tokens_map.json override the config's tokens.
             config.update(_read_json(path / "special_tokens_map.json"))
         return cls(backend, config, _load_chat_templates(path, config), source=str(path))
+
+    @classmethod
+    def from_gguf(cls, path) -> "Tokenizer":
+        """The tokenizer of a GGUF file (or of the one .gguf in a directory): tokenizer.ggml.* and its template."""
+        from engine.data.gguf_tokenizer import backend_from_gguf, tokenizer_config_from_gguf
+        from engine.model.gguf_read import gguf_file, metadata, open_gguf
+
+        file = gguf_file(path)
+        if file is None:
+            raise TokenizerError(f"{path}: not a .gguf file")
+        meta = metadata(open_gguf(file))
+        backend = backend_from_gguf(meta, str(file))
+        config, templates = tokenizer_config_from_gguf(meta)
+        return cls(backend, config, templates, source=str(file))
+
+    @property
+    def backend(self) -> Backend:
+        """The `tokenizers.Tokenizer` underneath (e.g. for writing it in another format)."""
+        return self._tok
 
     def __len__(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)

@@ -20,6 +20,8 @@ from safetensors.torch import save
 from engine.config import ConfigError
 from engine.files import atomic_write
 from engine.model.families import ExpertsStored, Stored, config_from_hf, config_to_hf, stored_as, weight_layout
+from engine.model.gguf_read import gguf_file, load_gguf, read_gguf_config
+from engine.model.model_package import PKG_PREFIX, resolve_package_ref
 
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 logger = logging.getLogger(__name__)
@@ -46,11 +48,16 @@ def looks_local(path_or_hub_id: str | os.PathLike) -> bool:
 
 def resolve_model_dir(path_or_hub_id: str | os.PathLike, allow_patterns=MODEL_FILES) -> Path:
     """The one resolver of every CLI: a local directory as is (a local-looking path that is not one is an
-    error), else a hub id fetched (files matching `allow_patterns`) or found in the cache."""
+    error), else a hub id fetched (files matching `allow_patterns`) or found in the cache. A .gguf file, or
+    `pkg:<package>/<file>` (a model file inside an installed package), is returned as the file's path."""
+    if str(path_or_hub_id).startswith(PKG_PREFIX):
+        return resolve_package_ref(str(path_or_hub_id))
     path = Path(path_or_hub_id).expanduser()
     if path.is_dir():
         return path
     if path.exists():
+        if gguf_file(path) is not None:
+            return path
         raise WeightsError(f"{path}: not a model directory (a file)")
     if looks_local(path_or_hub_id):
         raise WeightsError(f"{path}: not found, so not a model directory (a path like this is local, never a "
@@ -111,7 +118,9 @@ def read_json(path: Path, what: str) -> dict:
 
 
 def read_config(directory: Path):
-    """The ModelConfig of an HF model directory."""
+    """The ModelConfig of an HF model directory (or of a GGUF file / a directory holding one)."""
+    if gguf_file(directory) is not None:
+        return read_gguf_config(gguf_file(directory))
     path = directory / "config.json"
     try:
         return config_from_hf(read_json(path, "expected the model's config.json"), source=str(path))
@@ -184,6 +193,12 @@ def load_pretrained(cls, path_or_hub_id, dtype=None, device=None, quantize=None)
     """Build `cls(config)` from an HF directory or hub id and fill it with the stored weights; `quantize`
     ("nf4" | "int8", engine.quant) stores the block linears quantized, each as it is read."""
     directory = resolve_model_dir(path_or_hub_id)
+    if gguf_file(directory) is not None:  # dequantized tensor by tensor; a quantized base is re-quantized after
+        model = load_gguf(cls, gguf_file(directory), dtype, device)
+        if quantize is not None:
+            from engine.quant import quantize as quantize_layers
+            quantize_layers(model, quantize)
+        return model
     cfg = read_config(directory)
     check_fits(cfg, dtype or torch.float32, device or "cpu", directory / "config.json")
     files = weight_files(directory)
