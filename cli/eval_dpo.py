@@ -94,9 +94,9 @@ def main(argv=None) -> None:
         if args.command == "make-data":
             make_data(Path(args.out))
             return
-        torch.set_grad_enabled(False)
-        model, tokenizer = load_for_inference(args.base, args.adapter)
-        n, ref, pol = preference_accuracies(model, tokenizer, Path(args.data), args.batch_size)
+        with torch.no_grad():  # scoped: main() also runs in-process (tests), where grad mode must survive it
+            model, tokenizer = load_for_inference(args.base, args.adapter)
+            n, ref, pol = preference_accuracies(model, tokenizer, Path(args.data), args.batch_size)
         print(f"held-out preference accuracy on {n} pairs (chosen logp > rejected logp): "
               f"reference {ref:.1%} -> policy {pol:.1%}")
 

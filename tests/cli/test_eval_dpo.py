@@ -27,6 +27,8 @@ def test_eval_prints_reference_and_policy_accuracy(tmp_path, capsys):
     main(["eval", "--base", str(base), "--data", str(tmp_path / "data" / "test.jsonl")])
     out = capsys.readouterr().out.strip().splitlines()[-1]
     assert out.startswith("held-out preference accuracy on 40 pairs") and "reference" in out and "-> policy" in out
+    import torch
+    assert torch.is_grad_enabled()  # main() runs in-process here: it must not leave autograd switched off
 
 
 def test_eval_of_a_missing_file_exits_2_with_one_line(tmp_path, capsys):
