@@ -41,8 +41,14 @@ def make_example(rng: random.Random) -> dict:
 
 def make_data(out: Path, n_train: int = 6000, n_val: int = 200, n_test: int = 200, seed: int = 0) -> None:
     """Write train/val/test .jsonl with disjoint prompts (seeded: every machine writes the same files)."""
+    write_disjoint_splits(out, make_example, {"test": n_test, "val": n_val, "train": n_train}, seed)
+
+
+def write_disjoint_splits(out: Path, make_example, sizes: dict, seed: int = 0) -> None:
+    """Draw sizes[split] examples per split (in the dict's order) from make_example(rng), held-out prompts unique
+    and never in train, and write out/{train,val,test}.jsonl atomically."""
     rng, held, splits = random.Random(seed), set(), {}
-    for split, n in (("test", n_test), ("val", n_val), ("train", n_train)):
+    for split, n in sizes.items():
         rows = []
         while len(rows) < n:
             ex = make_example(rng)

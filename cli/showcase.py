@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from engine.files import atomic_write
+from cli.eval_sft import write_disjoint_splits
 
 NAMES = ["Maria", "James", "Aisha", "Chen", "Olga", "Diego", "Priya", "Lukas", "Fatima", "Kenji", "Sofia", "Omar",
          "Emma", "Ravi", "Ingrid", "Mateo", "Yuki", "Noah", "Leila", "Pavel", "Grace", "Tomas", "Amara", "Hugo",
@@ -50,21 +50,7 @@ def make_example(rng: random.Random) -> dict:
 
 def make_data(out: Path, n_train: int = 2000, n_val: int = 100, n_test: int = 200, seed: int = 0) -> None:
     """Write train/val/test .jsonl with disjoint prompts (seeded: every machine writes the same files)."""
-    rng, held, splits = random.Random(seed), set(), {}
-    for split, n in (("test", n_test), ("val", n_val), ("train", n_train)):
-        rows = []
-        while len(rows) < n:
-            ex = make_example(rng)
-            if ex["prompt"] in held:
-                continue
-            if split != "train":
-                held.add(ex["prompt"])
-            rows.append(ex)
-        splits[split] = rows
-    out.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "val", "test"):
-        atomic_write(out / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in splits[split]))
-        print(f"wrote {out / f'{split}.jsonl'} ({len(splits[split])} examples)")
+    write_disjoint_splits(out, make_example, {"test": n_test, "val": n_val, "train": n_train}, seed)
 
 
 def chat_sample(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
