@@ -86,3 +86,17 @@ def publish_cache(out: Path, fill, replace: bool = False):
     out.parent.mkdir(parents=True, exist_ok=True)
     with _parent_lock(out, exclusive=False):  # until the rename: clear_stale must not take our temp dir for dead
         return write_dir(out, fill, replace=replace)
+
+
+def load_or_build(cache, load, build, save, unchanged: str):
+    """(splits, reused): load(cache) when a finished cache dir is there, else build() and save(cache, splits)
+    when cache is not None (None: no caching, e.g. a tokenizer with no dir). Stale temps are cleared first."""
+    if cache is not None:
+        clear_stale(cache)  # what killed runs left (a restored complete copy is reused below)
+    if cache is not None and (cache / DONE_FILE).is_file():
+        logger.info("data: reusing %s (%s unchanged)", cache, unchanged)
+        return load(cache), True
+    splits = build()
+    if cache is not None:
+        save(cache, splits)
+    return splits, False

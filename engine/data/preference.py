@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from engine.config import DataConfig
-from engine.data.cache import clear_stale, digest, fingerprint, publish_cache, tokenizer_hash
+from engine.data.cache import digest, fingerprint, load_or_build, publish_cache, tokenizer_hash
 from engine.data.documents import DataError, expand_paths, iter_jsonl
 from engine.data.sampler import IGNORE_INDEX, Sampled
 from engine.data.sft import encode_pieces, segments, template_kind
@@ -194,16 +194,10 @@ def prepare_preference(cfg: DataConfig, tokenizer: Tokenizer, seed: int = 0, tok
            "preference": dataclasses.asdict(cfg.preference), "chat_templates": tokenizer.chat_templates,
            "tokenizer": tokenizer_hash(tokenizer_dir) if tokenizer_dir is not None else None}
     cache = Path(cfg.processed_dir) / f"pref-{digest(key)}" if tokenizer_dir is not None else None
-    if cache is not None:
-        clear_stale(cache)
-    reused = cache is not None and (cache / "meta.json").is_file()
-    if reused:
-        splits = _load_pairs(cache)
-        logger.info("data: reusing %s (inputs, tokenizer and data.preference unchanged)", cache)
-    else:
-        splits = _tokenize_splits(cfg, tokenizer, train_files, val_files)
-        if cache is not None:
-            _save_pairs(cache, splits, token_dtype(len(tokenizer)))
+    splits, reused = load_or_build(
+        cache, _load_pairs, lambda: _tokenize_splits(cfg, tokenizer, train_files, val_files),
+        lambda out, splits: _save_pairs(out, splits, token_dtype(len(tokenizer))),
+        "inputs, tokenizer and data.preference")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     out = []
     for split in ("train", "val"):

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from engine.config import DataConfig, SFTConfig
-from engine.data.cache import clear_stale, digest, publish_cache, tokenizer_hash
+from engine.data.cache import digest, load_or_build, publish_cache, tokenizer_hash
 from engine.data.documents import DataError
 from engine.data.formats import to_sft_record
 from engine.data.hf_datasets import DatasetSource, expand_sources, iter_source_rows, source_fingerprint
@@ -297,16 +297,10 @@ def prepare_sft(cfg: DataConfig, tokenizer: Tokenizer, seed: int = 0, tokenizer_
     train_files = _jsonl_files(cfg.train, "data.train", cfg)
     val_files = _jsonl_files(cfg.val, "data.val", cfg, cfg.dataset.val_split) if cfg.val else []
     cache = _cache_dir(cfg, tokenizer, tokenizer_dir, train_files, val_files) if tokenizer_dir is not None else None
-    if cache is not None:
-        clear_stale(cache)  # what killed runs left (a restored complete copy is reused below)
-    reused = cache is not None and (cache / "meta.json").is_file()
-    if reused:
-        splits = _load_examples(cache)
-        logger.info("data: reusing %s (inputs, tokenizer and data.sft unchanged)", cache)
-    else:
-        splits = _tokenize_splits(cfg, tokenizer, train_files, val_files)
-        if cache is not None:
-            _save_examples(cache, splits, token_dtype(len(tokenizer)))
+    splits, reused = load_or_build(
+        cache, _load_examples, lambda: _tokenize_splits(cfg, tokenizer, train_files, val_files),
+        lambda out, splits: _save_examples(out, splits, token_dtype(len(tokenizer))),
+        "inputs, tokenizer and data.sft")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     out = []
     for split in ("train", "val"):
