@@ -1,5 +1,5 @@
 """Every setting as a frozen dataclass: the model's architecture (`model.py`), a training run's sections
-(`run.py`), and the JSON/YAML/`--set` parsing that builds them with key-path errors (`parsing.py`)."""
+(`run.py`; the DPO/GRPO sections in `methods.py`), and the JSON/YAML/`--set` parsing that builds them with key-path errors (`parsing.py`)."""
 from engine.config.model import LayerRope, LayerSpec, ModelConfig, RopeScaling
 from engine.config.parsing import ConfigError, from_dict
 from engine.config.run import (LORA_TARGETS, DataConfig, DatasetConfig, DistributedConfig, LoggingConfig, LoraConfig,
