@@ -263,13 +263,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 class AdamW(adamw.FusedAdamW):
     """torch.optim.AdamW with a fused step: one pass per element (multi-tensor), optional global
-    grad-norm clipping folded in (max_grad_norm; pre-clip norm in .last_grad_norm), fp32 master
+    grad-norm clipping folded in (max_grad_norm; pre-clip norm in .last_grad_norm; skip_nonfinite: an inf/NaN norm
+    skips the step, .last_step_skipped), fp32 master
     weights for bf16/fp16 params. state_dict is interchangeable with torch.optim.AdamW's."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 max_grad_norm=None, backend=None):
+                 max_grad_norm=None, backend=None, skip_nonfinite=False):
         _check_backend("kernels.AdamW", backend)
-        super().__init__(params, lr, betas, eps, weight_decay, max_grad_norm, backend)
+        super().__init__(params, lr, betas, eps, weight_decay, max_grad_norm, backend, skip_nonfinite)
         _log_once()
 
     def _native_ext(self, params, grads):

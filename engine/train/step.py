@@ -40,7 +40,7 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 def make_optimizer(model, cfg: TrainConfig):
     """kernels.AdamW (fused when built) with global-norm clipping folded into its step."""
     return kernels.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                         eps=cfg.eps, max_grad_norm=cfg.grad_clip or None)
+                         eps=cfg.eps, max_grad_norm=cfg.grad_clip or None, skip_nonfinite=True)
 
 
 def train_step(model, optimizer, micro_batches, *, device, precision="fp32", scaler=None, hidden_fn=None,
@@ -88,8 +88,15 @@ def _apply_update(optimizer, scaler, group: Dist, loss_finite: bool) -> tuple[Op
             scaler.step(optimizer)
         scaler.update()
         applied = loss_finite
+    elif not loss_finite:
+        return math.nan, False
+    elif getattr(optimizer, "max_grad_norm", None) is not None and getattr(optimizer, "skip_nonfinite", False):
+        optimizer.step()  # computes the global norm once (for the clip) and skips the step when it is inf/NaN
+        if optimizer.last_step_skipped:
+            return math.nan, False
+        applied = True
     else:
-        norm = _grad_norm(optimizer, group) if loss_finite else math.nan
+        norm = _grad_norm(optimizer, group)
         applied = math.isfinite(norm)
         if not applied:
             return norm, False

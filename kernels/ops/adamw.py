@@ -49,7 +49,7 @@ class FusedAdamW(torch.optim.Optimizer):
     name = NAME
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 max_grad_norm=None, backend=None):
+                 max_grad_norm=None, backend=None, skip_nonfinite=False):
         checks = [("lr", lr, lr >= 0), ("eps", eps, eps >= 0),
                   ("weight_decay", weight_decay, weight_decay >= 0),
                   ("betas", betas, len(betas) == 2 and all(0 <= b < 1 for b in betas)),
@@ -65,6 +65,10 @@ class FusedAdamW(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         self.backend = backend
         self.last_grad_norm: torch.Tensor | None = None  # pre-clip global norm of the last step
+        # With clipping: a step whose global grad norm is inf/NaN changes nothing (weights, moments, step
+        # counts), so callers need not compute the norm a second time to guard the update.
+        self.skip_nonfinite = skip_nonfinite
+        self.last_step_skipped = False
 
     def _native_ext(self, params: list[torch.Tensor], grads: list[torch.Tensor]):
         """The compiled module if it should run these (local) params and grads, else None (fallback)."""
@@ -162,6 +166,10 @@ class FusedAdamW(torch.optim.Optimizer):
             grads = [g for _, _, gs, _ in groups for g in gs]
             self.last_grad_norm, clip = (self._clip_sharded(grads, sharded, mesh_group) if any(sharded)
                                          else self._clip(params, grads))
+        self.last_step_skipped = (self.skip_nonfinite and self.last_grad_norm is not None
+                                  and not math.isfinite(float(self.last_grad_norm)))
+        if self.last_step_skipped:
+            return loss if closure is not None else self.last_grad_norm
         for group, params, grads, states in groups:
             if params:
                 self._step_group(group, params, grads, states, clip)
