@@ -109,7 +109,8 @@ def test_unsupported_settings_are_refused_by_name(tmp_path):
         write_gguf(model, tokenizer, tmp_path / "x.gguf", "q3_k")
     scaled = Transformer.from_pretrained(tmp_path / "hf")
     object.__setattr__(scaled.config, "rope_scaling", __import__("engine.config", fromlist=["RopeScaling"])
-                       .RopeScaling("llama3", 8.0))
-    with pytest.raises(ConfigError, match="rope scaling 'llama3' is not supported"):
+                       .RopeScaling("yarn", 8.0))
+    with pytest.raises(ConfigError, match="family 'llama': rope scaling 'yarn' has no form in llama.cpp's 'llama' "
+                                          "arch"):
         write_gguf(scaled, tokenizer, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
