@@ -213,7 +213,7 @@ def write_gguf(model, tokenizer, out, gguf_type: str = "f16", name: str | None =
     tensors = {n: _encoded(gguf, n, v, qtype) for n, v in values.items()}
 
     def fill(tmp: Path) -> None:
-        with _quiet(gguf):
+        with quiet_gguf_writer(gguf):
             _fill(gguf, tmp, arch, entries, tensors)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -221,7 +221,7 @@ def write_gguf(model, tokenizer, out, gguf_type: str = "f16", name: str | None =
 
 
 @contextmanager
-def _quiet(gguf):
+def quiet_gguf_writer(gguf):
     """The gguf package logs its plan ("This GGUF file is for Little Endian only", shard sizes) at INFO, which a
     CLI's INFO logging would show on every export: hold its writer's logger at WARNING (warnings still pass)."""
     log = logging.getLogger(gguf.gguf_writer.__name__)
