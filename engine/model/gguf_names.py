@@ -217,6 +217,16 @@ def gguf_name(arch: GGUFArch, native_name: str) -> Optional[str | Fused | Split]
     return spec.format(layer)
 
 
+# convert_hf_to_gguf.py keeps these in F32 whatever the file type (its `extra_f32` tensors): the MoE routers
+# and learned position embeddings.
+KEEP_F32 = ("ffn_gate_inp", "position_embd")
+
+
+def keeps_f32(gguf_tensor: str) -> bool:
+    """Written in F32 at any --gguf-type: norms, routers and position embeddings, as llama.cpp's converter does."""
+    return is_norm(gguf_tensor) or gguf_tensor.split(".")[-2] in KEEP_F32
+
+
 def is_norm(gguf_tensor: str) -> bool:
     """Norm weights: Gemma's `+1` applies to these, and the writer keeps them in F32 as llama.cpp does."""
     return gguf_tensor.endswith("norm.weight")

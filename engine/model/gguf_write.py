@@ -2,8 +2,8 @@
 
 The metadata keys, tensor names and value transforms are the ones llama.cpp's convert_hf_to_gguf.py writes
 (engine.model.gguf_names); tensors are quantized by the `gguf` package's own Python code (gguf.quants), so the
-types written are those it can quantize: f32, f16, bf16, q8_0, q4_0. As llama.cpp does, 1-D tensors and norms
-stay F32, and a matrix whose rows are not a whole number of quantization blocks falls back to F16.
+types written are those it can quantize: f32, f16, bf16, q8_0, q4_0. As llama.cpp does, 1-D tensors, norms,
+MoE routers and position embeddings stay F32, and a matrix whose rows are not a whole number of quantization blocks falls back to F16.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import numpy as np
 from engine.config import ConfigError
 from engine.files import atomic_write_with
 from engine.model.gguf_names import (ARCHS, DROPPED, FAMILY_ARCH, FLOAT_META, ROPE_FREQS, ROPE_LONG, ROPE_SHORT,
-                                     ROPE_TENSORS, Fused, Split, gguf_name, is_norm)
+                                     ROPE_TENSORS, Fused, Split, gguf_name, is_norm, keeps_f32)
 from engine.model.gguf_read import hf_config_from, import_gguf, llama3_factors
 
 logger = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ def _same(a, b) -> bool:
 def _encoded(gguf, name: str, values: np.ndarray, qtype):
     """(data, raw type) of one tensor: norms and 1-D tensors F32, rows not whole blocks F16, else `qtype`."""
     Q = gguf.GGMLQuantizationType
-    if values.ndim <= 1 or is_norm(name) or qtype == Q.F32:
+    if values.ndim <= 1 or keeps_f32(name) or qtype == Q.F32:
         return values, Q.F32
     if qtype == Q.F16:
         return values.astype(np.float16), Q.F16

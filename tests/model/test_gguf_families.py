@@ -231,3 +231,12 @@ def test_the_writer_logs_nothing_at_info_and_prints_nothing(tmp_path, capsys, ca
     assert capsys.readouterr().out == ""
     writer_log = logging.getLogger("gguf.gguf_writer")
     assert writer_log.level == logging.NOTSET  # restored: a warning of gguf's own still reaches the handlers
+
+
+def test_routers_stay_f32_in_a_quantized_file_as_llama_cpp_writes_them(tmp_path):
+    # convert_hf_to_gguf.py prepare_tensors: `extra_f32` tensors (MODEL_TENSOR.FFN_GATE_INP, POS_EMBD, ...)
+    # are written F32 whatever the file type
+    _, _, _, path = write_family(tmp_path, "qwen3_moe", "q8_0")
+    types = {t.name: t.tensor_type for t in open_gguf(path).tensors}
+    assert types["blk.0.ffn_gate_inp.weight"] == gguf.GGMLQuantizationType.F32
+    assert types["blk.0.ffn_up_exps.weight"] == types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
