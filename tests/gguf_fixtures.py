@@ -31,6 +31,7 @@ GGUF_FAMILIES = {
     "smollm3": ("llama", {"intermediate_size": 128, "no_rope_layer_interval": 4, "use_sliding_window": False}),
     "qwen3_moe": ("qwen", {"intermediate_size": 128, "mlp_only_layers": [], "moe_intermediate_size": 64}),
     "mixtral": ("llama", {"intermediate_size": 64}),
+    "qwen2_moe": ("qwen", {"intermediate_size": 128}),
     # Llama 3.2's RoPE (head_dim 64, theta 5e5, llama3 scaling x32 over 8192 positions): the rope_freqs tensor
     "llama3": ("llama", {"hidden_size": 128, "num_attention_heads": 2, "intermediate_size": 128,
                          "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
@@ -44,13 +45,16 @@ GGUF_FAMILIES = {
     "gemma3-hf": ("llama", {"head_dim": 256, "query_pre_attn_scalar": 256, "final_logit_softcapping": None,
                             "intermediate_size": 128, "rope_parameters": None}, "gemma3"),
     # (a padding token: else transformers takes Phi3Config's pad_token_id 32000, past this vocab)
-    "phi3-hf": ("llama", {"_tokenizer": {"pad_token": "<unk>"}, "intermediate_size": 128, "partial_rotary_factor": 1.0, "rope_scaling": None,
+    "phi3-hf": ("llama", {"_tokenizer": {"pad_token": "<unk>"}, "intermediate_size": 128,
+                          "partial_rotary_factor": 1.0, "rope_scaling": None,
                           "sliding_window": None, "original_max_position_embeddings": 4096}, "phi3"),
     "qwen3_moe-hf": ("qwen", {"intermediate_size": 128, "mlp_only_layers": [], "moe_intermediate_size": 768},
                      "qwen3_moe"),
+    "qwen2_moe-hf": ("qwen", {"intermediate_size": 128, "moe_intermediate_size": 1408,
+                              "shared_expert_intermediate_size": 5632}, "qwen2_moe"),
 }
 TRANSFORMERS_READS = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gemma2-hf", "gemma3-hf", "phi3-hf",
-                      "qwen3_moe-hf")
+                      "qwen3_moe-hf", "qwen2_moe-hf")
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "  two spaces,\ttabs\n\nand newlines",
          "Numbers: 0 1 42 1234567890!", "Café naïve — über 東京 😀", "def f(x):\n    return x ** 2\n", ""]
 
@@ -63,7 +67,8 @@ def write_family(directory: Path, family: str, gguf_type: str = "f32", seed: int
     src = directory / "hf"
     write_tokenizer_dir(src, style, **overrides.pop("_tokenizer", {}))
     tokenizer = Tokenizer.from_pretrained(src)
-    hf = save_hf_model(hf_family[0] if hf_family else family, src, seed=seed, vocab_size=len(tokenizer), **{**overrides, **hf_overrides})
+    hf = save_hf_model(hf_family[0] if hf_family else family, src, seed=seed, vocab_size=len(tokenizer),
+                       **{**overrides, **hf_overrides})
     model = Transformer.from_pretrained(src)
     path = write_gguf(model, tokenizer, directory / "gguf" / "model.gguf", gguf_type)
     return hf, model, tokenizer, path

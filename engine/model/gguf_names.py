@@ -60,6 +60,11 @@ DECODER_TENSORS = {
     "layers.{}.mlp.router.weight": "blk.{}.ffn_gate_inp.weight",
     "layers.{}.mlp.experts.gate_up_proj": Split(("blk.{}.ffn_gate_exps.weight", "blk.{}.ffn_up_exps.weight"), 1),
     "layers.{}.mlp.experts.down_proj": "blk.{}.ffn_down_exps.weight",
+    # Qwen2-MoE's shared expert and its sigmoid gate (our [1, C], stored 1-D: FLATTENED)
+    "layers.{}.mlp.shared_expert.gate_proj.weight": "blk.{}.ffn_gate_shexp.weight",
+    "layers.{}.mlp.shared_expert.up_proj.weight": "blk.{}.ffn_up_shexp.weight",
+    "layers.{}.mlp.shared_expert.down_proj.weight": "blk.{}.ffn_down_shexp.weight",
+    "layers.{}.mlp.shared_expert_gate.weight": "blk.{}.ffn_gate_inp_shexp.weight",
 }
 
 # Phi-3: llama.cpp keeps HF's fusions: q|k|v in attn_qkv (k, v shorter under GQA) and gate|up in ffn_up.
@@ -187,6 +192,10 @@ ARCHS = {
                                                           "use_sliding_window": False},
                         permute_qk=True, head_dim_keys=("attention.key_length", "rope.dimension_count"),
                         rope_freqs=True),
+    # llama.cpp's Qwen2-MoE does not renormalize the top-k weights (Qwen3-MoE does); experts on every layer
+    "qwen2moe": GGUFArch("qwen2moe", "Qwen2MoeForCausalLM", {"hidden_act": "silu", "norm_topk_prob": False,
+                                                            "decoder_sparse_step": 1, "mlp_only_layers": []},
+                         meta={**DECODER_META, "expert_shared_feed_forward_length": "shared_expert_intermediate_size"}),
     # llama.cpp's Qwen3-MoE renormalizes the top-k weights and has experts on every layer
     "qwen3moe": GGUFArch("qwen3moe", "Qwen3MoeForCausalLM", {"hidden_act": "silu", "norm_topk_prob": True,
                                                             "decoder_sparse_step": 1, "mlp_only_layers": []}),
@@ -196,7 +205,7 @@ ARCHS = {
 # Mistral is written as `llama` by llama.cpp (it has no sliding window there).
 FAMILY_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
                "gpt2": "gpt2", "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3", "olmo2": "olmo2",
-               "smollm3": "smollm3", "qwen3_moe": "qwen3moe", "mixtral": "llama"}
+               "smollm3": "smollm3", "qwen3_moe": "qwen3moe", "mixtral": "llama", "qwen2_moe": "qwen2moe"}
 # What llama.cpp's arch drops from a family, with a warning (not an error: the model is the same within it).
 DROPPED = {"mistral": "sliding_window"}
 
@@ -219,7 +228,9 @@ def gguf_name(arch: GGUFArch, native_name: str) -> Optional[str | Fused | Split]
 
 # convert_hf_to_gguf.py keeps these in F32 whatever the file type (its `extra_f32` tensors): the MoE routers
 # and learned position embeddings.
-KEEP_F32 = ("ffn_gate_inp", "position_embd")
+KEEP_F32 = ("ffn_gate_inp", "ffn_gate_inp_shexp", "position_embd")
+# Stored 1-D though the parameter is [1, C]: Qwen2-MoE's shared-expert gate (llama.cpp expects {n_embd})
+FLATTENED = ("ffn_gate_inp_shexp",)
 
 
 def keeps_f32(gguf_tensor: str) -> bool:

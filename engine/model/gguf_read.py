@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from engine.config import ConfigError, ModelConfig
-from engine.model.gguf_names import (ARCHS, FLOAT_META, REQUIRED_META, ROPE_FREQS, ROPE_LONG, ROPE_SHORT, ROPE_TENSORS,
-                                     Fused, GGUFArch, Split, gguf_name, is_norm)
+from engine.model.gguf_names import (ARCHS, FLATTENED, FLOAT_META, REQUIRED_META, ROPE_FREQS, ROPE_LONG,
+                                     ROPE_SHORT, ROPE_TENSORS, Fused, GGUFArch, Split, gguf_name, is_norm)
 
 logger = logging.getLogger(__name__)
 GGUF_SUFFIX = ".gguf"
@@ -127,7 +127,7 @@ def hf_config_from(arch: GGUFArch, meta: dict, shapes: dict, rope_values: dict, 
     hf.update(_rope_keys(arch, meta, rope_values, hf, head_dim if rotary is None else rotary, path))
     hf["vocab_size"] = int(shapes["token_embd.weight"][0])
     hf["tie_word_embeddings"] = tied
-    if "blk.0.attn_q.bias" in shapes and arch.arch not in ("qwen2", "gpt2"):
+    if "blk.0.attn_q.bias" in shapes and arch.arch not in ("qwen2", "qwen2moe", "gpt2"):  # biases fixed by family
         hf["attention_bias"] = True
     if "blk.0.ffn_up.bias" in shapes and arch.arch != "gpt2":
         hf["mlp_bias"] = True
@@ -278,6 +278,8 @@ def load_gguf_weights(model, path) -> None:
     with torch.no_grad():
         for name, targets in plan.items():
             values = _values(arch, cfg, tensors[name], path)
+            if name.split(".")[-2] in FLATTENED and len(targets) == 1 and values.size == targets[0][2].numel():
+                values = values.reshape(tuple(targets[0][2].shape))
             total = sum(p.shape[0] for _, _, p in targets)
             if values.shape[0] != total or tuple(values.shape[1:]) != tuple(targets[0][2].shape[1:]):
                 want = [total, *targets[0][2].shape[1:]]

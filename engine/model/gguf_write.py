@@ -3,7 +3,8 @@
 The metadata keys, tensor names and value transforms are the ones llama.cpp's convert_hf_to_gguf.py writes
 (engine.model.gguf_names); tensors are quantized by the `gguf` package's own Python code (gguf.quants), so the
 types written are those it can quantize: f32, f16, bf16, q8_0, q4_0. As llama.cpp does, 1-D tensors, norms,
-MoE routers and position embeddings stay F32, and a matrix whose rows are not a whole number of quantization blocks falls back to F16.
+MoE routers and position embeddings stay F32, and a matrix whose rows are not a whole number of quantization
+blocks falls back to F16. A model llama.cpp's arch cannot express (check_expressible) is refused, by feature.
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import numpy as np
 
 from engine.config import ConfigError
 from engine.files import atomic_write_with
-from engine.model.gguf_names import (ARCHS, DROPPED, FAMILY_ARCH, FLOAT_META, ROPE_FREQS, ROPE_LONG, ROPE_SHORT,
-                                     ROPE_TENSORS, Fused, Split, gguf_name, is_norm, keeps_f32)
+from engine.model.gguf_names import (ARCHS, DROPPED, FAMILY_ARCH, FLATTENED, FLOAT_META, ROPE_FREQS, ROPE_LONG,
+                                     ROPE_SHORT, ROPE_TENSORS, Fused, Split, gguf_name, is_norm, keeps_f32)
 from engine.model.gguf_read import hf_config_from, import_gguf, llama3_factors
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,8 @@ def gguf_tensors(model) -> dict[str, np.ndarray]:
             values = permute_qk(values, heads[leaf])
         if arch.norm_plus_one and is_norm(name):
             values = values + 1.0
+        if leaf in FLATTENED:
+            values = values.reshape(-1)
         out[name] = np.ascontiguousarray(values, dtype=np.float32)
     if cfg.tie_word_embeddings and arch.writes_tied_output:
         out["output.weight"] = out["token_embd.weight"]
@@ -154,8 +157,8 @@ def check_expressible(cfg, entries, tensors: dict) -> None:
     except (ConfigError, ValueError) as e:
         raise ConfigError(f"GGUF export: family '{cfg.hf_model_type}' cannot be written as llama.cpp's "
                           f"'{arch.arch}': {e}") from None
-    diffs = [f"{f.name}={getattr(cfg, f.name)!r} (it would read {getattr(back, f.name)!r})"
-             for f in fields(cfg) if f.name not in NOT_COMPARED and not _same(getattr(cfg, f.name), getattr(back, f.name))]
+    diffs = [f"{f.name}={getattr(cfg, f.name)!r} (it would read {getattr(back, f.name)!r})" for f in fields(cfg)
+             if f.name not in NOT_COMPARED and not _same(getattr(cfg, f.name), getattr(back, f.name))]
     keep_windows = DROPPED.get(cfg.hf_model_type) != "sliding_window"
     for ours, theirs in zip(cfg.layer_specs(), back.layer_specs()):
         if keep_windows and ours.window != theirs.window:

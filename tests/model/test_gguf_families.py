@@ -21,8 +21,8 @@ from engine.model.gguf_write import write_gguf  # noqa: E402
 from engine.model.transformer import Transformer  # noqa: E402
 from tests.gguf_fixtures import transformers_gguf, write_family  # noqa: E402
 
-NEW = ["gemma2", "gemma3", "phi3", "olmo2", "smollm3", "qwen3_moe", "mixtral", "llama3"]
-TRANSFORMERS_READS = ["gemma2-hf", "gemma3-hf", "phi3-hf", "qwen3_moe-hf"]
+NEW = ["gemma2", "gemma3", "phi3", "olmo2", "smollm3", "qwen3_moe", "qwen2_moe", "mixtral", "llama3"]
+TRANSFORMERS_READS = ["gemma2-hf", "gemma3-hf", "phi3-hf", "qwen3_moe-hf", "qwen2_moe-hf"]
 
 
 def _ids(vocab, T=37):  # 37 positions: past the windows (8, 12) and Phi-3's 16-position original context
@@ -142,7 +142,8 @@ def test_mixtral_is_llama_with_stacked_experts(tmp_path):
     hf, _, _, path = write_family(tmp_path, "mixtral")
     meta = metadata(open_gguf(path))
     assert meta["general.architecture"] == "llama"
-    assert (meta["llama.expert_count"], meta["llama.expert_used_count"], meta["llama.feed_forward_length"]) == (5, 2, 64)
+    counts = (meta["llama.expert_count"], meta["llama.expert_used_count"], meta["llama.feed_forward_length"])
+    assert counts == (5, 2, 64)
     shapes = _shapes(path)
     assert shapes["blk.1.ffn_gate_inp.weight"] == (5, 64)
     assert shapes["blk.1.ffn_gate_exps.weight"] == shapes["blk.1.ffn_up_exps.weight"] == (5, 64, 64)
