@@ -195,7 +195,8 @@ ARCHS = {
     # llama.cpp's Qwen2-MoE does not renormalize the top-k weights (Qwen3-MoE does); experts on every layer
     "qwen2moe": GGUFArch("qwen2moe", "Qwen2MoeForCausalLM", {"hidden_act": "silu", "norm_topk_prob": False,
                                                             "decoder_sparse_step": 1, "mlp_only_layers": []},
-                         meta={**DECODER_META, "expert_shared_feed_forward_length": "shared_expert_intermediate_size"}),
+                         meta={**DECODER_META, "expert_shared_feed_forward_length": "shared_expert_intermediate_size"},
+                         writes_tied_output=True),  # llama.cpp's qwen2moe requires output.weight
     # llama.cpp's Qwen3-MoE renormalizes the top-k weights and has experts on every layer
     "qwen3moe": GGUFArch("qwen3moe", "Qwen3MoeForCausalLM", {"hidden_act": "silu", "norm_topk_prob": True,
                                                             "decoder_sparse_step": 1, "mlp_only_layers": []}),
@@ -208,6 +209,9 @@ FAMILY_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": 
                "smollm3": "smollm3", "qwen3_moe": "qwen3moe", "mixtral": "llama", "qwen2_moe": "qwen2moe"}
 # What llama.cpp's arch drops from a family, with a warning (not an error: the model is the same within it).
 DROPPED = {"mistral": "sliding_window"}
+# What the file keeps but llama.cpp's runtime ignores (warned on export): llama-model.cpp loads Phi-3's
+# attention.sliding_window and then disables it ("Phi SWA is currently disabled", llama.cpp PR 13676).
+IGNORED_BY_LLAMA_CPP = {"phi3": "sliding_window"}
 
 
 def gguf_name(arch: GGUFArch, native_name: str) -> Optional[str | Fused | Split]:
@@ -255,7 +259,8 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZERS = {
-    "gpt2": ("gpt2",),  # "gpt2" alone: the `tokenizers` ByteLevel regex, which is GPT-2's
+    "gpt-2": ("gpt2",),  # "gpt2" alone: the `tokenizers` ByteLevel regex, which is GPT-2's (llama.cpp's name)
+    "gpt2": ("gpt2",),  # what this engine wrote before it used llama.cpp's spelling: still read
     "smollm": ("digits", "gpt2"),  # StarCoder-style: every digit alone, then GPT-2's regex
     "starcoder": ("digits", "gpt2"),
     "llama-bpe": (LLAMA3_SPLIT,),

@@ -18,8 +18,9 @@ import numpy as np
 
 from engine.config import ConfigError
 from engine.files import atomic_write_with
-from engine.model.gguf_names import (ARCHS, DROPPED, FAMILY_ARCH, FLATTENED, FLOAT_META, ROPE_FREQS, ROPE_LONG,
-                                     ROPE_SHORT, ROPE_TENSORS, Fused, Split, gguf_name, is_norm, keeps_f32)
+from engine.model.gguf_names import (ARCHS, DROPPED, FAMILY_ARCH, FLATTENED, FLOAT_META, IGNORED_BY_LLAMA_CPP,
+                                     ROPE_FREQS, ROPE_LONG, ROPE_SHORT, ROPE_TENSORS, Fused, Split, gguf_name,
+                                     is_norm, keeps_f32)
 from engine.model.gguf_read import hf_config_from, import_gguf, llama3_factors
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,10 @@ def arch_for(cfg):
     if DROPPED.get(cfg.hf_model_type) == "sliding_window" and cfg.sliding_window is not None:
         logger.warning("GGUF export: llama.cpp's '%s' arch has no sliding window; the %d-token window is dropped",
                        FAMILY_ARCH[cfg.hf_model_type], cfg.sliding_window)
+    if IGNORED_BY_LLAMA_CPP.get(cfg.hf_model_type) == "sliding_window" and cfg.sliding_window is not None:
+        logger.warning("GGUF export: the file keeps the %d-token sliding window, but llama.cpp disables it for "
+                       "'%s' (this engine and transformers apply it): its outputs differ past the window",
+                       cfg.sliding_window, cfg.hf_model_type)
     return ARCHS[FAMILY_ARCH[cfg.hf_model_type]]
 
 

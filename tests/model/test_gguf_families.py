@@ -241,3 +241,10 @@ def test_routers_stay_f32_in_a_quantized_file_as_llama_cpp_writes_them(tmp_path)
     types = {t.name: t.tensor_type for t in open_gguf(path).tensors}
     assert types["blk.0.ffn_gate_inp.weight"] == gguf.GGMLQuantizationType.F32
     assert types["blk.0.ffn_up_exps.weight"] == types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
+
+
+def test_a_phi3_window_is_kept_in_the_file_and_llama_cpps_ignoring_it_is_warned(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="engine.model.gguf_write"):
+        _, _, _, path = write_family(tmp_path, "phi3")
+    assert metadata(open_gguf(path))["phi3.attention.sliding_window"] == 12  # Phi3MiniModel writes it
+    assert any("llama.cpp disables it for 'phi3'" in r.getMessage() for r in caplog.records)
