@@ -14,9 +14,9 @@ import numpy as np
 from engine.adapters.lora import lora_modules
 from engine.config import ConfigError
 from engine.files import atomic_write_with
-from engine.model.gguf_names import Fused, gguf_name
+from engine.model.gguf_names import gguf_name
 from engine.model.gguf_read import import_gguf
-from engine.model.gguf_write import arch_for, permute_qk
+from engine.model.gguf_write import quiet_gguf_writer, arch_for, permute_qk
 
 
 def gguf_lora_tensors(model) -> tuple[dict[str, np.ndarray], float]:
@@ -30,7 +30,7 @@ def gguf_lora_tensors(model) -> tuple[dict[str, np.ndarray], float]:
     out, alphas = {}, set()
     for name, m in modules.items():
         spec = gguf_name(arch, f"{name}.weight")
-        if spec is None or isinstance(spec, Fused):
+        if not isinstance(spec, str):  # None, a Fused slice or a Split (MoE experts are no LoRALinear)
             raise ConfigError(f"GGUF LoRA export: '{name}' is stored fused (or not at all) in llama.cpp's "
                               f"'{arch.arch}' arch; export the merged model with --format gguf instead")
         a = m.lora_A.weight.detach().float().cpu().numpy()
@@ -53,19 +53,25 @@ def write_gguf_lora(model, out) -> Path:
     out = Path(out)
 
     def fill(tmp: Path) -> None:
-        w = gguf.GGUFWriter(str(tmp), arch.arch)
-        w.add_string("general.type", "adapter")
-        w.add_string("general.name", out.stem)
-        w.add_string("adapter.type", "lora")
-        w.add_float32("adapter.lora.alpha", float(alpha))
-        w.add_uint32("general.file_type", int(gguf.LlamaFileType.ALL_F32))
-        w.add_uint32("general.quantization_version", gguf.GGML_QUANT_VERSION)
-        for name, values in tensors.items():
-            w.add_tensor(name, values, raw_dtype=gguf.GGMLQuantizationType.F32)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        with quiet_gguf_writer(gguf):
+            _fill(gguf, tmp, arch, out, alpha, tensors)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write_with(out, fill)
+
+
+def _fill(gguf, tmp: Path, arch, out: Path, alpha: float, tensors: dict) -> None:
+    """Header, adapter metadata and the F32 lora_a / lora_b tensors, written to `tmp`."""
+    w = gguf.GGUFWriter(str(tmp), arch.arch)
+    w.add_string("general.type", "adapter")
+    w.add_string("general.name", out.stem)
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", float(alpha))
+    w.add_uint32("general.file_type", int(gguf.LlamaFileType.ALL_F32))
+    w.add_uint32("general.quantization_version", gguf.GGML_QUANT_VERSION)
+    for name, values in tensors.items():
+        w.add_tensor(name, values, raw_dtype=gguf.GGMLQuantizationType.F32)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

@@ -135,8 +135,8 @@ def _pre_name(pre_tokenizer: dict | None) -> str:
         if _comparable(json.loads(probe.to_str())["pre_tokenizer"]) == _comparable(pre_tokenizer):
             return name
     logger.warning("the tokenizer's pre-tokenizer %s matches none llama.cpp names here; writing "
-                   "tokenizer.ggml.pre 'gpt2' (llama.cpp will split text as GPT-2 does)", json.dumps(pre_tokenizer))
-    return "gpt2"
+                   "tokenizer.ggml.pre 'gpt-2' (llama.cpp will split text as GPT-2 does)", json.dumps(pre_tokenizer))
+    return "gpt-2"
 
 
 def _comparable(pre):

@@ -8,6 +8,7 @@ goes through engine.model.families like any HF checkpoint, so every family check
 from __future__ import annotations
 
 import logging
+import math
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
@@ -16,7 +17,8 @@ import numpy as np
 import torch
 
 from engine.config import ConfigError, ModelConfig
-from engine.model.gguf_names import ARCHS, FLOAT_META, REQUIRED_META, Fused, GGUFArch, gguf_name, is_norm
+from engine.model.gguf_names import (ARCHS, FLATTENED, FLOAT_META, REQUIRED_META, ROPE_FREQS, ROPE_LONG,
+                                     ROPE_SHORT, ROPE_TENSORS, Fused, GGUFArch, Split, gguf_name, is_norm)
 
 logger = logging.getLogger(__name__)
 GGUF_SUFFIX = ".gguf"
@@ -90,39 +92,116 @@ def hf_config(reader, path) -> dict:
     """The config.json this file's metadata and tensors describe (what llama.cpp's converter read)."""
     arch = arch_of(reader, path)
     tensors = {t.name: t for t in reader.tensors}
-    hf = {"architectures": [arch.hf_architecture], **arch.hf_extra}
-    for key, hf_key in arch.meta.items():
-        field = reader.fields.get(f"{arch.arch}.{key}")
-        if field is None:
-            if key in REQUIRED_META:
-                raise _weights_error()(f"{path}: missing metadata key '{arch.arch}.{key}'")
-            continue
-        value = field.contents()
-        hf[hf_key] = float(value) if key in FLOAT_META else value
-    head_dim = next((reader.fields[f"{arch.arch}.{k}"].contents() for k in arch.head_dim_keys
-                     if f"{arch.arch}.{k}" in reader.fields), None)
-    if head_dim is not None:
-        hf["head_dim"] = head_dim
-    scaling = metadata(reader, [f"{arch.arch}.rope.scaling.type", f"{arch.arch}.rope.scaling.factor"])
-    kind = scaling.get(f"{arch.arch}.rope.scaling.type", "none")
-    if kind == "linear":
-        hf["rope_scaling"] = {"rope_type": "linear", "factor": float(scaling[f"{arch.arch}.rope.scaling.factor"])}
-    elif kind != "none" or "rope_freqs.weight" in tensors:
-        raise _weights_error()(f"{path}: rope scaling '{kind if kind != 'none' else 'rope_freqs (llama3)'}' is not "
-                               "supported for GGUF files (supported: none, linear)")
     if "token_embd.weight" not in tensors:
         raise _weights_error()(f"{path}: missing tensor 'token_embd.weight'")
-    hf["vocab_size"] = int(tensors["token_embd.weight"].shape[1])  # ggml shapes are [cols, rows]
-    hf["tie_word_embeddings"] = "output.weight" not in tensors or (
+    shapes = {n: tuple(reversed(t.shape.tolist())) for n, t in tensors.items()}  # ggml shapes are [cols, rows]
+    tied = "output.weight" not in tensors or (
         arch.writes_tied_output and _same(tensors["output.weight"], tensors["token_embd.weight"]))
-    if "blk.0.attn_q.bias" in tensors and arch.arch not in ("qwen2", "gpt2"):
+    values = {n: dequantized(tensors[n], path) for n in ROPE_TENSORS if n in tensors}
+    return hf_config_from(arch, metadata(reader), shapes, values, tied, path)
+
+
+def hf_config_from(arch: GGUFArch, meta: dict, shapes: dict, rope_values: dict, tied: bool, path) -> dict:
+    """hf_config's work on plain data: metadata key -> value, tensor name -> numpy shape, the RoPE tensors'
+    values (gguf_write runs this on what it is about to write, to refuse what would read back differently)."""
+    WeightsError = _weights_error()
+    moe = f"{arch.arch}.expert_count" in meta and arch.moe_architecture is not None
+    hf = {"architectures": [arch.moe_architecture if moe else arch.hf_architecture], **arch.hf_extra}
+    for key, hf_key in arch.meta.items():
+        if f"{arch.arch}.{key}" not in meta:
+            if key in REQUIRED_META:
+                raise WeightsError(f"{path}: missing metadata key '{arch.arch}.{key}'")
+            continue
+        value = meta[f"{arch.arch}.{key}"]
+        hf[hf_key] = float(value) if key in FLOAT_META else value
+    head_dim = next((meta[f"{arch.arch}.{k}"] for k in arch.head_dim_keys if f"{arch.arch}.{k}" in meta), None)
+    if head_dim is not None:
+        hf["head_dim"] = head_dim
+    head_dim = hf.get("head_dim") or hf.get("hidden_size", 0) // max(1, hf.get("num_attention_heads", 1))
+    if arch.attn_scalar_hidden_per_head_at is not None:  # llama.cpp's f_attention_scale
+        hf["query_pre_attn_scalar"] = (hf["hidden_size"] // hf["num_attention_heads"]
+                                       if hf["num_hidden_layers"] == arch.attn_scalar_hidden_per_head_at else head_dim)
+    rotary = meta.get(f"{arch.arch}.rope.dimension_count")
+    if arch.partial_rotary and rotary is not None and rotary != head_dim:
+        hf["partial_rotary_factor"] = rotary / head_dim
+    hf.update(_rope_keys(arch, meta, rope_values, hf, head_dim if rotary is None else rotary, path))
+    hf["vocab_size"] = int(shapes["token_embd.weight"][0])
+    hf["tie_word_embeddings"] = tied
+    if "blk.0.attn_q.bias" in shapes and arch.arch not in ("qwen2", "qwen2moe", "gpt2"):  # biases fixed by family
         hf["attention_bias"] = True
-    if "blk.0.ffn_up.bias" in tensors and arch.arch != "gpt2":
+    if "blk.0.ffn_up.bias" in shapes and arch.arch != "gpt2":
         hf["mlp_bias"] = True
-    ids = metadata(reader, [f"tokenizer.ggml.{k}_token_id" for k in ("bos", "eos", "padding")])
     for key, hf_key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("padding", "pad_token_id")):
-        hf[hf_key] = ids.get(f"tokenizer.ggml.{key}_token_id")
+        hf[hf_key] = meta.get(f"tokenizer.ggml.{key}_token_id")
     return hf
+
+
+def _rope_keys(arch: GGUFArch, meta: dict, rope_values: dict, hf: dict, rotary_dim: int, path) -> dict:
+    """config.json's RoPE keys: rope.scaling.* metadata, Llama 3's rope_freqs, Phi-3's LongRoPE factors."""
+    WeightsError = _weights_error()
+    kind = meta.get(f"{arch.arch}.rope.scaling.type", "none")
+    theta = hf.get("rope_theta", 10000.0)
+    scaling = None
+    if kind == "linear":
+        scaling = {"rope_type": "linear", "factor": float(meta[f"{arch.arch}.rope.scaling.factor"])}
+    elif kind != "none":
+        raise WeightsError(f"{path}: {arch.arch}.rope.scaling.type '{kind}' is not supported for GGUF files "
+                           "(supported: none, linear, and the rope_freqs / rope_factors tensors)")
+    if ROPE_FREQS in rope_values:
+        if not arch.rope_freqs:
+            raise WeightsError(f"{path}: tensor '{ROPE_FREQS}' is not supported for arch '{arch.arch}'")
+        scaling = llama3_scaling(rope_values[ROPE_FREQS], theta, rotary_dim, path)
+    if ROPE_LONG in rope_values or ROPE_SHORT in rope_values:
+        if not arch.longrope or not (ROPE_LONG in rope_values and ROPE_SHORT in rope_values):
+            raise WeightsError(f"{path}: rope_factors_long/short: need both, on a Phi-3 file (arch '{arch.arch}')")
+        original = meta.get(f"{arch.arch}.rope.scaling.original_context_length", hf.get("max_position_embeddings"))
+        hf["original_max_position_embeddings"] = original
+        scaling = {"rope_type": "longrope", "original_max_position_embeddings": original,
+                   "long_factor": [float(x) for x in rope_values[ROPE_LONG].reshape(-1)],
+                   "short_factor": [float(x) for x in rope_values[ROPE_SHORT].reshape(-1)]}
+        if f"{arch.arch}.rope.scaling.attn_factor" in meta:
+            scaling["attention_factor"] = float(meta[f"{arch.arch}.rope.scaling.attn_factor"])
+    if arch.swa_rope_theta is not None:  # one RoPE per layer type (Gemma 3)
+        full = {"rope_type": "default", **(scaling or {}), "rope_theta": theta}
+        return {"rope_parameters": {"full_attention": full, "sliding_attention":
+                                    {"rope_type": "default", "rope_theta": arch.swa_rope_theta}}}
+    return {} if scaling is None else {"rope_scaling": {**scaling, "rope_theta": theta}}
+
+
+def llama3_factors(theta: float, dim: int, factor: float, low: float, high: float, original: int) -> np.ndarray:
+    """convert_hf_to_gguf.py LlamaModel.generate_extra_tensors: the rope_freqs divisor of each rotated pair."""
+    freqs = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    wavelen = 2 * math.pi / freqs
+    smooth = (original / wavelen - low) / (high - low)
+    mid = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, mid)).astype(np.float32)
+
+
+def llama3_scaling(values: np.ndarray, theta: float, dim: int, path) -> dict:
+    """The `llama3` rope_scaling whose factors are `values` (a file stores only the factors). llama.cpp's
+    Llama 3.x files all use low 1, high 4 and 8192 positions; else the band is solved from two of its factors."""
+    values = values.reshape(-1).astype(np.float64)
+    if values.shape[0] != dim // 2:
+        raise _weights_error()(f"{path}: tensor '{ROPE_FREQS}' has {values.shape[0]} values, expected {dim // 2}")
+    factor = float(values.max())
+    candidates = [(1.0, 4.0, 8192)]
+    wavelen = 2 * math.pi * theta ** (np.arange(0, dim, 2) / dim)
+    band = [(w, v) for w, v in zip(wavelen, values) if 1 + 1e-6 < v < factor * (1 - 1e-6)]
+    if len(band) >= 2 and factor > 1:  # s = original / wavelen * a - b, with s from each factor
+        (w1, v1), (w2, v2) = band[0], band[-1]
+        s1, s2 = ((1 / v - 1 / factor) / (1 - 1 / factor) for v in (v1, v2))
+        a = (s1 - s2) / (1 / w1 - 1 / w2)  # = original / (high - low)
+        low = a / w1 - s1  # with high - low = 1 ... then scaled so low = 1
+        if low > 0:
+            candidates.append((1.0, 1.0 + 1.0 / low, a / low))
+    for low, high, original in candidates:
+        original = int(round(original))
+        fit = llama3_factors(theta, dim, factor, low, high, original)
+        if np.allclose(fit, values, rtol=1e-5, atol=0):
+            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                    "original_max_position_embeddings": original}
+    raise _weights_error()(f"{path}: tensor '{ROPE_FREQS}' is not a Llama 3 rope scaling this engine can recover "
+                           f"(factors {np.round(values[:6], 4).tolist()}...)")
 
 
 def _same(a, b) -> bool:
@@ -178,27 +257,29 @@ def load_gguf_weights(model, path) -> None:
     arch, cfg = arch_of(reader, path), model.config
     tensors = {t.name: t for t in reader.tensors}
     plan: dict[str, list] = {}  # GGUF tensor -> [(part, parts, param)]
+    splits = []  # (Split, param): one parameter made of several GGUF tensors
     for native, param in model.named_parameters():  # a tied head appears once, as embed.weight
         spec = gguf_name(arch, native)
         if spec is None:
             raise WeightsError(f"{path}: the engine's parameter '{native}' has no GGUF name for arch '{arch.arch}'")
+        if isinstance(spec, Split):
+            splits.append((spec, param))
+            continue
         spec = spec if isinstance(spec, Fused) else Fused(spec, 0, 1)
         plan.setdefault(spec.name, []).append((spec.part, spec.parts, param))
-    missing = sorted(set(plan) - set(tensors))
+    wanted = set(plan) | {n for spec, _ in splits for n in spec.names}
+    missing = sorted(wanted - set(tensors))
     if missing:
         raise WeightsError(f"{path}: missing tensor(s) {', '.join(missing[:8])}")
-    extra = sorted(set(tensors) - set(plan) - ({"output.weight"} if cfg.tie_word_embeddings else set()))
+    known = wanted | set(ROPE_TENSORS) | ({"output.weight"} if cfg.tie_word_embeddings else set())
+    extra = sorted(set(tensors) - known)
     if extra:
         raise WeightsError(f"{path}: unexpected tensor(s) {', '.join(extra[:8])}")
-    heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}  # weights and biases are both permuted
     with torch.no_grad():
         for name, targets in plan.items():
-            values = dequantized(tensors[name], path)
-            leaf = name.split(".")[-2]
-            if arch.permute_qk and name.startswith("blk.") and leaf in heads:
-                values = unpermute_qk(values, heads[leaf])
-            if arch.norm_plus_one and is_norm(name):
-                values = values - 1.0
+            values = _values(arch, cfg, tensors[name], path)
+            if name.split(".")[-2] in FLATTENED and len(targets) == 1 and values.size == targets[0][2].numel():
+                values = values.reshape(tuple(targets[0][2].shape))
             total = sum(p.shape[0] for _, _, p in targets)
             if values.shape[0] != total or tuple(values.shape[1:]) != tuple(targets[0][2].shape[1:]):
                 want = [total, *targets[0][2].shape[1:]]
@@ -208,3 +289,23 @@ def load_gguf_weights(model, path) -> None:
                 n = param.shape[0]
                 param.copy_(torch.from_numpy(np.require(values[offset:offset + n], requirements=["C", "W"])))
                 offset += n
+        for spec, param in splits:
+            share = list(param.shape)
+            share[spec.dim] //= len(spec.names)
+            pieces = [_values(arch, cfg, tensors[n], path) for n in spec.names]
+            for n, piece in zip(spec.names, pieces):
+                if list(piece.shape) != share:
+                    raise WeightsError(f"{path}: tensor '{n}' has shape {list(piece.shape)}, expected {share}")
+            param.copy_(torch.from_numpy(np.concatenate(pieces, axis=spec.dim)))
+
+
+def _values(arch: GGUFArch, cfg, tensor, path) -> np.ndarray:
+    """One GGUF tensor dequantized, with llama.cpp's value transforms undone (Q/K interleave, Gemma's 1 + w)."""
+    values = dequantized(tensor, path)
+    leaf = tensor.name.split(".")[-2]
+    heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}  # weights and biases are both permuted
+    if arch.permute_qk and tensor.name.startswith("blk.") and leaf in heads:
+        values = unpermute_qk(values, heads[leaf])
+    if arch.norm_plus_one and is_norm(tensor.name):
+        values = values - 1.0
+    return values

@@ -14,7 +14,8 @@ from engine.data.gguf_tokenizer import gguf_tokenizer_metadata  # noqa: E402
 from engine.model.gguf_read import metadata, open_gguf  # noqa: E402
 from engine.model.gguf_write import model_metadata, write_gguf  # noqa: E402
 from engine.model.transformer import Transformer  # noqa: E402
-from tests.gguf_fixtures import GGUF_FAMILIES, transformers_gguf, write_family  # noqa: E402
+from engine.model.gguf_names import FAMILY_ARCH  # noqa: E402
+from tests.gguf_fixtures import GGUF_FAMILIES, TRANSFORMERS_READS, transformers_gguf, write_family  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 
@@ -23,7 +24,7 @@ def _ids(vocab):
     return torch.randint(0, vocab, (2, 11), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("family", [f for f in GGUF_FAMILIES if f != "gemma"])  # transformers reads no gemma GGUF
+@pytest.mark.parametrize("family", TRANSFORMERS_READS)  # transformers reads no gemma, olmo2, smollm3, mixtral GGUF
 def test_transformers_loads_our_f32_gguf_with_our_logits(tmp_path, family):
     _, model, _, path = write_family(tmp_path, family, "f32")
     theirs, _ = transformers_gguf(path)
@@ -69,7 +70,7 @@ def test_every_metadata_key_reads_back(tmp_path, family):
     read = metadata(open_gguf(path))
     written = {k: v for k, v, _ in model_metadata(model.config, "model")}
     written.update(gguf_tokenizer_metadata(tokenizer))
-    written["general.architecture"] = {"mistral": "llama"}.get(family, family)
+    written["general.architecture"] = FAMILY_ARCH[model.config.hf_model_type]
     written["general.file_type"] = int(gguf.LlamaFileType.MOSTLY_Q8_0)
     for key, value in written.items():
         got = read[key]
@@ -109,7 +110,8 @@ def test_unsupported_settings_are_refused_by_name(tmp_path):
         write_gguf(model, tokenizer, tmp_path / "x.gguf", "q3_k")
     scaled = Transformer.from_pretrained(tmp_path / "hf")
     object.__setattr__(scaled.config, "rope_scaling", __import__("engine.config", fromlist=["RopeScaling"])
-                       .RopeScaling("llama3", 8.0))
-    with pytest.raises(ConfigError, match="rope scaling 'llama3' is not supported"):
+                       .RopeScaling("yarn", 8.0))
+    with pytest.raises(ConfigError, match="family 'llama': rope scaling 'yarn' has no form in llama.cpp's 'llama' "
+                                          "arch"):
         write_gguf(scaled, tokenizer, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
