@@ -148,6 +148,9 @@ def trl_stepper(model_dir: str, pairs: int):
     where = dict(pretrained_model_name_or_path=str(path.parent), gguf_file=path.name) if path.suffix == ".gguf" \
         else dict(pretrained_model_name_or_path=model_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32)
+    if path.suffix == ".gguf":  # its GGUF loader dequantizes to fp32 but keeps a quantizer mark Trainer refuses
+        model.hf_quantizer, model.is_quantized = None, False
+        model.config.__dict__.pop("quantization_config", None)
     tok = transformers.AutoTokenizer.from_pretrained(**where)
     tok.pad_token = tok.pad_token or tok.eos_token
     args = TRLConfig(output_dir="/tmp/bench_dpo_trl", beta=0.1, report_to=[], use_cpu=True, bf16=False,
