@@ -60,18 +60,20 @@ def make_data(out: Path, n_test: int = 40, n_val: int = 16, seed: int = 0) -> No
         print(f"wrote {out / f'{split}.jsonl'} ({len(rows)} pairs)")
 
 
-def preference_accuracies(model, tokenizer, data: Path, batch_size: int = 8) -> tuple[int, float, float]:
-    """(pairs, reference accuracy, policy accuracy) on a preference .jsonl; the reference is `model` with its
-    adapters disabled (the model itself when it has none)."""
+def preference_accuracies(model, tokenizer, data, batch_size: int = 8, reference_model=None) -> tuple[int, float, float]:
+    """(pairs, reference accuracy, policy accuracy) on preference .jsonl `data` (a path, or a tuple of paths/globs);
+    the reference is `reference_model` if given, else `model` with its adapters disabled (itself without any)."""
     from engine.adapters.lora import adapters_disabled, is_lora
     from engine.train.dpo import pairs_logps, preference_accuracy
 
-    cfg = DataConfig(train=(str(data),), format="preference", seq_len=model.config.max_position_embeddings,
+    cfg = DataConfig(train=tuple(data) if isinstance(data, (tuple, list)) else (str(data),), format="preference", seq_len=model.config.max_position_embeddings,
                      val_fraction=0.0)
     pairs = prepare_preference(cfg, with_default_chat_template(tokenizer)).train
     device = model.output_weight.device
     policy = pairs_logps(model, pairs, batch_size, device)
-    if is_lora(model):
+    if reference_model is not None:
+        reference = pairs_logps(reference_model, pairs, batch_size, device)
+    elif is_lora(model):
         with adapters_disabled(model):
             reference = pairs_logps(model, pairs, batch_size, device)
     else:

@@ -54,6 +54,22 @@ def grpo_heldout(cfg, model_dir):
     return heldout_reward(model, tokenizer, prompts, cfg.grpo)
 
 
+def dpo_heldout(cfg, final_dir) -> str:
+    """The held-out (data.val) preference accuracy line: reference (the base) -> policy (the trained model)."""
+    from cli.eval_dpo import preference_accuracies
+
+    with torch.no_grad():
+        if cfg.lora is not None:  # the base is the policy with its adapters disabled: one model in memory
+            model, tokenizer = load_for_inference(cfg.model.from_pretrained, final_dir)
+            n, ref, pol = preference_accuracies(model, tokenizer, cfg.data.val)
+        else:
+            model, tokenizer = load_for_inference(final_dir)
+            base = load_for_inference(cfg.model.from_pretrained, require_tokenizer=False)[0]
+            n, ref, pol = preference_accuracies(model, tokenizer, cfg.data.val, reference_model=base)
+    return (f"held-out preference accuracy ({n} pairs of data.val, chosen logp > rejected logp): "
+            f"{ref:.1%} (reference) -> {pol:.1%} (policy)")
+
+
 def load_checked_config(args):
     """The run config, checked before any rank does work (every config error surfaces before any write).
 
@@ -89,6 +105,8 @@ def main(argv=None) -> None:
             after = grpo_heldout(cfg, result.final_dir)
             print(f"held-out reward ({after['prompts']} prompts, greedy): {before['reward']:.3f} -> "
                   f"{after['reward']:.3f}")
+        if cfg.train.objective == "dpo" and cfg.data.val and not result.interrupted:
+            print(dpo_heldout(cfg, result.final_dir))
         first, last = result.losses[:1], result.losses[-1:]
         if first and last:
             print(f"train loss {first[0][1]:.3f} (step {first[0][0]}) -> {last[0][1]:.3f} (step {last[0][0]})")

@@ -33,6 +33,7 @@ import kernels
 from engine.adapters.lora import adapters_disabled, is_lora
 from engine.config import DPOConfig
 from engine.data.sampler import IGNORE_INDEX
+from engine.train.dpo_packing import pack_pairs
 from engine.train.objectives import AMP_DTYPES, Objective
 
 logger = logging.getLogger("engine.train.dpo")
@@ -45,16 +46,33 @@ def sequence_logps(model, input_ids, targets, precision: str = "fp32", hidden_fn
     h = (hidden_fn or model.hidden_states)(input_ids)  # (R, T, C)
     scored = targets != IGNORE_INDEX  # (R, T)
     rows = scored.nonzero()[:, 0]  # (N,) the row of each scored position
+    return _head_logps(model, h[scored], targets[scored], rows, input_ids.shape[0], precision), scored.sum(1)
+
+
+def pair_logps(model, input_ids, targets, precision: str = "fp32", hidden_fn=None):
+    """sequence_logps of a preference batch [2B, T] (chosen rows, then rejected), each pair's shared prefix
+    computed once (engine.train.dpo_packing): the same values up to float summation order, fewer tokens."""
+    packed = pack_pairs(input_ids, targets)
+    windows = getattr(model, "_windows", (None,))
+    if any(w is not None and w < packed.input_ids.shape[1] for w in windows):  # a sliding window counts row
+        return sequence_logps(model, input_ids, targets, precision, hidden_fn)  # slots, not positions: unpacked
+    h = (hidden_fn or model.hidden_states)(packed.input_ids, position_ids=packed.position_ids,
+                                           attn_mask=packed.attn_mask)  # (B, T', C)
+    hs = h.reshape(-1, h.shape[-1])[packed.index]  # (N, C)
+    return _head_logps(model, hs, packed.targets, packed.rows, input_ids.shape[0], precision), packed.counts
+
+
+def _head_logps(model, hs, targets, rows, n_rows: int, precision: str) -> torch.Tensor:
+    """Summed log-probs fp32 [n_rows] of targets [N] read from hidden states hs [N, C] (row of each: rows [N])."""
     w = model.output_weight
-    hs = h[scored]  # (N, C)
     if precision != "fp32":  # what autocast would do to the head matmul, done explicitly for the fused op
         hs, w = hs.to(AMP_DTYPES[precision]), w.to(AMP_DTYPES[precision])
     elif hs.dtype != w.dtype:  # a bf16 reference copy under fp32 training
         hs = hs.to(w.dtype)
-    nll = kernels.linear_cross_entropy(hs, w, targets[scored], ignore_index=IGNORE_INDEX, reduction="none",
-                                       out_dtype=torch.float32)  # (N,)
-    logps = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=nll.device).index_add(0, rows, -nll)
-    return logps, scored.sum(1)
+    nll = kernels.linear_cross_entropy(hs, w, targets, ignore_index=IGNORE_INDEX, reduction="none",
+                                       out_dtype=torch.float32,
+                                       softcap=getattr(model, "output_softcap", None))  # (N,) Gemma 2's cap
+    return torch.zeros(n_rows, dtype=torch.float32, device=nll.device).index_add(0, rows, -nll)
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -119,13 +137,13 @@ class DPOLoss(Objective):
         with torch.no_grad():
             if self.reference == "adapters":
                 with adapters_disabled(self.model):
-                    return sequence_logps(self.model, batch["input_ids"], batch["targets"], self.precision,
-                                          self.hidden_fn)[0]
-            return sequence_logps(self._ref_model[0], batch["input_ids"], batch["targets"], self.precision)[0]
+                    return pair_logps(self.model, batch["input_ids"], batch["targets"], self.precision,
+                                      self.hidden_fn)[0]
+            return pair_logps(self._ref_model[0], batch["input_ids"], batch["targets"], self.precision)[0]
 
     def forward(self, batch) -> tuple[torch.Tensor, dict]:
-        logps, counts = sequence_logps(self.model, batch["input_ids"], batch["targets"], self.precision,
-                                       self.hidden_fn)  # (2B,): one forward for both sides
+        logps, counts = pair_logps(self.model, batch["input_ids"], batch["targets"], self.precision,
+                                   self.hidden_fn)  # (2B,): one forward for both sides
         ref = self.reference_logps(batch) if self.reference is not None else None
         loss, reward_c, reward_j = pair_losses(self.cfg, logps, counts, ref)
         l_c, l_j = logps.detach().chunk(2)
@@ -164,7 +182,7 @@ def pairs_logps(model, pairs, batch_size: int, device, precision: str = "fp32") 
         for batch in pairs.eval_batches(batch_size):
             batch = to_device(batch, device)
             with autocast(device, precision):
-                logps = sequence_logps(model, batch["input_ids"], batch["targets"], precision)[0]
+                logps = pair_logps(model, batch["input_ids"], batch["targets"], precision)[0]
             out.append(torch.stack(logps.float().cpu().chunk(2), 1))  # (B, 2)
     return torch.cat(out) if out else torch.zeros(0, 2)
 

@@ -46,6 +46,23 @@ def group_advantages(rewards: torch.Tensor, group: int, scale: str = "group") ->
     return centred / (std + STD_EPS)
 
 
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _step_rewards(total: torch.Tensor) -> torch.Tensor:
+    """This rank's rewards [N] of the step, with every other rank's under torchrun (same N on every rank)."""
+    if _rank_world()[1] == 1:
+        return total
+    nccl = torch.distributed.get_backend() == "nccl"  # NCCL gathers CUDA tensors only
+    local = total.to(torch.device("cuda", torch.cuda.current_device())) if nccl else total.contiguous()
+    parts = [torch.empty_like(local) for _ in range(_rank_world()[1])]
+    torch.distributed.all_gather(parts, local)
+    return torch.cat(parts).to(total.device)
+
+
 def grpo_token_loss(logps, old_logps, ref_logps, advantages, mask, *, epsilon_low: float, epsilon_high: float,
                     beta: float, kl_correction: bool = True) -> tuple[torch.Tensor, dict]:
     """Per-token loss [N, T] of the clipped-ratio objective (+ beta * k3 KL, times the ratio when kl_correction),
@@ -103,10 +120,14 @@ class GRPO(Objective):
                            "(resumed mid-generation): sampling them again with the current weights", step,
                            step - step % k)
         started = time.perf_counter()
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        rank, world = _rank_world()
         rollouts, texts = [], []
         for micro, prompts in enumerate(batches):
-            seed = int(np.random.SeedSequence([self.seed, step // k, micro, rank]).generate_state(1)[0])
+            # Seeded by the micro-batch's slot in the step (engine.data.sampler: micro * world + rank), the slot
+            # its prompts come from: N ranks x accum a sample what one process x accum N*a samples, by
+            # construction. (The trailing 0 keeps single-process seeds what they were.)
+            slot = micro * world + rank
+            seed = int(np.random.SeedSequence([self.seed, step // k, slot, 0]).generate_state(1)[0])
             rollout, text = self._sample(prompts, seed)
             rollouts.append(rollout)
             texts.append(text)
@@ -136,8 +157,9 @@ class GRPO(Objective):
         per_fn = torch.cat(parts)  # (N step, F)
         weights = torch.tensor([r.weight for r in self.rewards])
         total = per_fn @ weights
-        if self.cfg.scale_rewards == "batch":  # std over the whole step (this rank's)
-            adv = group_advantages(total, G, "batch").split([len(p) for p in parts])
+        if self.cfg.scale_rewards == "batch":  # std over the whole step: every micro-batch of every rank
+            std = _step_rewards(total).std()
+            adv = (group_advantages(total, G, "none") / (std + STD_EPS)).split([len(p) for p in parts])
         else:
             adv = [group_advantages(t, G, self.cfg.scale_rewards) for t in (total.split([len(p) for p in parts]))]
         for rollout, a in zip(rollouts, adv):

@@ -105,7 +105,7 @@ def _step_activations(mc: ModelConfig, cfg: RunConfig, amp: bool, param_bytes: i
     probs_attention = kernels.fused("attention", HALF if amp else param_bytes, T)
     act = walk_layers(mc, T, amp, param_bytes, full, cfg.lora, kernels)
     # SFT rows carry a [B, 1, T, T] mask, windowed layers a [T, T] one; SDPA keeps a float copy per layer.
-    sft = cfg.data.format == "sft"
+    sft = cfg.data.format in ("sft", "preference")  # DPO's shared-prefix rows are masked like packed SFT rows
     masks = [0 if probs_attention else B * T * T if sft else T * T if s.window is not None and T > s.window else 0
              for s in specs]
     masks = [m * (HALF if amp else param_bytes) for m in masks]
@@ -142,6 +142,54 @@ def _lm_head(mc: ModelConfig, N: int, hb: int, trains: bool, casts_weight: bool,
     return (logits if cpu else 0), forward
 
 
+@dataclass(frozen=True)
+class _MethodTerms:
+    """How a preference or RL objective changes a step's memory (see _method_terms)."""
+
+    token_cfg: RunConfig  # the run as the token rows its training forward sees
+    ref_weights: int = 0  # a frozen reference copy (full fine-tuning)
+    ref_forward_per_token: int = 0  # elements per token alive in a no-grad reference (or old-policy) forward
+    sampling: int = 0  # GRPO: the rollout KV cache and one step's logits
+
+
+def _method_terms(mc: ModelConfig, cfg: RunConfig) -> _MethodTerms:
+    """DPO: B pairs are B rows of up to 2T tokens (engine.train.dpo_packing: prompt once, both completions, as
+    masked as packed SFT rows; 2T is the worst case, no shared prefix); the reference is the LoRA base with
+    adapters disabled (no weights; a no-grad forward after the policy's, while the policy's activations are
+    saved), a frozen copy (full fine-tuning: its weights), or nothing (precompute_ref, simpo/orpo).
+    GRPO: B prompts are B*G rows of T + max_completion_length; sampling, before the step's forward, holds a KV
+    cache of those rows (model dtype) and [B*G, V] fp32 logits, then old-policy / reference log-probs take no-grad
+    forwards (beta > 0 with full fine-tuning adds a frozen fp32 copy)."""
+    t, T = cfg.train, cfg.data.seq_len
+    objective = t.objective
+    if objective not in ("dpo", "grpo"):
+        return _MethodTerms(cfg)
+    no_grad = 3 * mc.intermediate_size + 3 * mc.hidden_size  # one layer's widest live intermediates + its output
+    if objective == "dpo":
+        dpo = cfg.dpo or _default("dpo")
+        token_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=2 * T))
+        on_the_fly = dpo.needs_reference and not dpo.precompute_ref
+        copy = mc.num_params * (HALF if dpo.ref_dtype == "bf16" else FP32) if on_the_fly and cfg.lora is None else 0
+        return _MethodTerms(token_cfg, ref_weights=copy, ref_forward_per_token=no_grad if on_the_fly else 0)
+    grpo = cfg.grpo or _default("grpo")
+    G, total = grpo.num_generations, T + grpo.max_completion_length
+    token_cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, batch_size=t.batch_size * G),
+                                    data=dataclasses.replace(cfg.data, seq_len=total))
+    rows = t.batch_size * G
+    model_bytes = HALF if cfg.lora is not None and cfg.lora.base_dtype != "fp32" else FP32
+    kv = 2 * mc.num_layers * rows * total * mc.num_kv_heads * mc.head_dim * model_bytes
+    copy = mc.num_params * FP32 if grpo.beta != 0.0 and cfg.lora is None else 0
+    extra_pass = grpo.beta != 0.0 or grpo.num_iterations > 1  # in the sampling phase too (before the forward)
+    scoring = rows * total * no_grad * model_bytes if extra_pass else 0
+    return _MethodTerms(token_cfg, ref_weights=copy, sampling=max(kv + rows * mc.vocab_size * FP32, scoring))
+
+
+def _default(section: str):
+    from engine.config import DPOConfig, GRPOConfig
+
+    return DPOConfig() if section == "dpo" else GRPOConfig()
+
+
 def estimate_memory(mc: ModelConfig, cfg: RunConfig, world_size: int = 1, device: str = "cpu") -> MemoryPlan:
     """Bytes per rank to train `cfg` on a model of shape `mc` with `world_size` ranks (cfg.distributed.strategy)
     on `device` ("cpu" or "cuda")."""
@@ -149,13 +197,15 @@ def estimate_memory(mc: ModelConfig, cfg: RunConfig, world_size: int = 1, device
         raise ConfigError(f"--nproc: expected an integer >= 1, got {world_size}")
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"device: expected 'cpu' or 'cuda', got {device!r}")
+    method = _method_terms(mc, cfg)
+    cfg = method.token_cfg
     t, lora, full = cfg.train, cfg.lora, cfg.lora is None
     amp = t.precision != "fp32"
     # A quantized base computes in bf16 from tiles of dequantized weights: like a bf16 base, no autocast copies.
     param_bytes = HALF if lora is not None and lora.base_dtype != "fp32" else FP32
     P = mc.num_params
     trainable = P if full else lora_params(mc, lora)
-    weights = P * FP32 if full else _base_bytes(mc, lora) + trainable * FP32
+    weights = (P * FP32 if full else _base_bytes(mc, lora) + trainable * FP32) + method.ref_weights
     grads, optimizer = trainable * FP32, 2 * trainable * FP32
     C, V, N = mc.hidden_size, mc.vocab_size, t.batch_size * cfg.data.seq_len
     strategy = "single process" if world_size == 1 else cfg.distributed.strategy
@@ -179,6 +229,11 @@ def estimate_memory(mc: ModelConfig, cfg: RunConfig, world_size: int = 1, device
     accum_grads = grads if t.grad_accum > 1 else 0
 
     workspace = {"LM head + loss": head_forward + resident}
+    ref_forward = method.ref_forward_per_token * N * step.head_bytes if method.ref_forward_per_token else 0
+    if ref_forward:
+        workspace["reference forward (no grad)"] = ref_forward
+    if method.sampling:
+        workspace["GRPO sampling (KV cache + logits)"] = method.sampling
     if lora is not None and lora.base_dtype in QUANT_BYTES:  # one tile at a time (kernels.quant_linear)
         from kernels.ops.quant_linear import TILE_ELEMS
 
@@ -198,9 +253,11 @@ def estimate_memory(mc: ModelConfig, cfg: RunConfig, world_size: int = 1, device
                                                                                             else param_bytes)
         extra += workspace["FSDP gathered weights"]
         tied_embed_grad += V * C * FP32 if full else 0  # the root's grads are whole until reduce-scattered
-    phases = {"forward end": step.saved + head_forward + step.copies_forward + accum_grads,
+    phases = {"forward end": step.saved + head_forward + step.copies_forward + accum_grads + ref_forward,
               "backward start": step.saved + step.recomputed + step.copies_backward + head_backward + accum_grads,
               "backward end": grads + max(step.last_layer + transient, tied_embed_grad)}
+    if method.sampling:  # before the step's forward: only weights and optimizer state are alive with it
+        phases["sampling"] = method.sampling
     phase = max(phases, key=phases.get)
     return MemoryPlan(weights=weights, grads=grads, optimizer=optimizer, activations=step.saved + step.recomputed,
                       workspace=workspace, peak=weights + optimizer + extra + phases[phase], peak_phase=phase,

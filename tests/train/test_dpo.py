@@ -193,7 +193,7 @@ def test_bad_dpo_configs_name_the_key(change, message, model_dir, tmp_path):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_ranks_equal_one_process_with_accumulation(strategy, model_dir, tmp_path):
     """torchrun 2 ranks x batch 2 = one process x 2 micro-batches of 2: the loss is normalized by the pairs of
-    every rank, so the losses, metrics and val losses agree."""
+    every rank, so the losses, metrics, val losses and the final adapter weights agree."""
     from tests.train.test_distributed import _torchrun
 
     one = dpo_run_dict(tmp_path / "one", model_dir, batch_size=2, grad_accum=2, max_steps=4, save_every=0,
@@ -207,3 +207,11 @@ def test_two_ranks_equal_one_process_with_accumulation(strategy, model_dir, tmp_
     for name in ("loss", "val_loss", *METRICS):
         torch.testing.assert_close([r.get(name) for r in ours], [r.get(name) for r in ref], rtol=1e-5, atol=1e-6,
                                    msg=name)
+    # and the same adapter weights after the 4 steps (atol 5e-5: see tests/train/test_grpo_ddp.py on Adam)
+    from safetensors.torch import load_file
+
+    mine, theirs = (load_file(tmp_path / side / "run" / "final" / "adapter_model.safetensors")
+                    for side in ("two", "one"))
+    assert mine.keys() == theirs.keys() and any(t.abs().max() > 0 for k, t in theirs.items() if "lora_B" in k)
+    for name, w in theirs.items():
+        torch.testing.assert_close(mine[name], w, rtol=1e-5, atol=5e-5, msg=name)
