@@ -60,9 +60,9 @@ class LoRALinear(nn.Module):
         if self.disabled:
             return y
         a = self.lora_A.weight
-        if not torch.is_autocast_enabled(x.device.type):  # a bf16 base without autocast: adapters run in fp32
+        if not torch.is_autocast_enabled(x.device.type) and y.dtype != a.dtype:  # bf16 base, no autocast: fp32 adapters
             return y + (self.lora_B(self.lora_A(self.dropout(x.to(a.dtype)))) * self.scale).to(y.dtype)
-        return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scale
+        return _add_scaled_lora_b(y, self.lora_A(self.dropout(x)), self.lora_B.weight, self.scale)
 
     def merged_weight(self) -> torch.Tensor:
         """W + scale * B @ A in fp32 [out, in]; a quantized base is dequantized to fp32 first."""
@@ -72,6 +72,13 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.lora_A.out_features}, scale={self.scale:g}" + (", disabled" if self.disabled else "")
+
+
+def _add_scaled_lora_b(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """y + scale * h @ B.T as one GEMM that accumulates into y (addmm): the separate `* scale` and `+ y` passes
+    over the [N, out] output (and their backward) cost as much as the rank-r matmuls. y [..., out], h [..., r]."""
+    out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scale)
+    return out.view(y.shape)
 
 
 @dataclass
