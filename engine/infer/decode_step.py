@@ -196,6 +196,7 @@ class FusedDecoder:
             cfg.num_heads, float(cfg.norm_eps), float(cfg.norm_weight_offset), float(qk_offset), scale,
             cfg.head_dim**-0.5, cfg.activation)
         self.logits = torch.empty(cache.k.shape[1], cfg.vocab_size, dtype=dtype)  # reused every step
+        self.argmax = torch.empty(cache.k.shape[1], dtype=torch.long)
         self.threads = torch.get_num_threads()
 
     @staticmethod
@@ -213,3 +214,11 @@ class FusedDecoder:
         B = ids.shape[0]
         self.plan.step(ids.contiguous(), pos.contiguous(), self.logits[:B], self.threads)
         return self.logits[:B]
+
+    def step_greedy(self, ids: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`step`, plus each row's argmax [B] int64 picked inside the LM head (torch.argmax's choice
+        on those logits: NaN first, then the lowest index of the largest). Saves ATen's argmax over V
+        logits per token (~0.2-0.5 ms for V = 49152 in bf16, measured on the shared AMD EPYC)."""
+        B = ids.shape[0]
+        self.plan.step(ids.contiguous(), pos.contiguous(), self.logits[:B], self.threads, self.argmax[:B])
+        return self.logits[:B], self.argmax[:B]

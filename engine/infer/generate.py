@@ -83,10 +83,14 @@ def generate_stream(model, input_ids: torch.Tensor, max_new_tokens: int, tempera
     for i in range(max_new_tokens):
         if i == 0 or fused is None:  # the prompt (T > 1) always goes through the eager forward
             logits = model.lm_head(model.hidden_states(tokens, cache=cache)[:, -1])  # only the last position
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        elif temperature <= 0.0:  # greedy: the fused step's LM head also picks the argmax
+            nxt = fused.step_greedy(tokens[:, 0], torch.full((B,), cache.pos, dtype=torch.long))[1].clone()
+            cache.advance(1)
         else:
             logits = fused.step(tokens[:, 0], torch.full((B,), cache.pos, dtype=torch.long))
             cache.advance(1)
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
         nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
         yield nxt
         finished |= torch.isin(nxt, eos)

@@ -114,8 +114,9 @@ class DecodePlan {
     }
   }
 
-  // logits [B, V] = the model's next-token logits after ids [B] at cache slots pos [B].
-  void step(py::handle ids, py::handle pos, py::handle logits, int n_threads) {
+  // logits [B, V] = the model's next-token logits after ids [B] at cache slots pos [B]; argmax
+  // [B] int64 (optional) = each row's argmax of those logits, as torch.argmax picks it.
+  void step(py::handle ids, py::handle pos, py::handle logits, int n_threads, py::handle argmax) {
     Checker c("DecodePlan.step", false);
     c.threads(n_threads);
     const TensorArg i = c.tensor(ids, "ids");
@@ -127,6 +128,8 @@ class DecodePlan {
     c.dense(p, kI64, {B});
     const TensorArg o = c.tensor(logits, "logits");
     c.dense(o, m_.dtype, {B, m_.vocab});
+    const TensorArg am = c.optional(argmax, "argmax");
+    if (am.present) c.dense(am, kI64, {B});
     const int64_t* id = static_cast<const int64_t*>(i.data);
     const int64_t* ps = static_cast<const int64_t*>(p.data);
     const int64_t limit = m_.max_pos < 0 ? m_.max_len : std::min(m_.max_len, m_.max_pos);
@@ -138,7 +141,7 @@ class DecodePlan {
         c.fail("pos[" + std::to_string(b) + "]", "a cache slot in [0, " + std::to_string(limit) + ")",
                std::to_string(ps[b]));
     }
-    DecodeStepArgs a{id, ps, B, o.data, n_threads};
+    DecodeStepArgs a{id, ps, B, o.data, n_threads, am.present ? static_cast<int64_t*>(am.data) : nullptr};
     py::gil_scoped_release release;
     decode_step_cpu(m_, a);
   }
@@ -157,7 +160,8 @@ void bind_decode_plan(py::module_& m) {
            py::arg("embed"), py::arg("final_norm"), py::arg("lm_head"), py::arg("cache_k"), py::arg("cache_v"),
            py::arg("layers"), py::arg("windows"), py::arg("n_heads"), py::arg("eps"), py::arg("norm_offset"),
            py::arg("qk_norm_offset"), py::arg("embed_scale"), py::arg("attn_scale"), py::arg("activation"))
-      .def("step", &DecodePlan::step, py::arg("ids"), py::arg("pos"), py::arg("logits"), py::arg("n_threads"));
+      .def("step", &DecodePlan::step, py::arg("ids"), py::arg("pos"), py::arg("logits"), py::arg("n_threads"),
+           py::arg("argmax") = py::none());
 }
 
 }  // namespace kernels

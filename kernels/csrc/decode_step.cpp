@@ -5,12 +5,17 @@
 // but the eager model spends per layer ~15 ATen ops (norm, 3 GEMVs, RoPE, cache writes, SDPA's
 // setup for one query, o_proj, norm, 2 GEMVs, act, mul, GEMV, 2 adds) plus their Python and
 // dispatch overhead, and forks the thread team ~8 times. Here each thread walks the whole step:
-// it normalizes the residual row into a private buffer (no barrier: a few hundred floats, done
-// twice), streams its own contiguous slice of the q/k/v rows (q, k and v are one index space, so
-// the three matrices are read in one pass with one barrier), rotates, writes the cache and
-// attends for its share of the (row, kv head) pairs, then streams its slice of o_proj with the
-// residual add fused into the GEMV's store, and the same for gate/up (both rows n read together,
-// act(gate) * up written directly) and down. Five barriers per layer; no allocation per layer.
+// it normalizes the residual row into a private buffer (a few hundred floats), streams chunks of
+// the q/k/v rows (q, k and v are one index space, so the three matrices are read in one pass),
+// rotates, writes the cache and attends for (row, kv head) pairs, then streams chunks of o_proj
+// with the residual add fused into the GEMV's store, and the same for gate/up (both rows n read
+// together, act(gate) * up written directly) and down; the LM head also picks each row's argmax.
+//
+// No barriers (see Phases): a thread claims ~32 KB chunks of weight rows, its own contiguous
+// region first (one sequential stream per thread when both run alike), then what is left of the
+// other's, and waits only until every item the next phase reads is done. A thread that is late
+// (descheduled by another process, or slower) no longer stalls the other at 5 barriers per layer:
+// the one that runs does the work. No allocation per layer.
 //
 // Numerics mirror the eager model: math in fp32, every tensor the eager path materializes is
 // rounded to the model dtype at the same place (a no-op in fp32), RoPE tables as the eager path
@@ -20,7 +25,10 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <limits>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -91,6 +99,66 @@ inline void rope_row(float* x, const float* c, const float* s, int64_t D) {
   }
 }
 
+constexpr int64_t kChunkBytes = 32 << 10;  // weight bytes per claimed chunk: ~2 us of streaming
+
+// Chunk rows of a GEMV whose weight rows hold K elements of W.
+template <typename W>
+inline int64_t chunk_rows(int64_t K) { return std::max<int64_t>(1, kChunkBytes / (K * int64_t(sizeof(W)))); }
+
+// Work sharing without barriers. Each phase (a GEMV, the attention, the LM head) has items [0, n),
+// split into one contiguous region per thread; run() claims chunks of the caller's own region,
+// then of the others' (stealing what a late thread has not started), and counts finished items in
+// `done` (release); wait() returns once every item is done (acquire), spinning briefly and then
+// yielding the core so that a descheduled partner can finish its last chunk.
+class Phases {
+ public:
+  Phases(int64_t n_phases, int regions) : c_(size_t(n_phases * (regions + 1))), regions_(regions) {}
+
+  template <typename F>
+  void run(int64_t phase, int64_t n, int64_t chunk, F&& f) {  // f(lo, hi) over chunks of [0, n)
+    Counter* cur = &c_[size_t(phase * (regions_ + 1))];
+    const int t = omp_get_thread_num();
+    for (int i = 0; i < regions_; ++i) {
+      const int r = (t + i) % regions_;
+      const int64_t r0 = n * r / regions_, r1 = n * (r + 1) / regions_;
+      for (;;) {
+        const int64_t lo = r0 + cur[r].v.fetch_add(chunk, std::memory_order_relaxed);
+        if (lo >= r1) break;
+        const int64_t hi = std::min(lo + chunk, r1);
+        f(lo, hi);
+        cur[regions_].v.fetch_add(hi - lo, std::memory_order_release);
+      }
+    }
+  }
+
+  void wait(int64_t phase, int64_t n) {
+    const std::atomic<int64_t>& done = c_[size_t(phase * (regions_ + 1) + regions_)].v;
+    for (int spin = 0; done.load(std::memory_order_acquire) < n; ++spin) {
+      if (spin < 2048) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+ private:
+  struct alignas(64) Counter { std::atomic<int64_t> v{0}; };  // one cache line each: no false sharing
+  std::vector<Counter> c_;  // [phase][region cursors..., done]
+  int regions_;
+};
+
+// Is logit v at index i a better argmax than (best, at)? torch.argmax's order: NaN is the largest
+// value, and among equal values the lowest index wins.
+inline bool better(float v, int64_t i, float best, int64_t at) {
+  if (at < 0) return true;
+  if (std::isnan(best)) return std::isnan(v) && i < at;
+  if (std::isnan(v)) return true;
+  return v > best || (v == best && i < at);
+}
+
 template <typename W>
 struct Step {
   using X = typename gemv::XOf<W>::type;  // what the GEMV reads x as
@@ -99,11 +167,29 @@ struct Step {
   int64_t B, C, Q, KV, NQKV, F, hd;
   std::vector<float> h, qkv;     // residual [B, C]; q|k|v [B, NQKV] (fp32 holding W-rounded values)
   std::vector<X> y, a;           // attention output [B, Q]; act(gate) * up [B, F]
+  int nt;                        // threads asked for (= regions per phase)
+  Phases phases;                 // embed, 5 per layer, LM head
+  std::vector<float> best;       // [nt, B] each thread's best logit per row so far (argmax)
+  std::vector<int64_t> best_at;  // [nt, B] its index, -1: none yet
 
-  Step(const DecodeModel& model, const DecodeStepArgs& args) : m(model), s(args) {
+  Step(const DecodeModel& model, const DecodeStepArgs& args)
+      : m(model), s(args), nt(std::max(1, args.n_threads)), phases(5 * int64_t(model.layers.size()) + 2, nt) {
     B = s.batch, C = m.hidden, hd = m.head_dim, Q = m.n_heads * hd, KV = m.n_kv_heads * hd;
     NQKV = Q + 2 * KV, F = m.intermediate;
     h.resize(size_t(B * C)), qkv.resize(size_t(B * NQKV)), y.resize(size_t(B * Q)), a.resize(size_t(B * F));
+    best.assign(size_t(nt * B), 0.f), best_at.assign(size_t(nt * B), -1);
+  }
+
+  // argmax[b] over the threads' partial results (the order does not matter: `better` is total).
+  void finish_argmax() const {
+    for (int64_t b = 0; b < B; ++b) {
+      float v = 0.f;
+      int64_t at = -1;
+      for (int t = 0; t < nt; ++t)
+        if (best_at[t * B + b] >= 0 && better(best[t * B + b], best_at[t * B + b], v, at))
+          v = best[t * B + b], at = best_at[t * B + b];
+      s.argmax[b] = at;
+    }
   }
 
   // Rows [n0, n1) of a GEMV over the B rows of x [B, K]: each output row n calls put(b, n, value).
@@ -116,12 +202,6 @@ struct Step {
       gemv::row_dots(w + n * K, x, B, K, acc);
       for (int64_t b = 0; b < B; ++b) put(b, n, bs ? acc[b] + to_f32(bs[n]) : acc[b]);
     }
-  }
-
-  // This thread's contiguous share [lo, hi) of n items.
-  static void share(int64_t n, int64_t& lo, int64_t& hi) {
-    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-    lo = n * t / nt, hi = n * (t + 1) / nt;
   }
 
   void attention(const DecodeLayer& L, int64_t layer, int64_t b, int64_t g, std::vector<float>& scores) {
@@ -142,12 +222,12 @@ struct Step {
       float* q = qkv.data() + b * NQKV + head * hd;
       if (L.q_norm) norm_row<W, float>(q, static_cast<const W*>(L.q_norm), hd, m.eps, m.qk_norm_offset, q);
       if (c) rope_row<W>(q, c, sn, hd);
+      X qx[512];  // q as the GEMV reads x (exact: q already holds W-rounded values)
+      for (int64_t d = 0; d < hd; ++d) qx[d] = as<X>(q[d]);
       float top = -INFINITY;
-      for (int64_t t = first; t <= pos; ++t) {
-        const W* kt = kc + t * hd;
+      for (int64_t t = first; t <= pos; ++t) {  // q . k_t with the GEMV's vector tile (vdpbf16ps in bf16)
         float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < hd; ++d) dot += q[d] * to_f32(kt[d]);
+        gemv::tile<1>(kc + t * hd, qx, hd, hd, &dot);
         scores[t] = dot * m.attn_scale;
         top = std::max(top, scores[t]);
       }
@@ -170,70 +250,93 @@ struct Step {
     const W* embed = static_cast<const W*>(m.embed);
     std::vector<X> xn(size_t(B * C));  // this thread's copy of the normalized residual
     std::vector<float> acc(static_cast<size_t>(B)), scores(static_cast<size_t>(m.max_len));
-    int64_t lo, hi;
-    share(B * C, lo, hi);  // embedding rows (ids checked by the entry)
-    for (int64_t i = lo; i < hi; ++i) {
-      const float e = to_f32(embed[s.ids[i / C] * C + i % C]);
-      h[i] = m.embed_scale != 0.f ? rnd<W>(e * m.embed_scale) : e;
-    }
-#pragma omp barrier
+    bool normed = false;  // xn holds the current norm (computed once a chunk that reads it is claimed)
+    // xn = norm(h) with `weight`, on the first chunk this thread claims in a phase that reads it:
+    // h cannot change while that chunk is unfinished (the phase that writes h waits for it).
+    auto norm_once = [&](const void* weight) {
+      if (normed) return;
+      for (int64_t b = 0; b < B; ++b)
+        norm_row<W, X>(&h[b * C], static_cast<const W*>(weight), C, m.eps, m.norm_offset, &xn[b * C]);
+      normed = true;
+    };
+    phases.run(0, B, 1, [&](int64_t b0, int64_t b1) {  // embedding rows (ids checked by the entry)
+      for (int64_t i = b0 * C; i < b1 * C; ++i) {
+        const float e = to_f32(embed[s.ids[i / C] * C + i % C]);
+        h[i] = m.embed_scale != 0.f ? rnd<W>(e * m.embed_scale) : e;
+      }
+    });
+    phases.wait(0, B);
+    const int64_t qk = Q + KV;
+    auto put_qkv = [&](int64_t off) {
+      return [this, off](int64_t b, int64_t n, float v) { qkv[b * NQKV + off + n] = rnd<W>(v); };
+    };
+    auto add_h = [this](int64_t b, int64_t n, float v) { h[b * C + n] = rnd<W>(h[b * C + n] + rnd<W>(v)); };
     for (int64_t l = 0; l < int64_t(m.layers.size()); ++l) {
       const DecodeLayer& L = m.layers[l];
-      for (int64_t b = 0; b < B; ++b)
-        norm_row<W, X>(&h[b * C], static_cast<const W*>(L.attn_norm), C, m.eps, m.norm_offset, &xn[b * C]);
-      share(NQKV, lo, hi);  // q, k and v rows as one index space: one pass over the three matrices
-      const int64_t qk = Q + KV;
-      auto put_qkv = [&](int64_t off) {
-        return [this, off](int64_t b, int64_t n, float v) { qkv[b * NQKV + off + n] = rnd<W>(v); };
-      };
-      if (lo < Q) gemv(L.wq, L.bq, xn.data(), C, lo, std::min(hi, Q), acc.data(), put_qkv(0));
-      if (hi > Q && lo < qk)
-        gemv(L.wk, L.bk, xn.data(), C, std::max(lo, Q) - Q, std::min(hi, qk) - Q, acc.data(), put_qkv(Q));
-      if (hi > qk) gemv(L.wv, L.bv, xn.data(), C, std::max(lo, qk) - qk, hi - qk, acc.data(), put_qkv(qk));
-#pragma omp barrier
-      share(B * m.n_kv_heads, lo, hi);
-      for (int64_t i = lo; i < hi; ++i) attention(L, l, i / m.n_kv_heads, i % m.n_kv_heads, scores);
-#pragma omp barrier
-      share(C, lo, hi);  // o_proj, its output added into the residual row as it is stored
-      gemv(L.wo, L.bo, y.data(), Q, lo, hi, acc.data(),
-           [this](int64_t b, int64_t n, float v) { h[b * C + n] = rnd<W>(h[b * C + n] + rnd<W>(v)); });
-#pragma omp barrier
-      for (int64_t b = 0; b < B; ++b)
-        norm_row<W, X>(&h[b * C], static_cast<const W*>(L.mlp_norm), C, m.eps, m.norm_offset, &xn[b * C]);
-      share(F, lo, hi);
-      for (int64_t n = lo; n < hi; ++n) {  // gate row n and up row n: act(gate) * up straight into a
-        float gate[64], up[64];  // B <= 64, checked by the entry
-        if (L.wg) {
-          gemv(L.wg, L.bg, xn.data(), C, n, n + 1, acc.data(), [&](int64_t b, int64_t, float v) { gate[b] = v; });
+      const int64_t ph = 1 + 5 * l;
+      normed = false;
+      // q, k and v rows as one index space: one pass over the three matrices
+      phases.run(ph, NQKV, chunk_rows<W>(C), [&](int64_t lo, int64_t hi) {
+        norm_once(L.attn_norm);
+        if (lo < Q) gemv(L.wq, L.bq, xn.data(), C, lo, std::min(hi, Q), acc.data(), put_qkv(0));
+        if (hi > Q && lo < qk)
+          gemv(L.wk, L.bk, xn.data(), C, std::max(lo, Q) - Q, std::min(hi, qk) - Q, acc.data(), put_qkv(Q));
+        if (hi > qk) gemv(L.wv, L.bv, xn.data(), C, std::max(lo, qk) - qk, hi - qk, acc.data(), put_qkv(qk));
+      });
+      phases.wait(ph, NQKV);
+      phases.run(ph + 1, B * m.n_kv_heads, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi; ++i) attention(L, l, i / m.n_kv_heads, i % m.n_kv_heads, scores);
+      });
+      phases.wait(ph + 1, B * m.n_kv_heads);
+      // o_proj, its output added into the residual row as it is stored
+      phases.run(ph + 2, C, chunk_rows<W>(Q), [&](int64_t lo, int64_t hi) {
+        gemv(L.wo, L.bo, y.data(), Q, lo, hi, acc.data(), add_h);
+      });
+      phases.wait(ph + 2, C);
+      normed = false;
+      phases.run(ph + 3, F, chunk_rows<W>(2 * C), [&](int64_t lo, int64_t hi) {
+        norm_once(L.mlp_norm);
+        for (int64_t n = lo; n < hi; ++n) {  // gate row n and up row n: act(gate) * up straight into a
+          float gate[64], up[64];  // B <= 64, checked by the entry
+          if (L.wg) {
+            gemv(L.wg, L.bg, xn.data(), C, n, n + 1, acc.data(), [&](int64_t b, int64_t, float v) { gate[b] = v; });
+          }
+          gemv(L.wu, L.bu, xn.data(), C, n, n + 1, acc.data(), [&](int64_t b, int64_t, float v) { up[b] = v; });
+          for (int64_t b = 0; b < B; ++b) {
+            const float u = rnd<W>(up[b]);
+            const float v = L.wg ? rnd<W>(rnd<W>(act(m.activation, rnd<W>(gate[b]))) * u) : rnd<W>(act(m.activation, u));
+            a[b * F + n] = as<X>(v);
+          }
         }
-        gemv(L.wu, L.bu, xn.data(), C, n, n + 1, acc.data(), [&](int64_t b, int64_t, float v) { up[b] = v; });
-        for (int64_t b = 0; b < B; ++b) {
-          const float u = rnd<W>(up[b]);
-          const float v = L.wg ? rnd<W>(rnd<W>(act(m.activation, rnd<W>(gate[b]))) * u) : rnd<W>(act(m.activation, u));
-          a[b * F + n] = as<X>(v);
-        }
-      }
-#pragma omp barrier
-      share(C, lo, hi);
-      gemv(L.wd, L.bd, a.data(), F, lo, hi, acc.data(),
-           [this](int64_t b, int64_t n, float v) { h[b * C + n] = rnd<W>(h[b * C + n] + rnd<W>(v)); });
-#pragma omp barrier
+      });
+      phases.wait(ph + 3, F);
+      phases.run(ph + 4, C, chunk_rows<W>(F), [&](int64_t lo, int64_t hi) {
+        gemv(L.wd, L.bd, a.data(), F, lo, hi, acc.data(), add_h);
+      });
+      phases.wait(ph + 4, C);
     }
-    for (int64_t b = 0; b < B; ++b)
-      norm_row<W, X>(&h[b * C], static_cast<const W*>(m.final_norm), C, m.eps, m.norm_offset, &xn[b * C]);
-    share(m.vocab, lo, hi);
+    normed = false;
     W* logits = static_cast<W*>(s.logits);
-    gemv(m.lm_head, nullptr, xn.data(), C, lo, hi, acc.data(),
-         [&](int64_t b, int64_t n, float v) { store(logits + b * m.vocab + n, v); });
+    const int t = omp_get_thread_num();
+    float* my_best = &best[t * B];
+    int64_t* my_at = &best_at[t * B];
+    phases.run(1 + 5 * int64_t(m.layers.size()), m.vocab, chunk_rows<W>(C), [&](int64_t lo, int64_t hi) {
+      norm_once(m.final_norm);
+      gemv(m.lm_head, nullptr, xn.data(), C, lo, hi, acc.data(), [&](int64_t b, int64_t n, float v) {
+        store(logits + b * m.vocab + n, v);
+        const float r = rnd<W>(v);  // the logit as stored: argmax sees what torch.argmax would
+        if (better(r, n, my_best[b], my_at[b])) my_best[b] = r, my_at[b] = n;
+      });
+    });
   }
 };
 
 template <typename W>
 void run(const DecodeModel& m, const DecodeStepArgs& s) {
   Step<W> step(m, s);
-  const int n_threads = std::max(1, s.n_threads);
-#pragma omp parallel num_threads(n_threads)
+#pragma omp parallel num_threads(step.nt)
   step.run_thread();
+  if (s.argmax) step.finish_argmax();
 }
 
 }  // namespace

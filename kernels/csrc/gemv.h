@@ -2,6 +2,11 @@
 // fused decode step): dot products of one weight row with a few rows of x, W read once, in order.
 // See linear.cpp for why they are shaped this way (one sequential stream per thread, kTokens rows
 // of x per load of W, vdpbf16ps for bf16).
+//
+// The ISA is chosen at compile time (-march; kernels/CMakeLists.txt's ENGINE_KERNELS_MARCH): AVX-512
+// (+ AVX512-BF16's vdpbf16ps when present), else AVX2 + FMA, else a portable loop the compiler
+// vectorizes. `path()` says which one this build has; tests/kernels/test_gemv_isa.py compiles this
+// header for AVX2 explicitly and ties each path to a float64 reference.
 #pragma once
 
 #include <algorithm>
@@ -117,8 +122,60 @@ inline void tile(const bf16* w, const bf16* x, int64_t ldx, int64_t K, float sum
 }
 #endif
 
-#if !KERNELS_GEMV_AVX512
-// Portable version of the same tile (AVX2/NEON builds): GCC vectorizes each dot product.
+#if !KERNELS_GEMV_AVX512 && defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define KERNELS_GEMV_AVX2 1
+// The AVX2 build (-march=x86-64-v3, or a CPU without AVX-512): the same tile on 8 fp32 lanes. W is
+// read once and in order; bf16 is widened by a zero-extend and a 16-bit shift (the bf16 bits are
+// the top half of the fp32), no scalar conversion; the K tail (< 8) is scalar. U accumulators
+// per x row hide the FMA latency (4 cycles, 2 ports: 8 FMAs in flight for one row).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+template <int T, typename W>
+inline void tile(const W* w, const float* x, int64_t ldx, int64_t K, float sums[T]) {
+  constexpr int U = T == 1 ? 4 : 2;
+  __m256 acc[T][U];
+#pragma GCC unroll 16
+  for (int t = 0; t < T; ++t)
+#pragma GCC unroll 16
+    for (int u = 0; u < U; ++u) acc[t][u] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 * U <= K; k += 8 * U) {
+#pragma GCC unroll 16
+    for (int u = 0; u < U; ++u) {
+      const __m256 wv = load8(w + k + 8 * u);
+#pragma GCC unroll 16
+      for (int t = 0; t < T; ++t)
+        acc[t][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * ldx + k + 8 * u), acc[t][u]);
+    }
+  }
+  for (; k + 8 <= K; k += 8) {
+    const __m256 wv = load8(w + k);
+#pragma GCC unroll 16
+    for (int t = 0; t < T; ++t) acc[t][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * ldx + k), acc[t][0]);
+  }
+#pragma GCC unroll 16
+  for (int t = 0; t < T; ++t) {
+#pragma GCC unroll 16
+    for (int u = 1; u < U; ++u) acc[t][0] = _mm256_add_ps(acc[t][0], acc[t][u]);
+    float s = hsum8(acc[t][0]);
+    for (int64_t j = k; j < K; ++j) s += to_f32(w[j]) * x[t * ldx + j];  // tail: < 8 elements
+    sums[t] += s;
+  }
+}
+#endif
+
+#if !KERNELS_GEMV_AVX512 && !KERNELS_GEMV_AVX2
+// Portable version of the same tile (NEON and other builds): GCC vectorizes each dot product.
 template <int T, typename W>
 inline void tile(const W* w, const float* x, int64_t ldx, int64_t K, float sums[T]) {
   for (int t = 0; t < T; ++t) {
@@ -156,6 +213,19 @@ inline void row_dots(const W* w, const X* x, int64_t M, int64_t K, float* acc) {
       }
     }
   }
+}
+
+// The compiled tile's ISA, for logs and tests: "avx512-bf16", "avx512", "avx2" or "portable".
+inline const char* path() {
+#if KERNELS_GEMV_DPBF16
+  return "avx512-bf16";
+#elif KERNELS_GEMV_AVX512
+  return "avx512";
+#elif KERNELS_GEMV_AVX2
+  return "avx2";
+#else
+  return "portable";
+#endif
 }
 
 }  // namespace gemv

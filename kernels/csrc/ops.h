@@ -69,6 +69,7 @@ struct DecodeStepArgs {
   int64_t batch;
   void* logits;  // [batch, vocab]
   int n_threads;
+  int64_t* argmax;  // [batch] each row's argmax of its logits (torch.argmax's ties and NaN), or null
 };
 
 // out [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N]), all contiguous and of one dtype

@@ -38,7 +38,9 @@ def _eager_vs_fused(model, prompt, steps, max_len=None):
         worst, seq_e, seq_f = 0.0, [], []
         for _ in range(steps):
             ref = model.lm_head(model.hidden_states(tok_e[:, None], cache=ce)[:, -1])
-            out = fused.step(tok_f, torch.full((B,), cf.pos, dtype=torch.long)).clone()
+            out, am = fused.step_greedy(tok_f, torch.full((B,), cf.pos, dtype=torch.long))
+            out = out.clone()
+            assert torch.equal(am, out.argmax(-1))  # the LM head's argmax is torch's on those logits
             cf.advance(1)
             worst = max(worst, _rel(out, ref))
             tok_e, tok_f = ref.argmax(-1), out.argmax(-1)
@@ -149,3 +151,28 @@ def test_plan_rejects_bad_step_arguments(hf_checkpoint):
         fused.step(torch.tensor([1, 2]), torch.tensor([0, 8]))
     with pytest.raises(ValueError, match="ids: expected a contiguous int64"):
         fused.step(torch.tensor([1, 2, 3]), torch.tensor([0, 0, 0]))  # more rows than the cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_step_is_bitwise_the_same_for_any_thread_count(hf_checkpoint, dtype):
+    """Chunks are claimed dynamically (a late thread's work is taken by the other), yet every output
+    row is computed by one thread in one order: logits and cache equal bitwise for 1, 2 and 5 threads
+    (5 > this machine's cores: threads get descheduled mid-step and their regions stolen)."""
+    model = Transformer.from_pretrained(hf_checkpoint("qwen3")[0], dtype=dtype)
+    prompt = torch.randint(0, 211, (3, 4), generator=torch.Generator().manual_seed(1))
+    results = []
+    for threads in (1, 2, 5):
+        with torch.inference_mode():
+            cache = model.new_cache(3, 12)
+            fused = FusedDecoder(model, cache)
+            fused.threads = threads
+            model.hidden_states(prompt, cache=cache)
+            tok, outs = prompt[:, -1], []
+            for _ in range(6):
+                logits, am = fused.step_greedy(tok, torch.full((3,), cache.pos, dtype=torch.long))
+                outs.append(logits.clone())
+                cache.advance(1)
+                tok = am.clone()
+        results.append((torch.stack(outs), cache.k.clone(), cache.v.clone()))
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
