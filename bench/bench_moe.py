@@ -45,6 +45,40 @@ def write_model() -> Path:
     return directory
 
 
+def _rss_mb() -> float:
+    """The current resident set (MB), from /proc (Linux)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class SavedBytes:
+    """Counts the bytes autograd keeps for backward (parameters excluded, each storage once), split into
+    tensors saved inside an MoE layer (router, grouped experts) and everything else."""
+
+    def __init__(self, model):
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.depth, self.seen, self.mb = 0, set(), {"moe": 0.0, "other": 0.0}
+        moe_types = ("MoE", "Qwen3MoeSparseMoeBlock", "MixtralSparseMoeBlock")
+        for m in model.modules():
+            if type(m).__name__ in moe_types:
+                m.register_forward_pre_hook(lambda *_: setattr(self, "depth", self.depth + 1))
+                m.register_forward_hook(lambda *_: setattr(self, "depth", self.depth - 1))
+
+    def pack(self, t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in self.params and ptr not in self.seen:
+            self.seen.add(ptr)
+            self.mb["moe" if self.depth else "other"] += t.untyped_storage().nbytes() / 2**20
+        return t
+
+    def hooks(self):
+        import torch
+
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+
 def run_one(impl: str) -> dict:
     """Train WARMUP + STEPS steps in this process; return tokens/s over STEPS and peak RSS (MB)."""
     import torch
@@ -52,6 +86,7 @@ def run_one(impl: str) -> dict:
     directory = write_model()
     torch.manual_seed(0)
     data = torch.randint(0, QWEN3_MOE_100M["vocab_size"], (WARMUP + STEPS, BATCH, SEQ + 1))
+    rss_import = _rss_mb()
     if impl == "engine":
         from engine import Transformer
         from engine.config import TrainConfig
@@ -81,8 +116,17 @@ def run_one(impl: str) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    elapsed = time_steps(step, data, WARMUP, STEPS)
-    return {"impl": impl, "params_m": params / 1e6, "tokens_per_s": STEPS * BATCH * SEQ / elapsed,
+    rss_loaded = _rss_mb()
+    saved = SavedBytes(model)
+    with saved.hooks():  # the warm-up step: what backward keeps, measured once
+        step(data[0])
+    elapsed = time_steps(step, data[1:], WARMUP - 1, STEPS)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    adam = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+               if torch.is_tensor(v) and v.dim() > 0) / 2**20
+    breakdown = {"import_rss": rss_import, "loaded_rss": rss_loaded, "weights": weights, "grads": weights,
+                 "adamw_state": adam, "saved_moe": saved.mb["moe"], "saved_other": saved.mb["other"]}
+    return {"breakdown_mb": breakdown, "impl": impl, "params_m": params / 1e6, "tokens_per_s": STEPS * BATCH * SEQ / elapsed,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "threads": torch.get_num_threads()}
 
@@ -116,13 +160,25 @@ def main() -> None:
             runs[impl].append(measure(impl))
     hf_tps, our_tps = (statistics.median(r["tokens_per_s"] for r in runs[i]) for i in runs)
     hf_mb, our_mb = (max(r["peak_rss_mb"] for r in runs[i]) for i in runs)
-    print(f"Qwen3-MoE-shaped, {runs['engine'][0]['params_m']:.0f}M total params, bf16 autocast, batch {BATCH} x {SEQ}, "
+    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True)
+                .stdout.splitlines() if line.startswith("Model name")), "unknown CPU")
+    print(f"{cpu}; Qwen3-MoE-shaped, {runs['engine'][0]['params_m']:.0f}M total params, bf16 autocast, batch {BATCH} x {SEQ}, "
           f"{STEPS} timed steps after {WARMUP} warm-up, median of {args.trials} trials, "
           f"{runs['engine'][0]['threads']} threads\n")
     print("| transformers tok/s | engine tok/s | speedup | transformers peak RSS | engine peak RSS | memory ratio |")
     print("|---|---|---|---|---|---|")
     print(f"| {hf_tps:.0f} | {our_tps:.0f} | {our_tps / hf_tps:.2f}x | {hf_mb:.0f} MB | {our_mb:.0f} MB | "
           f"{our_mb / hf_mb:.2f}x |")
+    rows = {"import_rss": "RSS after import", "loaded_rss": "RSS after loading the model",
+            "weights": "weights (fp32)", "grads": "gradients (fp32)", "adamw_state": "AdamW state",
+            "saved_moe": "kept for backward inside MoE layers (router, grouped experts)",
+            "saved_other": "kept for backward elsewhere (attention, norms, residuals, loss)"}
+    print("\nMemory breakdown (MB; saved-for-backward: autograd's saved tensors in one step, parameters excluded)\n")
+    print("| | transformers | engine |\n|---|---|---|")
+    for key, label in rows.items():
+        print(f"| {label} | {runs['transformers'][0]['breakdown_mb'][key]:.0f} | "
+              f"{runs['engine'][0]['breakdown_mb'][key]:.0f} |")
+    print(f"| peak RSS | {hf_mb:.0f} | {our_mb:.0f} |")
 
 
 if __name__ == "__main__":

@@ -9,10 +9,12 @@ M = N * k (token, expert) assignments.
     (+ sigmoid(shared_gate(x)) * shared(x)   Qwen2-MoE's shared expert)
 
 Experts are stacked weights, gate_up_proj [E, 2F, C] ([gate | up] rows, transformers' layout) and
-down_proj [E, C, F]. They are computed grouped: the M assignments are sorted by expert, so each active
-expert runs one matmul over its contiguous rows; there is no loop over tokens. `_GroupedLinear` writes
-every expert's weight gradient into one [E, ...] tensor (indexing `w[e]` under autograd would allocate a
-full-size zero gradient per expert) and casts one expert at a time under autocast. The router logits of every layer can be collected for the
+down_proj [E, C, F]. They are computed grouped: the M assignments are laid out by expert (each expert's
+rows padded to a multiple of ROW_BUCKET), so each active expert runs one matmul over its contiguous rows;
+there is no loop over tokens. `_GroupedMLP` is one autograd Function for a whole expert MLP: it keeps only
+the grouped input and the route weights for backward (recomputing gate/up there), writes every expert's
+weight gradient into one [E, ...] tensor and casts one expert at a time under autocast; the weighted sum
+over k is one index_add_ (no [M, C] unsort copy). The router logits of every layer can be collected for the
 load-balancing auxiliary loss with `collect_router_logits(model)`.
 """
 from __future__ import annotations
@@ -27,48 +29,62 @@ import torch.nn as nn
 from engine.config import ModelConfig
 
 
-class _GroupedLinear(torch.autograd.Function):
-    """y[rows of expert e] = x[rows of e] @ w[e].T, for x [M, in] sorted by expert and w [E, out, in].
+# Each expert's rows are padded up to a multiple of ROW_BUCKET: on CPU every distinct matmul shape makes
+# oneDNN build and cache a new kernel (~0.7 MB each, up to 1024 of them), and per-expert row counts change
+# every step, so unpadded counts grew the process by hundreds of MB; bucketed, each op sees at most
+# M / ROW_BUCKET shapes, for ~ROW_BUCKET / 2 zero rows of extra work per expert.
+ROW_BUCKET = 32
 
-    w is the parameter itself, in any dtype: each active expert's slice is cast to x's dtype when used, so
-    autocast keeps no [E, out, in] low-precision copy for backward, and the weight gradient is written
-    straight into one tensor of w's dtype (inactive experts: zero)."""
+
+class _GroupedMLP(torch.autograd.Function):
+    """ys = w * down(act(gate(x)) * up(x)) per expert, for x [P, C] in padded expert groups (counts[e] rows
+    each, zero rows padding) and route weights w [P] (0 on padding rows).
+
+    Saves only x and w: backward recomputes each expert's gate/up activations, so a layer keeps [P, C]
+    for backward instead of the [P, 2F] + 3 x [P, F] + [P, C] of op-by-op autograd. The stacked weights
+    [E, 2F, C] / [E, C, F] are used in any dtype, cast one expert at a time to x's dtype (autocast keeps
+    no [E, ...] low-precision copy), and their gradients are written straight into one tensor each."""
 
     @staticmethod
-    def forward(ctx, x, w, counts: list):
-        out = x.new_empty(x.shape[0], w.shape[1])
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                torch.mm(x[start:start + n], w[e].to(x.dtype).t(), out=out[start:start + n])
-                start += n
-        ctx.save_for_backward(x, w)
-        ctx.counts = counts
+    def forward(ctx, x, route, gate_up, down, counts: list, act):
+        out = x.new_empty(x.shape[0], down.shape[1])
+        for e, rows in _groups(counts):
+            g, u = torch.mm(x[rows], gate_up[e].to(x.dtype).t()).chunk(2, dim=-1)  # (n, F) each
+            torch.mm(act(g) * u * route[rows, None], down[e].to(x.dtype).t(), out=out[rows])
+        ctx.save_for_backward(x, route, gate_up, down)
+        ctx.counts, ctx.act = counts, act
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, w = ctx.saved_tensors
+        x, route, gate_up, down = ctx.saved_tensors
         grad = grad.contiguous()
-        gx = x.new_empty(x.shape) if ctx.needs_input_grad[0] else None
-        gw = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
-        start = 0
-        for e, n in enumerate(ctx.counts):
-            if not n:
-                continue
-            g = grad[start:start + n]
-            if gx is not None:
-                torch.mm(g, w[e].to(g.dtype), out=gx[start:start + n])
-            if gw is not None:
-                gw[e].copy_(torch.mm(g.t(), x[start:start + n]))
+        gx, groute = torch.zeros_like(x), torch.zeros_like(route)
+        g_gate_up, g_down = torch.zeros_like(gate_up), torch.zeros_like(down)
+        for e, rows in _groups(ctx.counts):
+            xe, dy, we = x[rows], grad[rows], route[rows, None]  # (n, C), (n, C), (n, 1)
+            w_gu, w_d = gate_up[e].to(x.dtype), down[e].to(x.dtype)
+            with torch.enable_grad():  # the elementwise part's derivative, for any activation
+                gu = torch.mm(xe, w_gu.t()).requires_grad_()  # (n, 2F)
+                g, u = gu.chunk(2, dim=-1)
+                h = ctx.act(g) * u  # (n, F)
+            g_down[e].copy_(torch.mm(dy.t(), h.detach() * we))  # (C, F)
+            dh = torch.mm(dy, w_d)  # (n, F): grad of the route-scaled hidden
+            acc = torch.promote_types(route.dtype, torch.float32)  # bf16 rows summed in fp32
+            groute[rows] = (dh * h.detach()).sum(-1, dtype=acc).to(route.dtype)
+            dgu, = torch.autograd.grad(h, gu, dh * we)  # (n, 2F)
+            g_gate_up[e].copy_(torch.mm(dgu.t(), xe))  # (2F, C)
+            torch.mm(dgu, w_gu, out=gx[rows])
+        return gx, groute, g_gate_up, g_down, None, None
+
+
+def _groups(counts: list[int]):
+    """(expert, row slice) of each non-empty group of consecutive rows."""
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            yield e, slice(start, start + n)
             start += n
-        return gx, gw, None
-
-
-def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """x [M, in] (rows sorted by expert, counts[e] rows for expert e) @ w[e].T -> [M, out], in x's dtype."""
-    with torch.autocast(x.device.type, enabled=False):  # the caller casts x; mm with out= refuses autocast
-        return _GroupedLinear.apply(x, w, counts)
 
 
 class Experts(nn.Module):
@@ -83,10 +99,10 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, C, F))
         self.activation, self.act = cfg.activation, ACTIVATIONS[cfg.activation]
 
-    def forward(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """xs [M, C] sorted by expert (counts[e] rows each) -> [M, C]."""
-        g, u = grouped_linear(xs, self.gate_up_proj, counts).chunk(2, dim=-1)  # (M, F) each
-        return grouped_linear(self.act(g) * u, self.down_proj, counts)
+    def forward(self, xs: torch.Tensor, route: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """xs [P, C] in expert groups (counts[e] rows each), route weights [P] -> route * expert(xs) [P, C]."""
+        with torch.autocast(xs.device.type, enabled=False):  # the caller casts xs; mm with out= refuses autocast
+            return _GroupedMLP.apply(xs, route.to(xs.dtype), self.gate_up_proj, self.down_proj, counts, self.act)
 
 
 class MoE(nn.Module):
@@ -122,12 +138,14 @@ class MoE(nn.Module):
         logits, weights, experts = self.route(flat)
         if self._router_sink is not None:
             self._router_sink.append(logits)
-        order = experts.reshape(-1).argsort(stable=True)  # (M,) assignments grouped by expert
-        counts = torch.bincount(experts.reshape(-1), minlength=self.num_experts).tolist()
-        xs = flat[order // self.top_k].to(logits.dtype)  # (M, C): under autocast, the router's dtype
-        ys = self.experts(xs, counts)  # (M, C)
-        unsorted = torch.empty_like(ys).index_copy_(0, order, ys).view(-1, self.top_k, C)  # (N, k, C)
-        y = torch.bmm(weights.unsqueeze(1).to(ys.dtype), unsorted).squeeze(1)  # (N, C): weighted sum over k
+        N = flat.shape[0]
+        dest, token, counts = _padded_layout(experts, self.num_experts)  # (M,), (P,), E padded row counts
+        xs = flat.to(logits.dtype)[token]  # (P, C) grouped by expert: under autocast, the router's dtype
+        pad = torch.ones(len(token), dtype=torch.bool, device=x.device).index_fill_(0, dest, False)
+        xs = xs.masked_fill(pad[:, None], 0)  # padding rows are zeros (never a real token's values)
+        route = weights.new_zeros(len(token)).index_put((dest,), weights.reshape(-1))  # (P,), 0 on padding
+        ys = self.experts(xs, route, counts)  # (P, C) = route * expert(x), zero on padding rows
+        y = ys.new_zeros(N, C).index_add_(0, token, ys)  # (N, C): the weighted sum over the k experts
         if self.shared_expert is not None:
             y = y + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
         return y.view(B, T, C)  # x's dtype, or autocast's (as a dense MLP's Linears would give)
@@ -135,6 +153,21 @@ class MoE(nn.Module):
     def walk(self, w, x):
         """forward's ops in order, on the memory planner's symbolic tensors (engine.train.activation_bytes)."""
         return w.moe(self, x)
+
+
+def _padded_layout(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """experts [N, k] ids -> (dest [M]: each (token, slot) assignment's row in the padded grouped layout,
+    token [P]: the token of each row (0 on padding), counts: rows per expert, multiples of ROW_BUCKET)."""
+    ids = experts.reshape(-1)  # (M,) assignment n*k + j
+    k = experts.shape[1]
+    counts = torch.bincount(ids, minlength=num_experts)  # (E,)
+    padded = (counts + ROW_BUCKET - 1) // ROW_BUCKET * ROW_BUCKET
+    order = ids.argsort(stable=True)  # (M,) assignments grouped by expert
+    shift = (torch.cumsum(padded, 0) - padded) - (torch.cumsum(counts, 0) - counts)  # (E,) padding before e
+    dest = torch.empty_like(order).index_put_((order,), torch.arange(len(ids), device=ids.device) + shift[ids[order]])
+    token = torch.zeros(int(padded.sum()), dtype=torch.long, device=ids.device).index_put_(
+        (dest,), torch.arange(len(ids), device=ids.device) // k)
+    return dest, token, padded.tolist()
 
 
 @contextlib.contextmanager

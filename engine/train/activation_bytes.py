@@ -136,14 +136,14 @@ class SavedBytes:
         grouped matmul keeps its input), the weighted sum over k, and the shared expert if any."""
         logits = self.linear(m.router, x)
         k, C = m.top_k, x.n
-        F = m.experts.down_proj.shape[-1]
         E = m.num_experts  # (no autocast weight copies: grouped_linear casts one expert at a time)
         rg = self.full or x.rg
         out = Sym(C, self.compute, rg)
         if rg:
-            self.save(Sym(E, FP32, False), Sym(2 * k, 8, False))  # softmax output, top-k ids and sort order
-            # sorted inputs [k, C], gate|up [k, 2F], act(gate) [k, F], down's input [k, F], expert outputs [k, C]
-            self.save(Sym(k * (2 * C + 4 * F), self.compute, True), Sym(k, FP32, True))
+            self.save(Sym(E, FP32, False), Sym(3 * k, 8, False))  # softmax output, top-k ids, layout indices
+            # _GroupedMLP keeps only its grouped input [k, C] and route weights [k] (gate/up are recomputed;
+            # the padding to ROW_BUCKET rows per expert is per layer, not per token, and left out)
+            self.save(Sym(k * C, self.compute, True), Sym(k, self.compute, True))
         if logits.rg and not rg:  # a LoRA-adapted router alone: the weighted sum needs the expert outputs
             self.save(Sym(k * C, self.compute, False))
         if m.shared_expert is not None:
