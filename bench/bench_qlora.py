@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.bench_finetune import QWEN05B  # noqa: E402
 from bench.bench_train import time_steps  # noqa: E402
+from bench.qlora_memory import PhaseSampler, expected_parts, rss  # noqa: E402
 
 QWEN3B = dict(vocab_size=151936, hidden_size=2048, num_layers=36, num_heads=16, num_kv_heads=2, head_dim=128,
               intermediate_size=11008, max_position_embeddings=32768, qkv_bias=True, tie_word_embeddings=True,
@@ -83,12 +84,17 @@ def run_one(name: str) -> dict:
     from engine.train.loop import make_optimizer, train_step
 
     shape, base, batch, seq, warmup, steps = RUNS[name]
+    torch.zeros(1) @ torch.zeros(1)  # the runtime's own start-up (BLAS, thread pool) counts as the baseline
+    at = {"runtime": rss()}
     model = build(shape, base)
+    at["model"] = rss()
     built_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / MB
     apply_lora(model, LoraConfig(rank=16, alpha=32, targets="all-linear", base_dtype=base))
     model.gradient_checkpointing = True
     model.train()
     opt = make_optimizer(model, TrainConfig(lr=1e-4, weight_decay=0.0, grad_clip=1.0))
+    at["adapters"] = rss()
+    sampler = PhaseSampler(model, opt)
     torch.manual_seed(0)
     data = torch.randint(0, model.config.vocab_size, (warmup + steps, batch, seq + 1))
     losses = []
@@ -97,13 +103,18 @@ def run_one(name: str) -> dict:
         out = train_step(model, opt, [(tokens[:, :-1], tokens[:, 1:])], device=torch.device("cpu"), precision="bf16")
         losses.append(out["loss"])
 
-    elapsed = time_steps(step, data, warmup, steps)
+    with sampler:
+        elapsed = time_steps(step, data, warmup, steps)
+    at["after steps"] = rss()
     base_bytes = sum(b.numel() * b.element_size() for b in model.buffers()) + sum(
         p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     return {"run": name, "params_m": model.config.num_params / 1e6, "base_mb": base_bytes / 2**20,
             "tokens_per_s": steps * batch * seq / elapsed, "built_rss_mb": built_mb,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / MB, "batch": batch, "seq": seq,
-            "base_dtype": base, "threads": torch.get_num_threads(), "loss": losses[-1]}
+            "base_dtype": base, "threads": torch.get_num_threads(), "loss": losses[-1],
+            "rss_at_mb": {k: v / 2**20 for k, v in at.items()},
+            "phase_peak_mb": {k: v / 2**20 for k, v in sampler.peaks.items()},
+            "expected_mb": expected_parts(model, batch, seq)}
 
 
 def plan_mb(name: str) -> float:
@@ -144,10 +155,30 @@ def main() -> None:
             continue
         print(f"| {name} | {r['base_dtype']} ({r['base_mb']:.0f} MB) | {r['batch']} x {r['seq']} | "
               f"{r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} MB | {plan_mb(name):.0f} MB |", flush=True)
+    for name in args.runs:
+        if "rss_at_mb" in results[name]:
+            print_breakdown(results[name])
     ref = results.get("0.5b-lora-bf16", {})
     for name in ("0.5b-qlora-nf4", "0.5b-qlora-int8"):
         if "tokens_per_s" in ref and "tokens_per_s" in results.get(name, {}):
             print(f"{name}: {results[name]['tokens_per_s'] / ref['tokens_per_s']:.2f}x the tokens/s of bf16-base LoRA")
+
+
+def print_breakdown(r: dict) -> None:
+    """Peak RSS of one row, part by part: RSS measured after each stage and at each phase's peak, minus the
+    stage before, next to what the parts should take by arithmetic (bench/qlora_memory.py)."""
+    at, peaks = r["rss_at_mb"], r["phase_peak_mb"]
+    print(f"\n{r['run']}: where the {r['peak_rss_mb']:.0f} MB peak RSS goes (MB)")
+    print("| stage | RSS then | growth |")
+    print("|---|---|---|")
+    prev = 0.0
+    for stage, mb in [("runtime: python + torch + engine + BLAS", at["runtime"]), ("model built", at["model"]),
+                      ("LoRA applied, optimizer made", at["adapters"]),
+                      *[(f"peak during {ph}", peaks[ph]) for ph in ("forward", "loss", "backward", "optimizer")
+                        if ph in peaks], ("after the steps", at["after steps"])]:
+        print(f"| {stage} | {mb:.0f} | {mb - prev:+.0f} |")
+        prev = mb
+    print("By arithmetic: " + "; ".join(f"{k} {v:.0f}" for k, v in r["expected_mb"].items()))
 
 
 # ---- quality on the real SmolLM2-135M-Instruct ----------------------------------------------------------------
