@@ -215,3 +215,16 @@ def test_cuda_gemv_matches_float64():
     x = torch.randn(3, 128)
     y = kernels.quant_linear(x.cuda(), qc).cpu()
     assert_matches_float64(y, *expected64(x, qw, None, torch.float32), torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_quantize_in_chunks_equals_quantizing_whole(kind, monkeypatch):
+    """Quantizing QUANTIZE_CHUNK elements at a time (bounded memory) gives the whole-tensor codes exactly."""
+    torch.manual_seed(5)
+    w = torch.randn(37, 203) * torch.rand(37, 1)  # 7511 elements: blocks straddle rows, an odd tail
+    fn = R.nf4_quantize if kind == "nf4" else R.int8_quantize
+    whole = fn(w)
+    monkeypatch.setattr(R, "QUANTIZE_CHUNK", 128)  # many chunks, the last one partial
+    chunked = fn(w)
+    for name in whole:
+        assert torch.equal(whole[name], chunked[name]), name
