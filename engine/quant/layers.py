@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 import kernels
+from engine.quant.heap import fix_mmap_threshold
 from kernels import QuantizedWeight, reference
 
 KINDS = ("nf4", "int8")
@@ -125,6 +126,7 @@ def quantize(model: nn.Module, kind: str) -> list[str]:
     """Swap every block linear of `model` (all nn.Linear but the LM head) for a QuantLinear of `kind`, in place,
     one layer at a time; return their names. Meta-device layers become empty quantized layers (for loading)."""
     _check_kind(kind, "quantize")
+    fix_mmap_threshold()  # a quantized model is about memory: keep freed activations out of RSS (engine.quant.heap)
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("quantize: the model is already quantized")
     if any(type(m).__name__ == "LoRALinear" for m in model.modules()):
