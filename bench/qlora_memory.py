@@ -66,7 +66,7 @@ class PhaseSampler:
 def expected_parts(model, batch: int, seq: int) -> dict:
     """The bytes each part of a QLoRA step should hold, by arithmetic (MB)."""
     import kernels.ops.linear_cross_entropy as lce
-    from engine.quant import quantized_layers
+    from engine.quant import loss_chunk_rows, quantized_layers
     from kernels.ops import quant_linear
 
     cfg = model.config
@@ -76,7 +76,7 @@ def expected_parts(model, batch: int, seq: int) -> dict:
     quant = sum(layer.quantized_bytes() for layer in quantized_layers(model).values())
     frozen_dense = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not p.requires_grad)
     tokens, item = batch * seq, 2  # bf16 autocast
-    chunk = lce.default_chunk_size(tokens, cfg.vocab_size, item)
+    chunk = loss_chunk_rows(model, tokens, cfg.vocab_size, item) or lce.default_chunk_size(tokens, cfg.vocab_size, item)
     widest = max((layer.out_features * layer.in_features for layer in quantized_layers(model).values()), default=0)
     return {
         "token embedding" + (" (tied head)" if head_tied else ""): emb.numel() * emb.element_size() / MB,

@@ -144,6 +144,19 @@ def quantize(model: nn.Module, kind: str) -> list[str]:
     return names
 
 
+LOSS_CHUNK_BYTES = 1 << 24  # logits per fused-loss chunk on a quantized base (16 MiB; dense models: 128 MiB)
+
+
+def loss_chunk_rows(model: nn.Module, rows: int, vocab: int, itemsize: int) -> Optional[int]:
+    """Token rows per chunk of the fused loss (kernels.linear_cross_entropy) for `model`: None (the kernel's
+    default) for a dense model; for a quantized one, as many as fit LOSS_CHUNK_BYTES of logits. A quantized base
+    is about memory, and the kernel's default chunk (128 MiB of logits, kept between steps) would be an eighth
+    of a 0.5B QLoRA step's 1 GB; the smaller chunk costs more passes over the head weight (a few % of the step)."""
+    if not is_quantized(model):
+        return None
+    return max(1, min(rows, LOSS_CHUNK_BYTES // max(vocab * itemsize, 1)))
+
+
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
