@@ -39,6 +39,7 @@ RUNS = {
     "0.5b-lora-bf16": ("0.5b", "bf16", 2, 512, 0, 1),
     "0.5b-qlora-nf4": ("0.5b", "nf4", 2, 512, 0, 1),
     "0.5b-qlora-int8": ("0.5b", "int8", 2, 512, 0, 1),
+    "0.5b-peft-bnb-nf4": ("0.5b", "peft-nf4", 2, 512, 0, 1),  # transformers + PEFT + bitsandbytes (qlora_peft.py)
     "3b-qlora-nf4": ("3b", "nf4", 2, 512, 0, 1),
 }
 MB = 1024  # ru_maxrss is in KiB on Linux
@@ -76,8 +77,28 @@ def build(shape: str, base: str):
     return model
 
 
+def run_peft(name: str) -> dict:
+    """The transformers + PEFT + bitsandbytes row (bench/qlora_peft.py), measured like run_one's rows."""
+    import torch
+
+    from bench.qlora_peft import build_peft_nf4, peft_step_fn
+
+    shape, base, batch, seq, warmup, steps = RUNS[name]
+    model = build_peft_nf4(QWEN05B if shape == "0.5b" else QWEN3B)
+    step, losses = peft_step_fn(model)
+    torch.manual_seed(0)
+    data = torch.randint(0, model.config.vocab_size, (warmup + steps, batch, seq + 1))
+    elapsed = time_steps(step, data, warmup, steps)
+    return {"run": name, "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "base_mb": float("nan"),
+            "tokens_per_s": steps * batch * seq / elapsed, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / MB,
+            "batch": batch, "seq": seq, "base_dtype": "bnb nf4", "threads": torch.get_num_threads(), "loss": losses[-1]}
+
+
 def run_one(name: str) -> dict:
     import torch
+
+    if RUNS[name][1] == "peft-nf4":
+        return run_peft(name)
 
     from engine.adapters.lora import apply_lora
     from engine.config import LoraConfig, TrainConfig
@@ -129,6 +150,15 @@ def plan_mb(name: str) -> float:
     return estimate_memory(ModelConfig(**(QWEN05B if shape == "0.5b" else QWEN3B)), cfg).peak / 2**20
 
 
+def planned(name: str) -> str:
+    return "-" if RUNS[name][1] == "peft-nf4" else f"{plan_mb(name):.0f} MB"
+
+
+def cpu_model() -> str:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
+
+
 def measure(name: str) -> dict:
     out = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
@@ -144,7 +174,8 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_one(args.one)))
         return
-    print("bf16 autocast, activation checkpointing, LoRA r=16 all-linear; one process per row\n")
+    print(f"CPU: {cpu_model()}; bf16 autocast, activation checkpointing, LoRA r=16 all-linear; one process per "
+          "row; glibc mmap threshold fixed at 64 KiB by engine.quant on quantized rows (engine/quant/heap.py)\n")
     print("| run | base weights | batch x seq | tokens/s | peak RSS | planner peak |")
     print("|---|---|---|---|---|---|")
     results = {}
@@ -154,14 +185,19 @@ def main() -> None:
             print(f"| {name} | failed: {r['error']} | | | | |", flush=True)
             continue
         print(f"| {name} | {r['base_dtype']} ({r['base_mb']:.0f} MB) | {r['batch']} x {r['seq']} | "
-              f"{r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} MB | {plan_mb(name):.0f} MB |", flush=True)
+              f"{r['tokens_per_s']:.1f} | {r['peak_rss_mb']:.0f} MB | {planned(name)} |", flush=True)
     for name in args.runs:
         if "rss_at_mb" in results[name]:
             print_breakdown(results[name])
     ref = results.get("0.5b-lora-bf16", {})
     for name in ("0.5b-qlora-nf4", "0.5b-qlora-int8"):
         if "tokens_per_s" in ref and "tokens_per_s" in results.get(name, {}):
-            print(f"{name}: {results[name]['tokens_per_s'] / ref['tokens_per_s']:.2f}x the tokens/s of bf16-base LoRA")
+            print(f"{name}: {results[name]['tokens_per_s'] / ref['tokens_per_s']:.2f}x the tokens/s of bf16-base LoRA "
+                  "(goal >= 0.8x)")
+    peer, ours = results.get("0.5b-peft-bnb-nf4", {}), results.get("0.5b-qlora-nf4", {})
+    if "tokens_per_s" in peer and "tokens_per_s" in ours:
+        print(f"0.5b-qlora-nf4: {ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x the tokens/s of transformers + PEFT + "
+              f"bitsandbytes NF4 (goal >= 2x); peak RSS {ours['peak_rss_mb']:.0f} vs {peer['peak_rss_mb']:.0f} MB")
 
 
 def print_breakdown(r: dict) -> None:
