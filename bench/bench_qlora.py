@@ -264,8 +264,12 @@ def quality() -> None:
         print(f"- {kind} base: {loss:.4f} ({(loss - ref) / ref:+.1%})", flush=True)
     print(f"\nLoRA SFT ({QUALITY_STEPS} steps, r 8, arithmetic prompt -> completion), final validation loss:")
     with tempfile.TemporaryDirectory() as tmp:
+        final = {}
         for base in ("bf16", "nf4"):
-            print(f"- {base} base: {finetune_loss(Path(tmp), base):.4f}", flush=True)
+            final[base] = finetune_loss(Path(tmp), base)
+            print(f"- {base} base: {final[base]:.4f}", flush=True)
+    print(f"QLoRA-NF4 final validation loss vs bf16-base LoRA: {final['nf4'] - final['bf16']:+.4f} "
+          f"({(final['nf4'] - final['bf16']) / final['bf16']:+.1%})")
 
 
 def load_one(kind: str) -> dict:
