@@ -90,7 +90,8 @@ def run_peft(name: str) -> dict:
     data = torch.randint(0, model.config.vocab_size, (warmup + steps, batch, seq + 1))
     elapsed = time_steps(step, data, warmup, steps)
     return {"run": name, "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "base_mb": float("nan"),
-            "tokens_per_s": steps * batch * seq / elapsed, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / MB,
+            "tokens_per_s": steps * batch * seq / elapsed,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / MB,
             "batch": batch, "seq": seq, "base_dtype": "bnb nf4", "threads": torch.get_num_threads(), "loss": losses[-1]}
 
 
@@ -196,7 +197,8 @@ def main() -> None:
                   "(goal >= 0.8x)")
     peer, ours = results.get("0.5b-peft-bnb-nf4", {}), results.get("0.5b-qlora-nf4", {})
     if "tokens_per_s" in peer and "tokens_per_s" in ours:
-        print(f"0.5b-qlora-nf4: {ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x the tokens/s of transformers + PEFT + "
+        print(f"0.5b-qlora-nf4: {ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x the tokens/s of transformers + "
+              "PEFT + "
               f"bitsandbytes NF4 (goal >= 2x); peak RSS {ours['peak_rss_mb']:.0f} vs {peer['peak_rss_mb']:.0f} MB")
 
 

@@ -76,7 +76,8 @@ def expected_parts(model, batch: int, seq: int) -> dict:
     quant = sum(layer.quantized_bytes() for layer in quantized_layers(model).values())
     frozen_dense = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not p.requires_grad)
     tokens, item = batch * seq, 2  # bf16 autocast
-    chunk = loss_chunk_rows(model, tokens, cfg.vocab_size, item) or lce.default_chunk_size(tokens, cfg.vocab_size, item)
+    chunk = (loss_chunk_rows(model, tokens, cfg.vocab_size, item)
+             or lce.default_chunk_size(tokens, cfg.vocab_size, item))
     widest = max((layer.out_features * layer.in_features for layer in quantized_layers(model).values()), default=0)
     return {
         "token embedding" + (" (tied head)" if head_tied else ""): emb.numel() * emb.element_size() / MB,
