@@ -27,18 +27,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.bench_finetune import QWEN05B  # noqa: E402
 from bench.bench_train import time_steps  # noqa: E402
+from bench.qlora_memory import PhaseSampler, expected_parts, rss  # noqa: E402
 
 QWEN3B = dict(vocab_size=151936, hidden_size=2048, num_layers=36, num_heads=16, num_kv_heads=2, head_dim=128,
               intermediate_size=11008, max_position_embeddings=32768, qkv_bias=True, tie_word_embeddings=True,
               rope_theta=1000000.0, hf_model_type="qwen2")
 # name: (shape, base dtype, batch, seq_len, warm-up steps, timed steps)
 # (On the shared 2-core machine one 0.5B step of 2 x 512 tokens takes minutes: one timed step, no warm-up, for
-# every row alike; the 3B row shows its memory with a short 1 x 64-token step.)
+# every row alike, the 3B row included.)
 RUNS = {
     "0.5b-lora-bf16": ("0.5b", "bf16", 2, 512, 0, 1),
     "0.5b-qlora-nf4": ("0.5b", "nf4", 2, 512, 0, 1),
     "0.5b-qlora-int8": ("0.5b", "int8", 2, 512, 0, 1),
-    "3b-qlora-nf4": ("3b", "nf4", 1, 64, 0, 1),
+    "0.5b-peft-bnb-nf4": ("0.5b", "peft-nf4", 2, 512, 0, 1),  # transformers + PEFT + bitsandbytes (qlora_peft.py)
+    "3b-qlora-nf4": ("3b", "nf4", 2, 512, 0, 1),
 }
 MB = 1024  # ru_maxrss is in KiB on Linux
 
@@ -75,20 +77,46 @@ def build(shape: str, base: str):
     return model
 
 
+def run_peft(name: str) -> dict:
+    """The transformers + PEFT + bitsandbytes row (bench/qlora_peft.py), measured like run_one's rows."""
+    import torch
+
+    from bench.qlora_peft import build_peft_nf4, peft_step_fn
+
+    shape, base, batch, seq, warmup, steps = RUNS[name]
+    model = build_peft_nf4(QWEN05B if shape == "0.5b" else QWEN3B)
+    step, losses = peft_step_fn(model)
+    torch.manual_seed(0)
+    data = torch.randint(0, model.config.vocab_size, (warmup + steps, batch, seq + 1))
+    elapsed = time_steps(step, data, warmup, steps)
+    return {"run": name, "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "base_mb": float("nan"),
+            "tokens_per_s": steps * batch * seq / elapsed,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / MB,
+            "batch": batch, "seq": seq, "base_dtype": "bnb nf4", "threads": torch.get_num_threads(), "loss": losses[-1]}
+
+
 def run_one(name: str) -> dict:
     import torch
+
+    if RUNS[name][1] == "peft-nf4":
+        return run_peft(name)
 
     from engine.adapters.lora import apply_lora
     from engine.config import LoraConfig, TrainConfig
     from engine.train.loop import make_optimizer, train_step
 
     shape, base, batch, seq, warmup, steps = RUNS[name]
+    torch.zeros(1) @ torch.zeros(1)  # the runtime's own start-up (BLAS, thread pool) counts as the baseline
+    at = {"runtime": rss()}
     model = build(shape, base)
+    at["model"] = rss()
     built_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / MB
     apply_lora(model, LoraConfig(rank=16, alpha=32, targets="all-linear", base_dtype=base))
     model.gradient_checkpointing = True
     model.train()
     opt = make_optimizer(model, TrainConfig(lr=1e-4, weight_decay=0.0, grad_clip=1.0))
+    at["adapters"] = rss()
+    sampler = PhaseSampler(model, opt)
     torch.manual_seed(0)
     data = torch.randint(0, model.config.vocab_size, (warmup + steps, batch, seq + 1))
     losses = []
@@ -97,13 +125,18 @@ def run_one(name: str) -> dict:
         out = train_step(model, opt, [(tokens[:, :-1], tokens[:, 1:])], device=torch.device("cpu"), precision="bf16")
         losses.append(out["loss"])
 
-    elapsed = time_steps(step, data, warmup, steps)
+    with sampler:
+        elapsed = time_steps(step, data, warmup, steps)
+    at["after steps"] = rss()
     base_bytes = sum(b.numel() * b.element_size() for b in model.buffers()) + sum(
         p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     return {"run": name, "params_m": model.config.num_params / 1e6, "base_mb": base_bytes / 2**20,
             "tokens_per_s": steps * batch * seq / elapsed, "built_rss_mb": built_mb,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / MB, "batch": batch, "seq": seq,
-            "base_dtype": base, "threads": torch.get_num_threads(), "loss": losses[-1]}
+            "base_dtype": base, "threads": torch.get_num_threads(), "loss": losses[-1],
+            "rss_at_mb": {k: v / 2**20 for k, v in at.items()},
+            "phase_peak_mb": {k: v / 2**20 for k, v in sampler.peaks.items()},
+            "expected_mb": expected_parts(model, batch, seq)}
 
 
 def plan_mb(name: str) -> float:
@@ -116,6 +149,15 @@ def plan_mb(name: str) -> float:
                                 "train": {"batch_size": batch, "activation_checkpointing": True, "precision": "bf16"},
                                 "lora": {"rank": 16, "alpha": 32, "targets": "all-linear", "base_dtype": base}}, where="")
     return estimate_memory(ModelConfig(**(QWEN05B if shape == "0.5b" else QWEN3B)), cfg).peak / 2**20
+
+
+def planned(name: str) -> str:
+    return "-" if RUNS[name][1] == "peft-nf4" else f"{plan_mb(name):.0f} MB"
+
+
+def cpu_model() -> str:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
 
 
 def measure(name: str) -> dict:
@@ -133,7 +175,8 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_one(args.one)))
         return
-    print("bf16 autocast, activation checkpointing, LoRA r=16 all-linear; one process per row\n")
+    print(f"CPU: {cpu_model()}; bf16 autocast, activation checkpointing, LoRA r=16 all-linear; one process per "
+          "row; glibc mmap threshold fixed at 64 KiB by engine.quant on quantized rows (engine/quant/heap.py)\n")
     print("| run | base weights | batch x seq | tokens/s | peak RSS | planner peak |")
     print("|---|---|---|---|---|---|")
     results = {}
@@ -143,11 +186,37 @@ def main() -> None:
             print(f"| {name} | failed: {r['error']} | | | | |", flush=True)
             continue
         print(f"| {name} | {r['base_dtype']} ({r['base_mb']:.0f} MB) | {r['batch']} x {r['seq']} | "
-              f"{r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} MB | {plan_mb(name):.0f} MB |", flush=True)
+              f"{r['tokens_per_s']:.1f} | {r['peak_rss_mb']:.0f} MB | {planned(name)} |", flush=True)
+    for name in args.runs:
+        if "rss_at_mb" in results[name]:
+            print_breakdown(results[name])
     ref = results.get("0.5b-lora-bf16", {})
     for name in ("0.5b-qlora-nf4", "0.5b-qlora-int8"):
         if "tokens_per_s" in ref and "tokens_per_s" in results.get(name, {}):
-            print(f"{name}: {results[name]['tokens_per_s'] / ref['tokens_per_s']:.2f}x the tokens/s of bf16-base LoRA")
+            print(f"{name}: {results[name]['tokens_per_s'] / ref['tokens_per_s']:.2f}x the tokens/s of bf16-base LoRA "
+                  "(goal >= 0.8x)")
+    peer, ours = results.get("0.5b-peft-bnb-nf4", {}), results.get("0.5b-qlora-nf4", {})
+    if "tokens_per_s" in peer and "tokens_per_s" in ours:
+        print(f"0.5b-qlora-nf4: {ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x the tokens/s of transformers + "
+              "PEFT + "
+              f"bitsandbytes NF4 (goal >= 2x); peak RSS {ours['peak_rss_mb']:.0f} vs {peer['peak_rss_mb']:.0f} MB")
+
+
+def print_breakdown(r: dict) -> None:
+    """Peak RSS of one row, part by part: RSS measured after each stage and at each phase's peak, minus the
+    stage before, next to what the parts should take by arithmetic (bench/qlora_memory.py)."""
+    at, peaks = r["rss_at_mb"], r["phase_peak_mb"]
+    print(f"\n{r['run']}: where the {r['peak_rss_mb']:.0f} MB peak RSS goes (MB)")
+    print("| stage | RSS then | growth |")
+    print("|---|---|---|")
+    prev = 0.0
+    for stage, mb in [("runtime: python + torch + engine + BLAS", at["runtime"]), ("model built", at["model"]),
+                      ("LoRA applied, optimizer made", at["adapters"]),
+                      *[(f"peak during {ph}", peaks[ph]) for ph in ("forward", "loss", "backward", "optimizer")
+                        if ph in peaks], ("after the steps", at["after steps"])]:
+        print(f"| {stage} | {mb:.0f} | {mb - prev:+.0f} |")
+        prev = mb
+    print("By arithmetic: " + "; ".join(f"{k} {v:.0f}" for k, v in r["expected_mb"].items()))
 
 
 # ---- quality on the real SmolLM2-135M-Instruct ----------------------------------------------------------------
@@ -197,8 +266,12 @@ def quality() -> None:
         print(f"- {kind} base: {loss:.4f} ({(loss - ref) / ref:+.1%})", flush=True)
     print(f"\nLoRA SFT ({QUALITY_STEPS} steps, r 8, arithmetic prompt -> completion), final validation loss:")
     with tempfile.TemporaryDirectory() as tmp:
+        final = {}
         for base in ("bf16", "nf4"):
-            print(f"- {base} base: {finetune_loss(Path(tmp), base):.4f}", flush=True)
+            final[base] = finetune_loss(Path(tmp), base)
+            print(f"- {base} base: {final[base]:.4f}", flush=True)
+    print(f"QLoRA-NF4 final validation loss vs bf16-base LoRA: {final['nf4'] - final['bf16']:+.4f} "
+          f"({(final['nf4'] - final['bf16']) / final['bf16']:+.1%})")
 
 
 def load_one(kind: str) -> dict:

@@ -213,7 +213,7 @@ DYNAMIC_MAP = _dynamic_map()
 def _nearest(values: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """Index of the nearest entry of a sorted `code` for each value (ties to the lower entry), as uint8."""
     mid = (code[:-1] + code[1:]) / 2
-    return torch.bucketize(values, mid).to(torch.uint8)
+    return torch.bucketize(values, mid, out_int32=True).to(torch.uint8)
 
 
 def _block_absmax(flat: torch.Tensor, block: int) -> torch.Tensor:
@@ -221,15 +221,24 @@ def _block_absmax(flat: torch.Tensor, block: int) -> torch.Tensor:
     return torch.nn.functional.pad(flat.abs(), (0, pad)).view(-1, block).amax(dim=1)
 
 
+QUANTIZE_CHUNK = 1 << 20  # elements quantized at a time (a multiple of 64): bounds the fp32 temporaries to ~20 MB
+
+
 def nf4_quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
-    """W (any shape, fp32/bf16/fp16) -> {"codes", "qabsmax", "absmax2", "offset"} (layout above)."""
-    flat = w.detach().reshape(-1).float()
+    """W (any shape, fp32/bf16/fp16) -> {"codes", "qabsmax", "absmax2", "offset"} (layout above).
+
+    Works QUANTIZE_CHUNK elements at a time (block-aligned, so every value is the whole-tensor computation's):
+    quantizing one large weight never holds more than a few fp32 copies of a chunk."""
+    flat = w.detach().reshape(-1)
     n = flat.numel()
-    absmax = _block_absmax(flat, NF4_BLOCK)  # (nb,)
-    per_elem = absmax.clamp(min=1e-38).repeat_interleave(NF4_BLOCK)[:n]
-    scaled = torch.clamp(flat * (1.0 / per_elem), -1, 1)
-    q = _nearest(torch.nn.functional.pad(scaled, (0, n % 2)), NF4_CODE)
-    codes = (q[0::2] << 4) | q[1::2]
+    chunks = [(c, min(c + QUANTIZE_CHUNK, n)) for c in range(0, n, QUANTIZE_CHUNK)]
+    absmax = torch.cat([_block_absmax(flat[c0:c1].float(), NF4_BLOCK) for c0, c1 in chunks])  # (nb,)
+    codes = torch.empty((n + 1) // 2, dtype=torch.uint8, device=flat.device)
+    for c0, c1 in chunks:
+        per_elem = absmax[c0 // NF4_BLOCK:-(-c1 // NF4_BLOCK)].clamp(min=1e-38).repeat_interleave(NF4_BLOCK)
+        scaled = torch.clamp(flat[c0:c1].float() * (1.0 / per_elem[:c1 - c0]), -1, 1)
+        q = _nearest(torch.nn.functional.pad(scaled, (0, (c1 - c0) % 2)), NF4_CODE)
+        codes[c0 // 2:(c1 + 1) // 2] = (q[0::2] << 4) | q[1::2]
     offset = absmax.mean()
     centered = absmax - offset
     absmax2 = _block_absmax(centered, NF4_ABSMAX_BLOCK)
@@ -265,9 +274,14 @@ def nf4_dequantize(codes, qabsmax, absmax2, offset, shape, dtype=torch.float32, 
 
 def int8_quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
     """W [N, K] -> {"qweight": int8 [N, K], "scale": fp32 [N]} (symmetric per output channel, zero rows scale 0)."""
-    w = w.detach().float()
-    scale = w.abs().amax(dim=1) / 127.0
-    q = torch.round(w / scale.clamp(min=1e-38)[:, None]).clamp(-127, 127).to(torch.int8)
+    w = w.detach()
+    rows = max(1, QUANTIZE_CHUNK // max(w.shape[1], 1))  # a few rows at a time, as nf4_quantize
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    for r in range(0, w.shape[0], rows):
+        part = w[r:r + rows].float()
+        scale[r:r + rows] = part.abs().amax(dim=1) / 127.0
+        q[r:r + rows] = torch.round(part / scale[r:r + rows].clamp(min=1e-38)[:, None]).clamp(-127, 127)
     return {"qweight": q, "scale": scale}
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 import kernels
+from engine.quant.heap import fix_mmap_threshold
 from kernels import QuantizedWeight, reference
 
 KINDS = ("nf4", "int8")
@@ -125,6 +126,7 @@ def quantize(model: nn.Module, kind: str) -> list[str]:
     """Swap every block linear of `model` (all nn.Linear but the LM head) for a QuantLinear of `kind`, in place,
     one layer at a time; return their names. Meta-device layers become empty quantized layers (for loading)."""
     _check_kind(kind, "quantize")
+    fix_mmap_threshold()  # a quantized model is about memory: keep freed activations out of RSS (engine.quant.heap)
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("quantize: the model is already quantized")
     if any(type(m).__name__ == "LoRALinear" for m in model.modules()):
@@ -140,6 +142,19 @@ def quantize(model: nn.Module, kind: str) -> list[str]:
     if not names:
         raise ValueError("quantize: the model has no linear layers to quantize")
     return names
+
+
+LOSS_CHUNK_BYTES = 1 << 24  # logits per fused-loss chunk on a quantized base (16 MiB; dense models: 128 MiB)
+
+
+def loss_chunk_rows(model: nn.Module, rows: int, vocab: int, itemsize: int) -> Optional[int]:
+    """Token rows per chunk of the fused loss (kernels.linear_cross_entropy) for `model`: None (the kernel's
+    default) for a dense model; for a quantized one, as many as fit LOSS_CHUNK_BYTES of logits. A quantized base
+    is about memory, and the kernel's default chunk (128 MiB of logits, kept between steps) would be an eighth
+    of a 0.5B QLoRA step's 1 GB; the smaller chunk costs more passes over the head weight (a few % of the step)."""
+    if not is_quantized(model):
+        return None
+    return max(1, min(rows, LOSS_CHUNK_BYTES // max(vocab * itemsize, 1)))
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:

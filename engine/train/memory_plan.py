@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from engine.config import ConfigError, LoraConfig, ModelConfig, RunConfig
+from engine.quant.layers import LOSS_CHUNK_BYTES
 from engine.train.activation_bytes import FP32, HALF, KernelPaths, logits_chunk_rows, walk_layers
 
 
@@ -127,13 +128,16 @@ def _step_activations(mc: ModelConfig, cfg: RunConfig, amp: bool, param_bytes: i
                       head_bytes=act.head_bytes, probs_attention=probs_attention)
 
 
-def _lm_head(mc: ModelConfig, N: int, hb: int, trains: bool, casts_weight: bool, cpu: bool) -> tuple[int, int]:
+def _lm_head(mc: ModelConfig, N: int, hb: int, trains: bool, casts_weight: bool, cpu: bool,
+             quantized: bool = False) -> tuple[int, int]:
     """(resident, forward) bytes of kernels.linear_cross_entropy on N tokens of hidden dtype `hb`: the hidden
     states and their grad [N, C]; chunks of logits [chunk, V] (CPU: one buffer kept across steps); when the
     head trains, its grad [V, C], computed during forward (one chunk: one GEMM in the hidden dtype; more:
     an fp32 accumulator, cast at the end); under autocast, a bf16 copy of the head weight."""
     V, C = mc.vocab_size, mc.hidden_size
     chunk = logits_chunk_rows(N, V, hb)
+    if quantized:  # a quantized base runs smaller chunks (engine.quant.loss_chunk_rows)
+        chunk = max(1, min(N, LOSS_CHUNK_BYTES // (V * hb)))
     logits = chunk * V * hb
     forward = 2 * N * C * hb + (0 if cpu else logits * (2 if N > chunk else 1))  # CUDA: a new chunk per step
     if trains:
@@ -216,7 +220,7 @@ def estimate_memory(mc: ModelConfig, cfg: RunConfig, world_size: int = 1, device
     if gathers_half:
         step = dataclasses.replace(step, copies_forward=0, copies_backward=0)
     resident, head_forward = _lm_head(mc, N, step.head_bytes, full, amp and param_bytes != HALF and not gathers_half,
-                                      device == "cpu")
+                                      device == "cpu", lora is not None and lora.base_dtype in QUANT_BYTES)
     # Backward of the top layer: the head's fp32 grad and grad_hidden stay; that layer's weight grads and
     # the grads of its widest intermediates ([N, F] x 3, [N, C] x 2, attention probabilities x 2) come in.
     layer_grads = _layer_params(mc) * FP32 if full else trainable * FP32 // mc.num_layers

@@ -31,6 +31,7 @@ import kernels
 from engine.data.sampler import IGNORE_INDEX
 from engine.dtypes import DTYPES
 from engine.model.moe import collect_router_logits, load_balancing_loss
+from engine.quant import loss_chunk_rows
 
 AMP_DTYPES = {name: DTYPES[name] for name in ("bf16", "fp16")}  # train.precision -> autocast dtype
 
@@ -82,9 +83,11 @@ def token_loss_sum(model, inputs, targets, precision: str = "fp32", hidden_fn=No
     w = model.output_weight
     if precision != "fp32":  # what autocast would do to the head matmul, done explicitly for the fused op
         h, w = h.to(AMP_DTYPES[precision]), w.to(AMP_DTYPES[precision])
+    chunk = loss_chunk_rows(model, targets.numel(), w.shape[0], h.element_size())  # smaller on a quantized base
     return kernels.linear_cross_entropy(h.reshape(-1, h.shape[-1]), w, targets.reshape(-1),
                                         ignore_index=IGNORE_INDEX, reduction="sum", out_dtype=torch.float32,
-                                        softcap=getattr(model, "output_softcap", None))  # Gemma 2's final cap
+                                        softcap=getattr(model, "output_softcap", None),  # Gemma 2's final cap
+                                        chunk_size=chunk)
 
 
 class TokenLoss(Objective):

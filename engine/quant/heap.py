@@ -1,0 +1,39 @@
+"""Heap slack: glibc's malloc keeps freed memory of a QLoRA step resident unless told otherwise.
+
+glibc serves allocations above a threshold (128 KiB at start) with their own mmap, returned to the OS on free;
+but each such free *raises* the threshold (up to 32 MiB), so a step's transient activations (MB-sized: MLP
+tiles, attention scores, dequantized weight tiles) soon come from the main heap instead, where the holes left
+between long-lived tensors are never returned. Measured on a 4-layer Qwen2.5-0.5B-shaped QLoRA-NF4 step (2 x 512
+tokens, AMD EPYC, shared 2 cores): peak RSS 1076 MB with the default, 881 MB with the threshold fixed at 64 KiB,
+for ~10% more CPU time (page faults of fresh mappings). A quantized base exists to save memory, so
+engine.quant.quantize fixes it (once per process; a no-op off glibc, and MALLOC_MMAP_THRESHOLD_ set in the
+environment wins: the user chose).
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+
+log = logging.getLogger(__name__)
+MMAP_THRESHOLD = 64 * 1024  # bytes: allocations from here up get their own mapping, unmapped on free
+_M_MMAP_THRESHOLD = -3  # glibc malloc.h
+_done = False
+
+
+def fix_mmap_threshold() -> bool:
+    """Fix glibc's mmap threshold at MMAP_THRESHOLD (disabling its upward drift); True if it was set now."""
+    global _done
+    if _done or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    _done = True
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        ok = libc is not None and hasattr(libc, "mallopt") and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    except OSError:
+        ok = False
+    if ok:
+        log.info("malloc mmap threshold fixed at %d KiB (freed activations go back to the OS)", MMAP_THRESHOLD // 1024)
+    return ok
