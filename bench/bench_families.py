@@ -1,8 +1,8 @@
-"""Issue 14's families: training tokens/s and peak RSS, engine vs transformers, side by side; and the
-cost of soft-capped and sliding-window attention at long T.
+"""Issue 14's families: training tokens/s and peak RSS, engine vs transformers, side by side (the cost
+of soft-capped and sliding-window attention at long T: bench/bench_attention.py).
 
-    python bench/bench_families.py              # both tables (each training run in a fresh process)
-    python bench/bench_families.py --attention  # the attention table only
+    python bench/bench_families.py              # the training table (each run in a fresh process)
+    python bench/bench_families.py --attention  # bench/bench_attention.py's table instead
 
 Training: a Gemma 3-shaped model of ~100M parameters (Gemma 3 270M's layer shape: 640 hidden, 4 heads /
 1 kv head of 256, 2048 MLP, five sliding layers (window 512) then one global, q/k norms, sandwich norms;
@@ -19,7 +19,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,60 +94,21 @@ def measure(impl: str, name: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def attention_table(T: int = 2048, window: int = 512) -> None:
-    """fwd+bwd seconds of one layer's attention (B=1, 4 heads / 1 kv head of 64, fp32): the chunked path
-    vs materializing the [T, T] scores (soft cap) and vs the global-cost masked SDPA (sliding window)."""
-    import torch
-
-    from engine.model.attention import attend
-
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(1, h, T, 64, requires_grad=True) for h in (4, 1, 1))
-    pos = torch.arange(T)
-    causal = pos[None, :] <= pos[:, None]
-    windowed = causal & (pos[None, :] > pos[:, None] - window)
-
-    def eager_capped():  # transformers' eager attention: whole [T, T] scores, tanh, mask, softmax
-        kk, vv = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
-        s = torch.tanh(q @ kk.transpose(-1, -2) / 8 / 50.0) * 50.0
-        return s.masked_fill(~causal, float("-inf")).softmax(-1) @ vv
-
-    def sdpa_window():
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=windowed, enable_gqa=True)
-
-    cases = {"soft cap 50, causal: eager [T, T]": eager_capped,
-             "soft cap 50, causal: chunked": lambda: attend(q, k, v, None, scale=0.125, softcap=50.0),
-             f"window {window}: SDPA with a mask": sdpa_window,
-             f"window {window}: chunked": lambda: attend(q, k, v, windowed, window=window)}
-    times = {label: [] for label in cases}
-    for _ in range(6):  # interleaved rounds, so machine noise hits every case alike; the first is warm-up
-        for label, fn in cases.items():
-            start = time.perf_counter()
-            fn().sum().backward()
-            times[label].append(time.perf_counter() - start)
-    med = {label: statistics.median(t[1:]) for label, t in times.items()}
-    print(f"\nattention fwd+bwd, T = {T}, 4 query heads / 1 kv head of 64, fp32, "
-          f"{torch.get_num_threads()} threads, median of 5 interleaved rounds\n")
-    print("| case | seconds | vs the first row of its pair |\n|---|---|---|")
-    labels = list(cases)
-    for i, label in enumerate(labels):
-        base = med[labels[i - i % 2]]
-        print(f"| {label} | {med[label]:.3f} | {base / med[label]:.2f}x |", flush=True)
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--one", choices=["engine", "transformers"])
     p.add_argument("--model", default="gemma3-100m", choices=sorted(MODELS))
     p.add_argument("--trials", type=int, default=1)
-    p.add_argument("--attention", action="store_true", help="only the attention table")
+    p.add_argument("--attention", action="store_true", help="run bench/bench_attention.py instead")
     args = p.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one, args.model)))
         return
     if not args.attention:
+        from bench.bench_attention import cpu_model
+
         print(f"bf16 autocast, batch {BATCH} x {SEQ}, {STEPS} timed steps after {WARMUP} warm-up, "
-              f"median of {args.trials} trial(s)\n")
+              f"median of {args.trials} trial(s), {cpu_model()}\n")
         print("| model | params | transformers tok/s | engine tok/s | speedup | transformers peak RSS | "
               "engine peak RSS | RSS ratio |")
         print("|---|---|---|---|---|---|---|---|")
@@ -160,7 +120,8 @@ def main() -> None:
         hf_mb, our_mb = (max(r["peak_rss_mb"] for r in runs[i]) for i in runs)
         print(f"| {args.model} | {runs['engine'][0]['params_m']:.0f}M | {hf_tps:.0f} | {our_tps:.0f} | "
               f"{our_tps / hf_tps:.2f}x | {hf_mb:.0f} MB | {our_mb:.0f} MB | {our_mb / hf_mb:.2f} |", flush=True)
-    attention_table()
+    else:  # the attention table lives in bench/bench_attention.py now; --attention runs it
+        subprocess.run([sys.executable, str(ROOT / "bench" / "bench_attention.py")], check=True, cwd=ROOT)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ from typing import Optional
 from engine.config import ConfigError, ModelConfig, RopeScaling
 from engine.model.hf_layers import (LAYER_TYPES, expressed_fields, layer_fields, layer_keys_to_hf, parse_rope,
                                     partial_rotary_factor, rope_to_hf)
-from engine.model import moe_families
+from engine.model import dense_families, moe_families
 from engine.model.moe_families import ExpertsStored
+from engine.model.stored import Stored  # noqa: F401 (re-exported: hf_format and the tests import it from here)
 
 logger = logging.getLogger(__name__)
 
@@ -26,12 +27,7 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "GemmaForCausalLM": "gemma",
     "GPT2LMHeadModel": "gpt2",
-    # issue 14, dense families
-    "Gemma2ForCausalLM": "gemma2",
-    "Gemma3ForCausalLM": "gemma3_text",
-    "Phi3ForCausalLM": "phi3",
-    "Olmo2ForCausalLM": "olmo2",
-    "SmolLM3ForCausalLM": "smollm3",
+    **dense_families.ARCHITECTURES,
     **moe_families.ARCHITECTURES,
 }
 
@@ -44,14 +40,7 @@ FAMILY_TRAITS = {
     "gemma": {"norm_weight_offset": 1.0, "scale_embeddings": True},
     "gpt2": {"norm": "layernorm", "gated_mlp": False, "mlp_bias": True, "qkv_bias": True, "o_bias": True,
              "position": "learned"},
-    # issue 14, dense families
-    "gemma2": {"norm_weight_offset": 1.0, "scale_embeddings": True, "post_attn_norm": True, "post_mlp_norm": True},
-    "gemma3_text": {"norm_weight_offset": 1.0, "scale_embeddings": True, "post_attn_norm": True,
-                    "post_mlp_norm": True, "qk_norm": True},
-    "phi3": {},
-    "olmo2": {"pre_norm": False, "post_attn_norm": True, "post_mlp_norm": True, "qk_norm": True,
-              "qk_norm_scope": "projection"},
-    "smollm3": {},
+    **dense_families.FAMILY_TRAITS,
     **moe_families.FAMILY_TRAITS,
 }
 
@@ -61,21 +50,12 @@ FAMILY_TRAITS = {
 # `rope_parameters` holds one RoPE per layer type; no_rope_layers: SmolLM3's 1 = RoPE, 0 = none.
 LAYER_KEYS = {
     "mistral": {"every_layer": True},
-    "phi3": {"every_layer": True},
     "mixtral": {"every_layer": True},
     "qwen3_moe": {"every_layer": True},
-    "gemma2": {"layer_types": True},
-    "gemma3_text": {"layer_types": True, "rope_per_layer_type": True},
-    "smollm3": {"layer_types": True, "window_switch": "use_sliding_window", "no_rope_layers": True},
+    **dense_families.LAYER_KEYS,
 }
 # Scalars some families' config.json carry: ModelConfig field -> (key, transformers' default when absent).
-SCALAR_KEYS = {
-    "gemma2": {"query_pre_attn_scalar": ("query_pre_attn_scalar", 256), "attn_softcap": ("attn_logit_softcapping", 50.0),
-               "final_softcap": ("final_logit_softcapping", 30.0)},
-    # transformers' Gemma 3 reads attn_logit_softcapping but never applies it: neither do we (a warning says so)
-    "gemma3_text": {"query_pre_attn_scalar": ("query_pre_attn_scalar", 256),
-                    "final_softcap": ("final_logit_softcapping", None)},
-}
+SCALAR_KEYS = dense_families.SCALAR_KEYS
 
 # ModelConfig field -> config.json key. GPT-2 predates the common naming.
 LLAMA_KEYS = {
@@ -89,28 +69,15 @@ GPT2_KEYS = {
     "intermediate_size": "n_inner", "max_position_embeddings": "n_positions", "norm_eps": "layer_norm_epsilon",
     "activation": "activation_function",
 }
-GEMMA2_KEYS = {**LLAMA_KEYS, "activation": "hidden_activation"}
-CONFIG_KEYS = {"gpt2": GPT2_KEYS, "gemma2": GEMMA2_KEYS, "gemma3_text": GEMMA2_KEYS}  # others: LLAMA_KEYS
+CONFIG_KEYS = {"gpt2": GPT2_KEYS,  # others: LLAMA_KEYS
+               **{family: {**LLAMA_KEYS, **rows} for family, rows in dense_families.KEYS.items()}}
 
 # HF activation name -> ours. Gemma's legacy "gelu" means the tanh approximation (transformers does the same).
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
                "gelu": "gelu", "relu": "relu"}
-FAMILY_ACTIVATIONS = {"gemma": {"gelu": "gelu_tanh"}, "gemma2": {"gelu": "gelu_tanh"}, "gemma3_text": {"gelu": "gelu_tanh"}}
+FAMILY_ACTIVATIONS = {"gemma": {"gelu": "gelu_tanh"}, **dense_families.FAMILY_ACTIVATIONS}
 ACTIVATION_NAMES = {"llama": {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "relu": "relu"},
                     "gpt2": {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}}
-
-
-@dataclass(frozen=True)
-class Stored:
-    """Where one native tensor lives in an HF file. `{}` in `name` is the layer index."""
-
-    name: str
-    transposed: bool = False  # GPT-2's Conv1D keeps weights as [in, out]
-    # This tensor is slice `part` of the `parts` native tensors fused along the output dim, in part order
-    # (GPT-2's c_attn holds [q | k | v]). Each slice is as long as its native tensor, so the slices may
-    # differ in size (Phi-3's qkv_proj with fewer k/v heads than q heads; gate_up_proj).
-    part: int = 0
-    parts: int = 1
 
 
 def _with_biases(table: dict) -> dict:
@@ -142,21 +109,6 @@ LLAMA_WEIGHTS = _with_biases({
     "norm.weight": "model.norm.weight",
     "lm_head.weight": "lm_head.weight",
 })
-
-# Gemma 2/3 and OLMo 2: post_attention_layernorm norms the attention *output* (Llama's pre-MLP norm is
-# Gemma's pre_feedforward_layernorm). OLMo 2 has no pre-norms, so its rows for them are never used.
-SANDWICH_WEIGHTS = {**LLAMA_WEIGHTS,
-                    "layers.{}.post_attn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
-                    "layers.{}.mlp_norm.weight": "model.layers.{}.pre_feedforward_layernorm.weight"}
-
-# Phi-3: q, k, v fused along the output dim in one qkv_proj (k and v shorter under GQA), gate and up in
-# gate_up_proj; split on load and re-fused on save by hf_format. Phi-3 has no biases.
-PHI3_WEIGHTS = {**LLAMA_WEIGHTS,
-                "layers.{}.attn.q_proj.weight": Stored("model.layers.{}.self_attn.qkv_proj.weight", False, 0, 3),
-                "layers.{}.attn.k_proj.weight": Stored("model.layers.{}.self_attn.qkv_proj.weight", False, 1, 3),
-                "layers.{}.attn.v_proj.weight": Stored("model.layers.{}.self_attn.qkv_proj.weight", False, 2, 3),
-                "layers.{}.mlp.gate_proj.weight": Stored("model.layers.{}.mlp.gate_up_proj.weight", False, 0, 2),
-                "layers.{}.mlp.up_proj.weight": Stored("model.layers.{}.mlp.gate_up_proj.weight", False, 1, 2)}
 
 GPT2_WEIGHTS = {
     "embed.weight": "transformer.wte.weight",
@@ -195,12 +147,8 @@ class WeightLayout:
 LAYOUTS = {
     "gpt2": WeightLayout(GPT2_WEIGHTS, optional_prefix="transformer.",
                          ignored_suffixes=(".attn.bias", ".attn.masked_bias")),
-    "gemma2": WeightLayout(SANDWICH_WEIGHTS, ignored_suffixes=(".rotary_emb.inv_freq",)),
-    "gemma3_text": WeightLayout(SANDWICH_WEIGHTS, ignored_suffixes=(".rotary_emb.inv_freq",)),
-    "olmo2": WeightLayout(SANDWICH_WEIGHTS, ignored_suffixes=(".rotary_emb.inv_freq",)),
-    "phi3": WeightLayout(PHI3_WEIGHTS, ignored_suffixes=(".rotary_emb.inv_freq",)),
     **{family: WeightLayout({**LLAMA_WEIGHTS, **rows}, ignored_suffixes=(".rotary_emb.inv_freq",))
-       for family, rows in moe_families.WEIGHTS.items()},
+       for family, rows in {**dense_families.WEIGHTS, **moe_families.WEIGHTS}.items()},
 }
 # Qwen-MoE's expert names too, so an MoE model of a dense family (trained from scratch) saves and reloads.
 DEFAULT_LAYOUT = WeightLayout({**LLAMA_WEIGHTS, **moe_families.QWEN_MOE_WEIGHTS}, ignored_suffixes=(".rotary_emb.inv_freq",))
@@ -272,7 +220,7 @@ def _scalar_fields(model_type: str, hf: dict, source: str) -> dict:
     return out
 
 
-TIED_BY_DEFAULT = ("gemma", "gpt2", "gemma2", "gemma3_text", "smollm3")  # transformers' config defaults
+TIED_BY_DEFAULT = ("gemma", "gpt2", *dense_families.TIED_BY_DEFAULT)  # transformers' config defaults
 
 # config.json keys whose null means "derive it" (GPT-2's n_inner: 4 * n_embd; head_dim: hidden / heads);
 # any other key given as null is an error, not silently the default.
