@@ -1,4 +1,4 @@
-"""python -m bench.bench_lm_eval [--model /work/smollm2_hf] [--limit 20] : the engine's lm-eval LM beside lm-eval's
+"""python -m bench.bench_lm_eval [--model HF_DIR (default: the real SmolLM2-135M-Instruct, bench/smollm2.py)] [--limit 20] : the engine's lm-eval LM beside lm-eval's
 own `hf` backend on the same model and tasks (examples/lm_eval_tasks plus a rolling-perplexity task written here):
 wall time of each, their ratio, the largest log-likelihood difference and both metric sets. Run from the repo root
 after `python examples/make_example_data.py`. Timings are noisy on a shared machine: compare the ratio."""
@@ -27,10 +27,14 @@ def _ppl_task(root: Path) -> Path:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--model", default="/work/smollm2_hf")
+    p.add_argument("--model", default=None, help="HF-format model dir (default: SmolLM2-135M-Instruct)")
     p.add_argument("--limit", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=8)
     args = p.parse_args(argv)
+    if args.model is None:
+        from bench import smollm2
+
+        args.model = str(smollm2.hf_dir())
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench import smollm2  # noqa: E402
 from bench.bench_finetune import QWEN05B  # noqa: E402
 from bench.bench_train import time_steps  # noqa: E402
 from bench.qlora_memory import PhaseSampler, expected_parts, rss  # noqa: E402
@@ -220,7 +221,6 @@ def print_breakdown(r: dict) -> None:
 
 
 # ---- quality on the real SmolLM2-135M-Instruct ----------------------------------------------------------------
-SMOLLM2 = Path("/work/smollm2_hf")
 QUALITY_STEPS = 20
 
 
@@ -233,9 +233,9 @@ def heldout_loss(kind) -> float:
     from engine import Tokenizer, Transformer
 
     text = "\n\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
-    ids = torch.tensor(Tokenizer.from_pretrained(SMOLLM2).encode(text))
+    ids = torch.tensor(Tokenizer.from_pretrained(smollm2.hf_dir()).encode(text))
     windows = ids[: len(ids) // 257 * 257].view(-1, 257)[:8]
-    model = Transformer.from_pretrained(SMOLLM2, dtype=torch.bfloat16, quantize=kind)
+    model = Transformer.from_pretrained(smollm2.hf_dir(), dtype=torch.bfloat16, quantize=kind)
     with torch.inference_mode():
         losses = [F.cross_entropy(model(w[None, :-1]).float()[0], w[1:]) for w in windows]
     return float(torch.stack(losses).mean())
@@ -247,7 +247,7 @@ def finetune_loss(tmp: Path, base: str) -> float:
     from engine.train.loop import train
     from tests.finetune_fixtures import lora_run_dict
 
-    d = lora_run_dict(tmp / base, SMOLLM2, sft=True, lora={"base_dtype": base, "rank": 8, "alpha": 16},
+    d = lora_run_dict(tmp / base, smollm2.hf_dir(), sft=True, lora={"base_dtype": base, "rank": 8, "alpha": 16},
                       max_steps=QUALITY_STEPS, eval_every=QUALITY_STEPS, save_every=QUALITY_STEPS, lr=2e-3,
                       precision="bf16", eval_batches=4)
     train(from_dict(RunConfig, d, where=""), progress=False)
@@ -283,7 +283,7 @@ def load_one(kind: str) -> dict:
 
     torch.zeros(1)  # the runtime's own start-up memory is not the model's
     before = rss()
-    model = Transformer.from_pretrained(SMOLLM2, dtype=torch.bfloat16, quantize=None if kind == "bf16" else kind)
+    model = Transformer.from_pretrained(smollm2.hf_dir(), dtype=torch.bfloat16, quantize=None if kind == "bf16" else kind)
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     return {"kind": kind, "peak_growth_mb": grown / 2**20, "model_mb": held / 2**20}
@@ -293,7 +293,7 @@ def load_memory() -> None:
     """Each load in its own process; the largest tensor of the file, for the "model + one tensor" bound."""
     from safetensors import safe_open
 
-    with safe_open(str(SMOLLM2 / "model.safetensors"), "pt") as f:
+    with safe_open(str(smollm2.hf_dir() / "model.safetensors"), "pt") as f:
         largest = max((f.get_slice(n).get_shape() for n in f.keys()), key=lambda s: s[0] * s[1] if len(s) > 1 else s[0])
     print(f"\nLoading SmolLM2-135M (fp32 file; largest tensor {largest}, {largest[0] * largest[1] * 4 / 2**20:.0f} MB "
           "in fp32), peak RSS growth per process:")

