@@ -142,7 +142,7 @@ def run_one(name: str) -> dict:
 
 def plan_mb(name: str) -> float:
     """The planner's peak (engine.train.memory_plan) for the same run, in MB."""
-    from engine.config import LoraConfig, ModelConfig, RunConfig, from_dict
+    from engine.config import ModelConfig, RunConfig, from_dict
     from engine.train.memory_plan import estimate_memory
 
     shape, base, batch, seq, _, _ = RUNS[name]

@@ -76,7 +76,7 @@ def measure(variant: str) -> dict:
 def agreement() -> dict:
     import torch
 
-    from engine import Tokenizer, Transformer, generate, quantize
+    from engine import Tokenizer, Transformer, generate
 
     tok = Tokenizer.from_pretrained(smollm2.hf_dir())
     prompts = [torch.tensor([tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
