@@ -101,13 +101,15 @@ def release_workspace() -> None:
 def info() -> dict:
     """Build/runtime facts: native (bool), reason (why not, or None), cpu_isa, openmp, threads,
     cuda (bool), cuda_arch, env (ENGINE_KERNELS value), linear_max_rows (most rows of x that
-    kernels.linear runs as a native GEMV)."""
+    kernels.linear runs as a native GEMV), gemv_prefetch (the GEMV prefetches weights ahead in
+    software: on by default on Intel CPUs, ENGINE_GEMV_PREFETCH=0/1 overrides)."""
     env = _env_backend()
     reason = _EXT_ERROR or ("ENGINE_KERNELS=torch forces the PyTorch fallback" if env == "torch" else None)
     return {"native": reason is None, "reason": reason, "cpu_isa": _BUILD.get("cpu_isa"),
             "openmp": _BUILD.get("openmp"), "threads": torch.get_num_threads(),
             "cuda": bool(_BUILD.get("cuda")), "cuda_arch": _BUILD.get("cuda_arch") or None,
-            "env": env, "linear_max_rows": _linear.LINEAR_MAX_ROWS}
+            "env": env, "linear_max_rows": _linear.LINEAR_MAX_ROWS,
+            "gemv_prefetch": bool(_BUILD.get("gemv_prefetch", False))}
 
 
 def _log_once() -> None:

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "checks.h"
+#include "gemv.h"
 #include "ops.h"
 
 namespace py = pybind11;
@@ -38,6 +39,7 @@ py::dict build_info() {
   d["cpu_isa"] = cpu_isa();
   d["openmp"] = _OPENMP;
   d["omp_max_threads"] = omp_get_max_threads();
+  d["gemv_prefetch"] = gemv::kPrefetch;  // software prefetch in the GEMV (gemv.h: on for Intel)
 #ifdef ENGINE_WITH_CUDA
   d["cuda"] = true;
   d["cuda_arch"] = std::string(ENGINE_CUDA_ARCHS);

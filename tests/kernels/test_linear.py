@@ -96,6 +96,35 @@ def test_result_does_not_depend_on_thread_count(dtype):
     assert torch.equal(one, many)
 
 
+_PREFETCH_PROBE = """
+import sys, torch, kernels
+torch.manual_seed(0)
+outs = []
+for dtype in (torch.float32, torch.bfloat16):
+    for m, n, k in ((1, 300, 700), (3, 257, 513), (6, 129, 2048)):
+        x, w = torch.randn(m, k).to(dtype), (torch.randn(n, k) / k**0.5).to(dtype)
+        outs.append(kernels.linear(x, w, backend="native"))
+torch.save(outs, sys.argv[1])
+"""
+
+
+@needs_native
+def test_software_prefetch_does_not_change_a_bit(tmp_path):
+    # ENGINE_GEMV_PREFETCH (gemv.h: on by default on Intel) only adds prefetch instructions; the
+    # sums are the same instructions in the same order, so both settings must agree bitwise.
+    import os
+    import subprocess
+    import sys
+
+    results = []
+    for setting in ("0", "1"):
+        out = tmp_path / f"prefetch{setting}.pt"
+        env = dict(os.environ, ENGINE_GEMV_PREFETCH=setting)
+        subprocess.run([sys.executable, "-c", _PREFETCH_PROBE, str(out)], check=True, env=env, timeout=120)
+        results.append(torch.load(out))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 @pytest.fixture
 def launches(monkeypatch):
     """Counts native GEMV launches."""
