@@ -243,8 +243,7 @@ def load_gguf(cls, path, dtype=None, device=None):
     check_fits(cfg, dtype, device or "cpu", path)
     with torch.device("meta"):
         model = cls(cfg)
-    model = model.to(dtype).to_empty(device=device or "cpu")
-    model.tie_weights()
+    model = model.to(dtype).allocate(device or "cpu")
     load_gguf_weights(model, path)
     model._rope_cache = {}
     return model.eval()

@@ -208,8 +208,7 @@ def load_pretrained(cls, path_or_hub_id, dtype=None, device=None, quantize=None)
     if quantize is not None:  # swapped while on meta: the dense block weights are never allocated
         from engine.quant import quantize as quantize_layers
         quantize_layers(model, quantize)
-    model = model.to_empty(device=device or "cpu")
-    model.tie_weights()  # to_empty allocates each module's parameters separately
+    model = model.allocate(device or "cpu")  # also re-ties: each parameter got its own storage
     load_weights(model, files)
     model._rope_cache = {}
     return model.eval()

@@ -38,6 +38,20 @@ class Linear(nn.Linear):
     def forward(self, x):
         return kernels.linear(x, self.weight, self.bias)
 
+    def reset_parameters(self):
+        if not self.weight.is_meta:  # see _Embedding: init on meta tensors only imports torch._dynamo
+            super().reset_parameters()
+
+
+class _Embedding(nn.Embedding):
+    """nn.Embedding that skips its init on meta tensors: from_pretrained builds the model on "meta",
+    where init writes nothing, but torch routes meta `normal_` through torch._refs, which imports
+    torch._dynamo and sympy: ~70 MB of resident memory and ~1 s, measured (bench/bench_moe.py)."""
+
+    def reset_parameters(self):
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) * w, computed in fp32; Gemma's variant stores w - 1 (`weight_offset=1`).
@@ -203,8 +217,8 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.pos_embed = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size) if cfg.position == "learned" else None
+        self.embed = _Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.pos_embed = _Embedding(cfg.max_position_embeddings, cfg.hidden_size) if cfg.position == "learned" else None
         self.layers = nn.ModuleList(Block(cfg, spec) for spec in cfg.layer_specs())
         self._ropes = tuple(dict.fromkeys(b.spec.rope for b in self.layers if b.spec.rope is not None))
         self._windows = tuple(dict.fromkeys(b.spec.window for b in self.layers))
@@ -217,6 +231,14 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
+    def allocate(self, device) -> "Transformer":
+        """Module.to_empty(device) (uninitialized storage for every meta tensor), then tie_weights.
+        Through torch.empty: to_empty's empty_like on meta tensors runs torch._refs, which imports
+        sympy (~33 MB resident, measured); the loaders build on meta and then call this."""
+        self._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
+        self.tie_weights()
+        return self
+
     def tie_weights(self):
         """Share the embedding with the LM head when the config says so (again after `to_empty`)."""
         if self.config.tie_word_embeddings:
@@ -224,6 +246,8 @@ class Transformer(nn.Module):
 
     def reset_parameters(self):
         """GPT-2 style init: N(0, 0.02), residual projections scaled by 1/sqrt(2L), biases 0, norms 1."""
+        if self.embed.weight.is_meta:  # nothing to write (see _Embedding)
+            return
         std = 0.02
         for name, m in self.named_modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
