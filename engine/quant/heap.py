@@ -20,6 +20,33 @@ log = logging.getLogger(__name__)
 MMAP_THRESHOLD = 64 * 1024  # bytes: allocations from here up get their own mapping, unmapped on free
 _M_MMAP_THRESHOLD = -3  # glibc malloc.h
 _done = False
+_libc = None  # ctypes handle, once: False when there is no libc with malloc_trim
+
+
+def _glibc():
+    global _libc
+    if _libc is None:
+        name = ctypes.util.find_library("c")
+        try:
+            lib = ctypes.CDLL(name) if name else None
+        except OSError:
+            lib = None
+        _libc = lib if lib is not None and hasattr(lib, "malloc_trim") else False
+    return _libc or None
+
+
+def trim_heap() -> None:
+    """Give the heap's free pages back to the OS (glibc malloc_trim(0); a no-op elsewhere).
+
+    The training step calls it once per optimizer step, after the gradients are freed: their ~4 bytes
+    per parameter, and the step's activations, otherwise stay resident as free heap (see above) and
+    fragment the next step's allocations. Measured on bench/bench_moe.py (97M-parameter MoE, Intel
+    Xeon): peak RSS 2141 -> 2095 MB, resident between steps 1878 -> 1529 MB; the cost is the page
+    faults of memory touched again in the next step (engine/train/step.py cites the speed).
+    """
+    lib = _glibc()
+    if lib is not None:
+        lib.malloc_trim(0)
 
 
 def fix_mmap_threshold() -> bool:

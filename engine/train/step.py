@@ -6,15 +6,19 @@ micro-batches and ranks, AMP, non-finite guard) and evaluate. The loop re-export
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
 
 import kernels
 from engine.config import TrainConfig
+from engine.quant.heap import trim_heap
 from engine.train import distributed
 from engine.train.distributed import SINGLE, Dist
 from engine.train.objectives import TokenLoss, autocast, to_device
+
+_TRIM_HEAP = os.environ.get("ENGINE_TRIM_HEAP", "1") != "0"  # for A/B measurement only
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -72,6 +76,8 @@ def train_step(model, optimizer, micro_batches, *, device, precision="fp32", sca
     total = group.sum(total)
     grad_norm, applied = _apply_update(optimizer, scaler, group, loss_finite=math.isfinite(total))
     optimizer.zero_grad(set_to_none=True)
+    if _TRIM_HEAP:
+        trim_heap()  # the freed gradients and activations back to the OS (engine/quant/heap.py)
     means = {name: group.sum(value) / max(n_units, 1) for name, value in sums.items()}
     return {"loss": total, "tokens": n_units, "grad_norm": grad_norm, "skipped": not applied, **means}
 
