@@ -2,12 +2,16 @@
 agreement of the quantized models with bf16 on the real SmolLM2-135M-Instruct.
 
     python bench/bench_quant_decode.py                 # both parts, markdown
+    python bench/bench_quant_decode.py --trials 3 --no-agreement   # speed only, median of 3 rounds
     python bench/bench_quant_decode.py --one bf16      # one speed row (JSON), in this process
 
 Speed: a random Qwen2.5-0.5B-shaped model (bench/bench_finetune.py's QWEN05B) in bf16, its block linears then
-quantized with engine.quantize (int8 / nf4; the tied embedding + LM head stays bf16, so it is read every token in
-every variant). Each variant decodes in its own process, interleaved over TRIALS rounds; the median counts.
-Decode: DECODE_TOKENS new tokens after an 8-token prompt, greedy, no EOS, minus the time of the prompt's step.
+quantized with engine.quantize (int8 / nf4) and its LM head given an int8 copy (engine.quant.quantize_lm_head), as
+cli.generate / cli.serve --quantize load it; the embedding stays bf16 (one row is read per token). Each variant
+decodes in its own process, interleaved over TRIALS rounds; the median counts. Decode: DECODE_TOKENS new tokens
+after an 8-token prompt, greedy, no EOS, minus the time of the prompt's step. Each row also shows the weight bytes
+it reads per token and its share of the limit (bytes per token / the read bandwidth bench_bandwidth measures over
+a buffer of that size, probed between trials).
 Agreement: for each prompt, the chat template, 48 greedy tokens in bf16 and in the quantized model; reported:
 the tokens equal position by position up to the first difference, and prompts whose completions are identical.
 """
@@ -24,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench import smollm2  # noqa: E402
+from bench.bench_bandwidth import cpu_name, read_bandwidth  # noqa: E402
 from bench.bench_finetune import QWEN05B  # noqa: E402
 
 VARIANTS = ("bf16", "int8", "nf4")
@@ -36,6 +41,7 @@ def build(variant: str):
     import torch
 
     from engine import ModelConfig, Transformer, quantize
+    from engine.quant import quantize_lm_head
 
     with torch.device("meta"):
         model = Transformer(ModelConfig(**QWEN05B))
@@ -45,7 +51,21 @@ def build(variant: str):
     model.reset_parameters()
     if variant != "bf16":
         quantize(model, variant)
+        quantize_lm_head(model, "int8")
     return model.eval()
+
+
+def bytes_per_token(model) -> int:
+    """Weight bytes batch-1 decoding reads per token: every parameter and buffer once, except the embedding when
+    the LM head does not share it (then one row of it is gathered)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    if getattr(model.lm_head, "weight", None) is not model.embed.weight:
+        total -= model.embed.weight.numel() * model.embed.weight.element_size()
+    return total
 
 
 def speed_one(variant: str) -> dict:
@@ -63,7 +83,7 @@ def speed_one(variant: str) -> dict:
         generate(model, prompt, DECODE_TOKENS + 1, eos_token_id=[])
         t2 = time.perf_counter()
     return {"variant": variant, "tokens_per_s": DECODE_TOKENS / ((t2 - t1) - (t1 - t0)),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "bytes_per_token": bytes_per_token(model)}
 
 
 def measure(variant: str) -> dict:
@@ -100,26 +120,32 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--one", choices=VARIANTS)
     p.add_argument("--no-agreement", action="store_true")
+    p.add_argument("--trials", type=int, default=TRIALS, help="interleaved rounds (median counts)")
     args = p.parse_args()
     if args.one:
         print(json.dumps(speed_one(args.one)))
         return
-    rows = {v: [] for v in VARIANTS}
-    for _ in range(TRIALS):
+    rows, nbytes, bandwidth = {v: [] for v in VARIANTS}, {}, {v: [] for v in VARIANTS}
+    for _ in range(args.trials):
         for v in VARIANTS:
             r = measure(v)
             if "error" in r:
                 print(f"{v}: failed: {r['error']}")
                 continue
             rows[v].append(r["tokens_per_s"])
-    print(f"0.5B-shaped model, batch-1 decode of {DECODE_TOKENS} tokens, median of {TRIALS} interleaved trials\n")
-    print("| base | decode tokens/s | vs bf16 |")
-    print("|---|---|---|")
+            nbytes[v] = r["bytes_per_token"]
+            bandwidth[v].append(read_bandwidth(nbytes[v], min_seconds=0.2))
+    print(f"0.5B-shaped model, batch-1 decode of {DECODE_TOKENS} tokens, median of {args.trials} interleaved trials, "
+          f"{cpu_name()}\n")
+    print("| base | MB read/token | read GB/s (probe) | decode tokens/s | vs bf16 | % of limit |")
+    print("|---|---:|---:|---:|---:|---:|")
     ref = statistics.median(rows["bf16"]) if rows["bf16"] else None
     for v in VARIANTS:
         if rows[v]:
-            med = statistics.median(rows[v])
-            print(f"| {v} | {med:.1f} | {med / ref:.2f}x |" if ref else f"| {v} | {med:.1f} | |")
+            med, bw = statistics.median(rows[v]), statistics.median(bandwidth[v])
+            vs = f"{med / ref:.2f}x" if ref else ""
+            print(f"| {v} | {nbytes[v] / 1e6:.0f} | {bw / 1e9:.1f} | {med:.1f} | {vs} | "
+                  f"{100 * med * nbytes[v] / bw:.0f}% |")
     if not args.no_agreement and smollm2.available():
         print("\nGreedy agreement with bf16 on SmolLM2-135M-Instruct (48 tokens per prompt):")
         for v, r in agreement().items():

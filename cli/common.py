@@ -72,9 +72,11 @@ def load_for_inference(model, adapter=None, dtype="fp32", device=None, merge: bo
     or a LoRA run's adapter dir (final/ or a checkpoint: its base is adapter_config.json's
     base_model_name_or_path). `adapter` is a PEFT adapter dir applied on top; `merge` folds it into the weights
     so inference pays nothing for it. `quantize` ("nf4" | "int8", engine.quant) stores the block linears quantized
-    (a merged adapter is merged first, in `dtype`, then quantized with the rest). The tokenizer is the first tokenizer.json among the adapter dir, the model
+    (a merged adapter is merged first, in `dtype`, then quantized with the rest) and the LM head as int8. The tokenizer is the first tokenizer.json among the adapter dir, the model
     dir and the adapter's base; without one, a TokenizerError, or None when not `require_tokenizer`.
     """
+    from torch import nn
+
     from engine.adapters.lora import merge_lora
     from engine.adapters.peft_format import ADAPTER_CONFIG, load_adapter, read_adapter_config
     from engine.model.transformer import Transformer
@@ -98,6 +100,10 @@ def load_for_inference(model, adapter=None, dtype="fp32", device=None, merge: bo
     if merge_first and quantize is not None:
         from engine.quant import quantize as quantize_layers
         quantize_layers(net, quantize)
+    if quantize is not None and isinstance(net.lm_head, nn.Linear):  # (not a LoRA-wrapped head)
+        from engine.quant import quantize_lm_head  # decoding reads the head every token: an int8 copy of it
+
+        quantize_lm_head(net, "int8")
     candidates = list(dict.fromkeys(d for d in (adapter_dir, model_dir, base_dir) if d is not None))
     tok_dir = next((d for d in candidates if (Path(d) / "tokenizer.json").is_file() or gguf_file(d)), None)
     if tok_dir is None and require_tokenizer:

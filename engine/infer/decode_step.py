@@ -13,7 +13,8 @@ and the LM head, in one OpenMP region. The eager forward stays the readable path
 Which path a model gets is decided once per (model, cache) by `fused_decoder` and logged when the
 decision for a model changes: any feature the fused step does not implement (learned positions,
 LayerNorm, post-norms, an adapter-wrapped Linear, a config field or layer feature it does not know)
-sends the model to the eager forward. ENGINE_DECODE=eager forces the eager path, =fused forces the
+sends the model to the eager forward. Weight-only quantized linears (engine.quant's QuantLinear, NF4 or
+int8, the LM head too) run in the fused step as quantized GEMVs, bitwise the layer's own kernel. ENGINE_DECODE=eager forces the eager path, =fused forces the
 fused one (raising with every reason it can't run).
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 import kernels
 from engine.config import LayerSpec, ModelConfig
 from engine.model.transformer import MLP, Attention, Block, KVCache, Linear, RMSNorm
+from engine.quant.layers import QuantLinear
 
 log = logging.getLogger("engine.infer.decode")
 
@@ -84,15 +86,35 @@ def _spec_reasons(spec: LayerSpec) -> list[str]:
     return out
 
 
+def _storage(lin) -> str:
+    if type(lin) is QuantLinear:
+        return lin.kind
+    return "dense" if type(lin) is Linear else type(lin).__name__
+
+
+def _linear_reason(lin) -> Optional[str]:
+    """Why the fused step can't run this linear layer (None if it can): a plain Linear, or a QuantLinear
+    (NF4 with in_features a multiple of its 64-element blocks)."""
+    if type(lin) is Linear:
+        return None
+    if type(lin) is QuantLinear:
+        if lin.kind == "nf4" and lin.in_features % 64:
+            return f"an NF4 QuantLinear with in_features {lin.in_features} (the fused step needs a multiple of 64)"
+        return None
+    return f"{type(lin).__name__}, not the plain Linear or a QuantLinear"
+
+
 def _module_reasons(model, dtype) -> list[str]:
-    """Module types and tensors: exact classes only (a LoRA-wrapped or quantized Linear has its own forward)."""
+    """Module types and tensors: exact classes only (a LoRA-wrapped Linear has its own forward)."""
     out = []
     if getattr(model, "pos_embed", None) is not None:
         out.append("learned position embeddings are not implemented by the fused step")
     if type(model.norm) is not RMSNorm:
         out.append(f"final norm is {type(model.norm).__name__}, not RMSNorm")
-    if type(model.lm_head) is not Linear or model.lm_head.bias is not None:
-        out.append(f"lm_head is {type(model.lm_head).__name__} (with bias: {model.lm_head.bias is not None})")
+    head_reason = _linear_reason(model.lm_head)
+    if head_reason or model.lm_head.bias is not None:
+        out.append(f"lm_head is {head_reason or type(model.lm_head).__name__} (with bias: "
+                   f"{model.lm_head.bias is not None})")
     for block in model.layers:
         i = getattr(block, "index", "?")
         if type(block) is not Block or type(block.attn) is not Attention or type(block.mlp) is not MLP:
@@ -103,8 +125,14 @@ def _module_reasons(model, dtype) -> list[str]:
         linears = {"q_proj": a.q_proj, "k_proj": a.k_proj, "v_proj": a.v_proj, "o_proj": a.o_proj,
                    "up_proj": m.up_proj, "down_proj": m.down_proj, "gate_proj": m.gate_proj}
         for name, lin in linears.items():
-            if lin is not None and type(lin) is not Linear:
-                out.append(f"layer {i}: {name} is {type(lin).__name__}, not the plain Linear")
+            reason = None if lin is None else _linear_reason(lin)
+            if reason:
+                out.append(f"layer {i}: {name} is {reason}")
+        # one pass reads q|k|v (and gate|up) with one layout of x: each group must be stored alike
+        for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+            kinds = {_storage(linears[n]) for n in group if linears[n] is not None}
+            if len(kinds) > 1:
+                out.append(f"layer {i}: {'/'.join(group)} are stored differently ({sorted(kinds)})")
         norms = [block.attn_norm, block.mlp_norm] + ([a.q_norm, a.k_norm] if a.q_norm is not None else [])
         if any(type(n) is not RMSNorm for n in norms):
             out.append(f"layer {i}: a norm is not RMSNorm")
@@ -163,6 +191,13 @@ def fused_decoder(model, cache: KVCache) -> Optional["FusedDecoder"]:
     return FusedDecoder(model, cache)
 
 
+def _weight(lin):
+    """What the plan takes for a linear layer: its dense weight, its QuantizedWeight, or None (absent)."""
+    if lin is None:
+        return None
+    return lin.weight if type(lin) is Linear else lin.quantized_weight()
+
+
 class FusedDecoder:
     """model's decode step over `cache` (a KVCache of the model's dtype), compiled: `step(ids [B], pos [B])
     -> logits [B, V]` writes each row's k/v at slot pos[b] and attends to slots [0, pos[b]] of its row.
@@ -180,19 +215,18 @@ class FusedDecoder:
             a, m = block.attn, block.mlp
             cos, sin = tables.get(block.spec.rope, (None, None))
             bias = lambda lin: None if lin is None else lin.bias  # noqa: E731
-            layers.append((block.attn_norm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
-                           bias(a.q_proj), bias(a.k_proj), bias(a.v_proj), a.o_proj.weight, bias(a.o_proj),
+            layers.append((block.attn_norm.weight, _weight(a.q_proj), _weight(a.k_proj), _weight(a.v_proj),
+                           bias(a.q_proj), bias(a.k_proj), bias(a.v_proj), _weight(a.o_proj), bias(a.o_proj),
                            None if a.q_norm is None else a.q_norm.weight, None if a.k_norm is None else a.k_norm.weight,
-                           block.mlp_norm.weight, None if m.gate_proj is None else m.gate_proj.weight,
-                           m.up_proj.weight, m.down_proj.weight, bias(m.gate_proj), bias(m.up_proj),
-                           bias(m.down_proj), cos, sin))
+                           block.mlp_norm.weight, _weight(m.gate_proj), _weight(m.up_proj), _weight(m.down_proj),
+                           bias(m.gate_proj), bias(m.up_proj), bias(m.down_proj), cos, sin))
             windows.append(block.spec.window or 0)
         first = model.layers[0].attn
         qk_offset = first.q_norm.weight_offset if first.q_norm is not None else 0.0
         # Gemma's sqrt(C) is rounded to the model dtype first, as the eager forward does
         scale = float(torch.tensor(cfg.hidden_size**0.5, dtype=dtype)) if cfg.scale_embeddings else 0.0
         self.plan = kernels.decode_plan(
-            model.embed.weight, model.norm.weight, model.lm_head.weight, cache.k, cache.v, layers, windows,
+            model.embed.weight, model.norm.weight, _weight(model.lm_head), cache.k, cache.v, layers, windows,
             cfg.num_heads, float(cfg.norm_eps), float(cfg.norm_weight_offset), float(qk_offset), scale,
             cfg.head_dim**-0.5, cfg.activation)
         self.logits = torch.empty(cache.k.shape[1], cfg.vocab_size, dtype=dtype)  # reused every step

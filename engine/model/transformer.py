@@ -241,7 +241,7 @@ class Transformer(nn.Module):
 
     def tie_weights(self):
         """Share the embedding with the LM head when the config says so (again after `to_empty`)."""
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):  # not a quantized head copy
             self.lm_head.weight = self.embed.weight
 
     def reset_parameters(self):

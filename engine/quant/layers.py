@@ -7,6 +7,12 @@ token embedding, the norms and the LM head. The embedding is a lookup (no matmul
 to the head); the head feeds the fused loss kernels.linear_cross_entropy, which takes a dense weight, and its
 rounding error would land on every logit directly; the norms are a few thousand numbers. They stay in the
 model's dtype (bf16 for a quantized QLoRA base: frozen, and half the bytes of fp32).
+
+Decoding is different: it reads every weight once per token, and the LM head is a large share of a small
+model's bytes (Qwen2.5-0.5B: 136M of its 494M weights). quantize_lm_head gives the head its own int8 copy for
+inference (cli.generate / cli.serve --quantize); int8 per output channel, even under --quantize nf4, as
+llama.cpp keeps its output tensor at 6-8 bits: the head's error lands on every logit directly. The embedding
+stays dense for the lookups.
 """
 from __future__ import annotations
 
@@ -142,6 +148,18 @@ def quantize(model: nn.Module, kind: str) -> list[str]:
     if not names:
         raise ValueError("quantize: the model has no linear layers to quantize")
     return names
+
+
+def quantize_lm_head(model: nn.Module, kind: str = "int8") -> None:
+    """Replace model.lm_head by a QuantLinear of `kind` (for decoding: see the module docstring). A head tied to
+    the embedding is read once into the quantized copy; the embedding keeps its dense weight."""
+    _check_kind(kind, "quantize_lm_head")
+    head = model.lm_head
+    if isinstance(head, QuantLinear):
+        raise ValueError("quantize_lm_head: the LM head is already quantized")
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"quantize_lm_head: lm_head is {type(head).__name__}, expected a Linear")
+    model.lm_head = QuantLinear.from_linear(head, kind)
 
 
 LOSS_CHUNK_BYTES = 1 << 24  # logits per fused-loss chunk on a quantized base (16 MiB; dense models: 128 MiB)

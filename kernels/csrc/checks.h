@@ -199,4 +199,10 @@ inline TensorArg Checker::read(py::handle obj, const std::string& name) {
   return t;
 }
 
+// The buffers of a quantized weight W [n, k] (layout: kernels/reference.py), each checked against n and k;
+// `at` prefixes every argument name in an error (quant_bindings.cpp; the decode plan uses it too).
+QuantWeight quant_weight(Checker& c, int kind, int64_t n, int64_t k, py::handle codes, py::handle qabsmax,
+                         py::handle absmax2, py::handle code2, py::handle nf4, float offset, py::handle scale,
+                         const std::string& at);
+
 }  // namespace kernels

@@ -6,6 +6,10 @@
 // stays alive however the model changes); step() then checks only what changes per token: the ids,
 // positions and logits. Whoever builds the plan (engine/infer/decode_step.py) rebuilds it when the
 // model's tensors are replaced.
+//
+// A weight matrix is a tensor of the model dtype (dense) or, quantized (engine.quant), the tuple
+// kernels/ops/quant_linear.py's _weight_args gives: (kind, n, k, codes, qabsmax, absmax2, code2, nf4,
+// offset, scale), checked by quant_weight like the quantized layer's own entries.
 #include <pybind11/stl.h>
 
 #include <string>
@@ -13,6 +17,7 @@
 
 #include "checks.h"
 #include "ops.h"
+#include "quant_gemv.h"
 
 namespace kernels {
 namespace {
@@ -55,12 +60,9 @@ class DecodePlan {
     const TensorArg fn = c.tensor(final_norm, "final_norm");
     c.dense(fn, dt, {C});
     m_.final_norm = fn.data;
-    const TensorArg lm = c.tensor(lm_head, "lm_head");
-    c.dense(lm, dt, {V, C});
-    m_.lm_head = lm.data;
     keep_ = {py::reinterpret_borrow<py::object>(embed), py::reinterpret_borrow<py::object>(final_norm),
-             py::reinterpret_borrow<py::object>(lm_head), py::reinterpret_borrow<py::object>(cache_k),
-             py::reinterpret_borrow<py::object>(cache_v)};
+             py::reinterpret_borrow<py::object>(cache_k), py::reinterpret_borrow<py::object>(cache_v)};
+    m_.lm_head = matrix(c, lm_head, "lm_head", V, C, dt, false);
     m_.intermediate = -1;
     m_.max_pos = -1;  // no RoPE layer: positions are bounded by the cache only
     const int64_t Q = n_heads * hd, KV = nkv * hd;
@@ -79,21 +81,28 @@ class DecodePlan {
         keep_.push_back(py::reinterpret_borrow<py::object>(t[i]));
         return a.data;
       };
+      auto mat = [&](size_t i, const char* name, int64_t n, int64_t k, bool optional) {
+        return matrix(c, t[i], at + "." + name, n, k, dt, optional);
+      };
       // the MLP width comes from the first up_proj; every layer must agree
-      const TensorArg up = c.tensor(t[13], at + ".up_proj");
-      c.expect(up.dim() == 2 && up.shape[1] == C && (m_.intermediate < 0 || up.shape[0] == m_.intermediate), up,
-               "[F, " + std::to_string(C) + "] with one F for all layers");
-      const int64_t F = m_.intermediate = up.shape[0];
+      const int64_t up_rows = rows_of(c, t[13], at + ".up_proj");
+      if (m_.intermediate >= 0 && up_rows != m_.intermediate)
+        c.fail(at + ".up_proj", std::to_string(m_.intermediate) + " rows (one F for all layers)", std::to_string(up_rows));
+      const int64_t F = m_.intermediate = up_rows;
       DecodeLayer d{};
       d.attn_norm = get(0, "attn_norm", {C}, false);
-      d.wq = get(1, "q_proj", {Q, C}, false), d.wk = get(2, "k_proj", {KV, C}, false);
-      d.wv = get(3, "v_proj", {KV, C}, false);
+      d.wq = mat(1, "q_proj", Q, C, false), d.wk = mat(2, "k_proj", KV, C, false);
+      d.wv = mat(3, "v_proj", KV, C, false);
       d.bq = get(4, "q_bias", {Q}, true), d.bk = get(5, "k_bias", {KV}, true), d.bv = get(6, "v_bias", {KV}, true);
-      d.wo = get(7, "o_proj", {C, Q}, false), d.bo = get(8, "o_bias", {C}, true);
+      d.wo = mat(7, "o_proj", C, Q, false), d.bo = get(8, "o_bias", {C}, true);
       d.q_norm = get(9, "q_norm", {hd}, true), d.k_norm = get(10, "k_norm", {hd}, true);
       d.mlp_norm = get(11, "mlp_norm", {C}, false);
-      d.wg = get(12, "gate_proj", {F, C}, true), d.wu = get(13, "up_proj", {F, C}, false);
-      d.wd = get(14, "down_proj", {C, F}, false);
+      d.wg = mat(12, "gate_proj", F, C, true), d.wu = mat(13, "up_proj", F, C, false);
+      d.wd = mat(14, "down_proj", C, F, false);
+      // one pass reads q|k|v (and gate|up) with one x layout: they must be stored alike
+      same_storage(c, d.wq, d.wk, at + ".k_proj", "q_proj");
+      same_storage(c, d.wq, d.wv, at + ".v_proj", "q_proj");
+      if (d.wg.present()) same_storage(c, d.wu, d.wg, at + ".gate_proj", "up_proj");
       d.bg = get(15, "gate_bias", {F}, true), d.bu = get(16, "up_bias", {F}, true), d.bd = get(17, "down_bias", {C}, true);
       const TensorArg co = c.optional(t[18], at + ".cos");
       if (co.present) {
@@ -147,6 +156,45 @@ class DecodePlan {
   }
 
  private:
+  // A weight matrix [n, k] (see the top of this file): dense of dtype dt, a quantized tuple, or None if optional.
+  DecodeMatrix matrix(Checker& c, py::handle h, const std::string& at, int64_t n, int64_t k, int dt, bool optional) {
+    DecodeMatrix mtx{};
+    if (py::isinstance<py::tuple>(h)) {
+      py::tuple q = h.cast<py::tuple>();
+      if (q.size() != 10) c.fail(at, "a quantized weight tuple of 10 entries", std::to_string(q.size()) + " entries");
+      const int64_t qn = q[1].cast<int64_t>(), qk = q[2].cast<int64_t>();
+      if (qn != n || qk != k)
+        c.fail(at, "a quantized weight " + shape_str({n, k}), "one of " + shape_str({qn, qk}));
+      mtx.q = quant_weight(c, q[0].cast<int>(), n, k, q[3], q[4], q[5], q[6], q[7], q[8].cast<float>(), q[9], at + ".");
+      if (mtx.q.kind == kNF4 && k % qgemv::kBlock)  // the NF4 rows read whole 64-blocks of one row
+        c.fail(at, "an NF4 weight with in_features a multiple of 64", std::to_string(k));
+      keep_.push_back(py::reinterpret_borrow<py::object>(h));
+      return mtx;
+    }
+    const TensorArg a = c.optional(h, at);
+    if (!a.present) {
+      if (!optional) c.fail(at, "a tensor", "None");
+      return mtx;
+    }
+    c.dense(a, dt, {n, k});
+    keep_.push_back(py::reinterpret_borrow<py::object>(h));
+    mtx.dense = a.data;
+    return mtx;
+  }
+
+  static int64_t rows_of(Checker& c, py::handle h, const std::string& at) {
+    if (py::isinstance<py::tuple>(h)) return h.cast<py::tuple>()[1].cast<int64_t>();
+    const TensorArg a = c.tensor(h, at);
+    if (a.dim() != 2) c.fail(at, "a 2-D weight", a.describe());
+    return a.shape[0];
+  }
+
+  static void same_storage(Checker& c, const DecodeMatrix& a, const DecodeMatrix& b, const std::string& at,
+                           const char* like) {
+    auto kind = [](const DecodeMatrix& m) { return m.quantized() ? (m.q.kind == kNF4 ? "nf4" : "int8") : "dense"; };
+    if (std::string(kind(a)) != kind(b)) c.fail(at, std::string("stored like ") + like + " (" + kind(a) + ")", kind(b));
+  }
+
   DecodeModel m_{};
   std::vector<py::object> keep_;  // every tensor m_ points into
 };

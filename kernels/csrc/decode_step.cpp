@@ -19,7 +19,9 @@
 //
 // Numerics mirror the eager model: math in fp32, every tensor the eager path materializes is
 // rounded to the model dtype at the same place (a no-op in fp32), RoPE tables as the eager path
-// casts them. The GEMV is gemv.h's, so q/k/v/o/MLP outputs equal kernels.linear's bitwise.
+// casts them. The GEMV is gemv.h's, so q/k/v/o/MLP outputs equal kernels.linear's bitwise; a
+// quantized weight (NF4/int8, engine.quant) runs quant_gemv.h's rows, as kernels.quant_linear does,
+// on x converted once per phase to fp32 in their layout (reading 4 or 8 bits per weight).
 // Attention for the one query is computed directly over the cache slots [lo, pos]: scores,
 // fp32 softmax, weighted sum of V (SDPA's result to fp32 rounding, not bitwise).
 #include <omp.h>
@@ -35,6 +37,7 @@
 #include "common.h"
 #include "gemv.h"
 #include "ops.h"
+#include "quant_gemv.h"
 
 namespace kernels {
 namespace {
@@ -101,9 +104,15 @@ inline void rope_row(float* x, const float* c, const float* s, int64_t D) {
 
 constexpr int64_t kChunkBytes = 32 << 10;  // weight bytes per claimed chunk: ~2 us of streaming
 
-// Chunk rows of a GEMV whose weight rows hold K elements of W.
+// Bytes of one row of w (K elements): dense of W, int8, or NF4 (half a byte and 1/64 of an absmax byte).
 template <typename W>
-inline int64_t chunk_rows(int64_t K) { return std::max<int64_t>(1, kChunkBytes / (K * int64_t(sizeof(W)))); }
+inline int64_t row_bytes(const DecodeMatrix& w, int64_t K) {
+  if (!w.quantized()) return K * int64_t(sizeof(W));
+  return w.q.kind == kInt8 ? K : K / 2 + K / qgemv::kBlock;
+}
+
+// Chunk rows of a GEMV whose weight rows are `bytes` long.
+inline int64_t chunk_rows(int64_t bytes) { return std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, bytes)); }
 
 // Work sharing without barriers. Each phase (a GEMV, the attention, the LM head) has items [0, n),
 // split into one contiguous region per thread; run() claims chunks of the caller's own region,
@@ -192,12 +201,20 @@ struct Step {
     }
   }
 
-  // Rows [n0, n1) of a GEMV over the B rows of x [B, K]: each output row n calls put(b, n, value).
+  // Rows [n0, n1) of a GEMV over the B rows of x [B, K]: each output row n calls put(b, n, value). A
+  // quantized weight reads xq instead (x in qgemv::quant_x's layout for its kind, [B, K] fp32).
   template <typename Put>
-  void gemv(const void* weight, const void* bias, const X* x, int64_t K, int64_t n0, int64_t n1,
-            float* acc, Put put) {
-    const W* w = static_cast<const W*>(weight);
+  void gemv(const DecodeMatrix& weight, const void* bias, const X* x, const float* xq, int64_t K, int64_t n0,
+            int64_t n1, float* acc, Put put) {
     const W* bs = static_cast<const W*>(bias);
+    if (weight.quantized()) {
+      for (int64_t n = n0; n < n1; ++n) {
+        qgemv::rows(weight.q, n, xq, B, acc);
+        for (int64_t b = 0; b < B; ++b) put(b, n, bs ? acc[b] + to_f32(bs[n]) : acc[b]);
+      }
+      return;
+    }
+    const W* w = static_cast<const W*>(weight.dense);
     for (int64_t n = n0; n < n1; ++n) {
       gemv::row_dots(w + n * K, x, B, K, acc);
       for (int64_t b = 0; b < B; ++b) put(b, n, bs ? acc[b] + to_f32(bs[n]) : acc[b]);
@@ -250,6 +267,8 @@ struct Step {
     const W* embed = static_cast<const W*>(m.embed);
     std::vector<X> xn(size_t(B * C));  // this thread's copy of the normalized residual
     std::vector<float> acc(static_cast<size_t>(B)), scores(static_cast<size_t>(m.max_len));
+    std::vector<float> xq(size_t(B * std::max({C, Q, F})));  // a phase's x for quantized weights
+    int64_t xq_phase = -1;                                  // the phase xq was converted for
     bool normed = false;  // xn holds the current norm (computed once a chunk that reads it is claimed)
     // xn = norm(h) with `weight`, on the first chunk this thread claims in a phase that reads it:
     // h cannot change while that chunk is unfinished (the phase that writes h waits for it).
@@ -258,6 +277,16 @@ struct Step {
       for (int64_t b = 0; b < B; ++b)
         norm_row<W, X>(&h[b * C], static_cast<const W*>(weight), C, m.eps, m.norm_offset, &xn[b * C]);
       normed = true;
+    };
+    // xq = x [B, K] in the layout of w's kind, once per phase (x is complete while the phase runs); null
+    // for a dense w.
+    auto quant_in = [&](int64_t phase, const DecodeMatrix& w, const X* x, int64_t K) -> const float* {
+      if (!w.quantized()) return nullptr;
+      if (xq_phase != phase) {
+        for (int64_t b = 0; b < B; ++b) qgemv::quant_x(x + b * K, K, w.q.kind, xq.data() + b * K);
+        xq_phase = phase;
+      }
+      return xq.data();
     };
     phases.run(0, B, 1, [&](int64_t b0, int64_t b1) {  // embedding rows (ids checked by the entry)
       for (int64_t i = b0 * C; i < b1 * C; ++i) {
@@ -276,12 +305,13 @@ struct Step {
       const int64_t ph = 1 + 5 * l;
       normed = false;
       // q, k and v rows as one index space: one pass over the three matrices
-      phases.run(ph, NQKV, chunk_rows<W>(C), [&](int64_t lo, int64_t hi) {
+      phases.run(ph, NQKV, chunk_rows(row_bytes<W>(L.wq, C)), [&](int64_t lo, int64_t hi) {
         norm_once(L.attn_norm);
-        if (lo < Q) gemv(L.wq, L.bq, xn.data(), C, lo, std::min(hi, Q), acc.data(), put_qkv(0));
+        const float* x = quant_in(ph, L.wq, xn.data(), C);  // q, k, v are stored alike (checked by the plan)
+        if (lo < Q) gemv(L.wq, L.bq, xn.data(), x, C, lo, std::min(hi, Q), acc.data(), put_qkv(0));
         if (hi > Q && lo < qk)
-          gemv(L.wk, L.bk, xn.data(), C, std::max(lo, Q) - Q, std::min(hi, qk) - Q, acc.data(), put_qkv(Q));
-        if (hi > qk) gemv(L.wv, L.bv, xn.data(), C, std::max(lo, qk) - qk, hi - qk, acc.data(), put_qkv(qk));
+          gemv(L.wk, L.bk, xn.data(), x, C, std::max(lo, Q) - Q, std::min(hi, qk) - Q, acc.data(), put_qkv(Q));
+        if (hi > qk) gemv(L.wv, L.bv, xn.data(), x, C, std::max(lo, qk) - qk, hi - qk, acc.data(), put_qkv(qk));
       });
       phases.wait(ph, NQKV);
       phases.run(ph + 1, B * m.n_kv_heads, 1, [&](int64_t lo, int64_t hi) {
@@ -289,29 +319,30 @@ struct Step {
       });
       phases.wait(ph + 1, B * m.n_kv_heads);
       // o_proj, its output added into the residual row as it is stored
-      phases.run(ph + 2, C, chunk_rows<W>(Q), [&](int64_t lo, int64_t hi) {
-        gemv(L.wo, L.bo, y.data(), Q, lo, hi, acc.data(), add_h);
+      phases.run(ph + 2, C, chunk_rows(row_bytes<W>(L.wo, Q)), [&](int64_t lo, int64_t hi) {
+        gemv(L.wo, L.bo, y.data(), quant_in(ph + 2, L.wo, y.data(), Q), Q, lo, hi, acc.data(), add_h);
       });
       phases.wait(ph + 2, C);
       normed = false;
-      phases.run(ph + 3, F, chunk_rows<W>(2 * C), [&](int64_t lo, int64_t hi) {
+      phases.run(ph + 3, F, chunk_rows(2 * row_bytes<W>(L.wu, C)), [&](int64_t lo, int64_t hi) {
         norm_once(L.mlp_norm);
+        const float* x = quant_in(ph + 3, L.wu, xn.data(), C);  // gate and up are stored alike
         for (int64_t n = lo; n < hi; ++n) {  // gate row n and up row n: act(gate) * up straight into a
           float gate[64], up[64];  // B <= 64, checked by the entry
-          if (L.wg) {
-            gemv(L.wg, L.bg, xn.data(), C, n, n + 1, acc.data(), [&](int64_t b, int64_t, float v) { gate[b] = v; });
+          if (L.wg.present()) {
+            gemv(L.wg, L.bg, xn.data(), x, C, n, n + 1, acc.data(), [&](int64_t b, int64_t, float v) { gate[b] = v; });
           }
-          gemv(L.wu, L.bu, xn.data(), C, n, n + 1, acc.data(), [&](int64_t b, int64_t, float v) { up[b] = v; });
+          gemv(L.wu, L.bu, xn.data(), x, C, n, n + 1, acc.data(), [&](int64_t b, int64_t, float v) { up[b] = v; });
           for (int64_t b = 0; b < B; ++b) {
             const float u = rnd<W>(up[b]);
-            const float v = L.wg ? rnd<W>(rnd<W>(act(m.activation, rnd<W>(gate[b]))) * u) : rnd<W>(act(m.activation, u));
+            const float v = L.wg.present() ? rnd<W>(rnd<W>(act(m.activation, rnd<W>(gate[b]))) * u) : rnd<W>(act(m.activation, u));
             a[b * F + n] = as<X>(v);
           }
         }
       });
       phases.wait(ph + 3, F);
-      phases.run(ph + 4, C, chunk_rows<W>(F), [&](int64_t lo, int64_t hi) {
-        gemv(L.wd, L.bd, a.data(), F, lo, hi, acc.data(), add_h);
+      phases.run(ph + 4, C, chunk_rows(row_bytes<W>(L.wd, F)), [&](int64_t lo, int64_t hi) {
+        gemv(L.wd, L.bd, a.data(), quant_in(ph + 4, L.wd, a.data(), F), F, lo, hi, acc.data(), add_h);
       });
       phases.wait(ph + 4, C);
     }
@@ -320,9 +351,11 @@ struct Step {
     const int t = omp_get_thread_num();
     float* my_best = &best[t * B];
     int64_t* my_at = &best_at[t * B];
-    phases.run(1 + 5 * int64_t(m.layers.size()), m.vocab, chunk_rows<W>(C), [&](int64_t lo, int64_t hi) {
+    const int64_t head = 1 + 5 * int64_t(m.layers.size());
+    phases.run(head, m.vocab, chunk_rows(row_bytes<W>(m.lm_head, C)), [&](int64_t lo, int64_t hi) {
       norm_once(m.final_norm);
-      gemv(m.lm_head, nullptr, xn.data(), C, lo, hi, acc.data(), [&](int64_t b, int64_t n, float v) {
+      const float* x = quant_in(head, m.lm_head, xn.data(), C);
+      gemv(m.lm_head, nullptr, xn.data(), x, C, lo, hi, acc.data(), [&](int64_t b, int64_t n, float v) {
         store(logits + b * m.vocab + n, v);
         const float r = rnd<W>(v);  // the logit as stored: argmax sees what torch.argmax would
         if (better(r, n, my_best[b], my_at[b])) my_best[b] = r, my_at[b] = n;

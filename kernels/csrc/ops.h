@@ -44,13 +44,38 @@ struct AdamWArgs {
   int64_t stream;
 };
 
+// A weight-only quantized W [n, k] (layout: kernels/reference.py). kind kNF4: codes = 4-bit codes (2 per
+// byte, high nibble first, flat row-major), qabsmax [ceil(n*k/64)] indices into code2 [256], absmax2
+// [ceil(n*k/64/256)], offset, nf4 [16] the code book. kind kInt8: codes = int8 [n, k], scale [n].
+enum QuantKind : int { kNF4 = 0, kInt8 = 1 };
+struct QuantWeight {
+  int kind;
+  const uint8_t* codes;
+  const uint8_t* qabsmax;
+  const float* absmax2;
+  const float* code2;
+  const float* nf4;
+  float offset;
+  const float* scale;
+  int64_t n, k;
+};
+
 // One decode step of a pre-norm decoder (decode_step.cpp): B new tokens, one per row, through
-// every layer and the LM head. Weights, cache and logits share one dtype (fp32 or bf16); the
+// every layer and the LM head. Norms, embedding, biases, cache and logits share one dtype (fp32 or
+// bf16), as do dense weights; a weight may instead be quantized (NF4 or int8, QuantWeight). The
 // bindings check every pointer's tensor once, when the plan is built (kernels/csrc/decode_plan.cpp).
 enum Activation : int { kActSilu = 0, kActGeluTanh = 1, kActGelu = 2, kActRelu = 3 };
+struct DecodeMatrix {  // a weight [n, k]: dense (of the model dtype) or quantized; neither: absent
+  const void* dense;   // null unless dense
+  QuantWeight q;       // q.codes non-null when quantized
+  bool present() const { return dense != nullptr || q.codes != nullptr; }
+  bool quantized() const { return q.codes != nullptr; }
+};
 struct DecodeLayer {
-  const void *attn_norm, *wq, *wk, *wv, *bq, *bk, *bv, *wo, *bo, *q_norm, *k_norm;  // biases, q/k norms nullable
-  const void *mlp_norm, *wg, *wu, *wd, *bg, *bu, *bd;  // wg null: down(act(up(x)))
+  const void *attn_norm, *bq, *bk, *bv, *bo, *q_norm, *k_norm;  // biases, q/k norms nullable
+  DecodeMatrix wq, wk, wv, wo;
+  const void *mlp_norm, *bg, *bu, *bd;
+  DecodeMatrix wg, wu, wd;  // wg absent: down(act(up(x)))
   const float *cos, *sin;  // [max_pos, head_dim] fp32, or null: no RoPE on this layer
   int64_t window;          // sliding window (keys pos - window < k <= pos), 0 = global
 };
@@ -59,8 +84,9 @@ struct DecodeModel {
   int64_t hidden, n_heads, n_kv_heads, head_dim, intermediate, vocab, max_len, max_pos, cache_batch;
   float eps, norm_offset, qk_norm_offset, embed_scale, attn_scale;  // embed_scale 0: none
   int activation;  // Activation
-  const void *embed, *final_norm, *lm_head;  // embed [V, C], lm_head [V, C] (may be embed)
-  void *cache_k, *cache_v;                   // [L, cache_batch, n_kv_heads, max_len, head_dim]
+  const void *embed, *final_norm;  // embed [V, C]
+  DecodeMatrix lm_head;            // [V, C] (its dense pointer may be embed's)
+  void *cache_k, *cache_v;         // [L, cache_batch, n_kv_heads, max_len, head_dim]
   std::vector<DecodeLayer> layers;
 };
 struct DecodeStepArgs {
@@ -134,22 +160,6 @@ struct RopeArgs {
   int64_t table_batch, batch, seq, heads, head_dim;
   int inverse;
   int n_threads;
-};
-
-// A weight-only quantized W [n, k] (layout: kernels/reference.py). kind kNF4: codes = 4-bit codes (2 per
-// byte, high nibble first, flat row-major), qabsmax [ceil(n*k/64)] indices into code2 [256], absmax2
-// [ceil(n*k/64/256)], offset, nf4 [16] the code book. kind kInt8: codes = int8 [n, k], scale [n].
-enum QuantKind : int { kNF4 = 0, kInt8 = 1 };
-struct QuantWeight {
-  int kind;
-  const uint8_t* codes;
-  const uint8_t* qabsmax;
-  const float* absmax2;
-  const float* code2;
-  const float* nf4;
-  float offset;
-  const float* scale;
-  int64_t n, k;
 };
 
 // out [rows, k] (fp32 or bf16, contiguous) = rows [row0, row0 + rows) of W, dequantized exactly as the reference.

@@ -13,24 +13,24 @@
 namespace py = pybind11;
 
 namespace kernels {
-namespace {
 
 // The buffers of a quantized weight W [n, k] (layout: kernels/reference.py), each checked against n and k.
 QuantWeight quant_weight(Checker& c, int kind, int64_t n, int64_t k, py::handle codes, py::handle qabsmax,
-                         py::handle absmax2, py::handle code2, py::handle nf4, float offset, py::handle scale) {
-  if (n < 0 || k < 0) c.fail("shape", "non-negative [N, K]", "[" + std::to_string(n) + ", " + std::to_string(k) + "]");
+                         py::handle absmax2, py::handle code2, py::handle nf4, float offset, py::handle scale,
+                         const std::string& at) {
+  if (n < 0 || k < 0) c.fail(at + "shape", "non-negative [N, K]", "[" + std::to_string(n) + ", " + std::to_string(k) + "]");
   QuantWeight w{kind, nullptr, nullptr, nullptr, nullptr, nullptr, offset, nullptr, n, k};
   if (kind == kNF4) {
     const int64_t nb = (n * k + 63) / 64;
-    const TensorArg q = c.tensor(codes, "codes");
+    const TensorArg q = c.tensor(codes, at + "codes");
     c.dense(q, kU8, {(n * k + 1) / 2}, " (two 4-bit codes per byte)");
-    const TensorArg qa = c.tensor(qabsmax, "qabsmax");
+    const TensorArg qa = c.tensor(qabsmax, at + "qabsmax");
     c.dense(qa, kU8, {nb}, " (one per 64 elements)");
-    const TensorArg a2 = c.tensor(absmax2, "absmax2");
+    const TensorArg a2 = c.tensor(absmax2, at + "absmax2");
     c.dense(a2, kF32, {(nb + 255) / 256}, " (one per 256 blocks)");
-    const TensorArg t2 = c.tensor(code2, "code2");
+    const TensorArg t2 = c.tensor(code2, at + "code2");
     c.dense(t2, kF32, {256}, " (the 8-bit dynamic map)");
-    const TensorArg t4 = c.tensor(nf4, "nf4");
+    const TensorArg t4 = c.tensor(nf4, at + "nf4");
     c.dense(t4, kF32, {16}, " (the NF4 code book)");
     w.codes = static_cast<const uint8_t*>(q.data);
     w.qabsmax = static_cast<const uint8_t*>(qa.data);
@@ -38,17 +38,19 @@ QuantWeight quant_weight(Checker& c, int kind, int64_t n, int64_t k, py::handle 
     w.code2 = static_cast<const float*>(t2.data);
     w.nf4 = static_cast<const float*>(t4.data);
   } else if (kind == kInt8) {
-    const TensorArg q = c.tensor(codes, "codes");
+    const TensorArg q = c.tensor(codes, at + "codes");
     c.dense(q, kI8, {n, k}, " (the int8 weight)");
-    const TensorArg sc = c.tensor(scale, "scale");
+    const TensorArg sc = c.tensor(scale, at + "scale");
     c.dense(sc, kF32, {n}, " (one per output channel)");
     w.codes = static_cast<const uint8_t*>(q.data);
     w.scale = static_cast<const float*>(sc.data);
   } else {
-    c.fail("kind", "0 (nf4) or 1 (int8)", std::to_string(kind));
+    c.fail(at + "kind", "0 (nf4) or 1 (int8)", std::to_string(kind));
   }
   return w;
 }
+
+namespace {
 
 // out [rows, K] = rows [row0, row0 + rows) of the quantized W, dequantized (fp32 or bf16).
 template <bool kCuda>
@@ -57,7 +59,7 @@ void quant_dequant_entry(int kind, int64_t n, int64_t k, py::handle codes, py::h
                          int64_t rows, py::handle out, int n_threads, int64_t stream) {
   Checker c(kCuda ? "quant_dequant_cuda" : "quant_dequant_cpu", kCuda);
   if (!kCuda) c.threads(n_threads);
-  const QuantWeight w = quant_weight(c, kind, n, k, codes, qabsmax, absmax2, code2, nf4, offset, scale);
+  const QuantWeight w = quant_weight(c, kind, n, k, codes, qabsmax, absmax2, code2, nf4, offset, scale, "");
   if (row0 < 0 || rows < 0 || row0 + rows > n)
     c.fail("rows", "a row range inside [0, " + std::to_string(n) + ")",
            "[" + std::to_string(row0) + ", " + std::to_string(row0 + rows) + ")");
@@ -80,7 +82,7 @@ void quant_gemv_entry(int kind, int64_t n, int64_t k, py::handle codes, py::hand
                       py::handle bias, py::handle out, int n_threads, int64_t stream) {
   Checker c(kCuda ? "quant_gemv_cuda" : "quant_gemv_cpu", kCuda);
   if (!kCuda) c.threads(n_threads);
-  const QuantWeight w = quant_weight(c, kind, n, k, codes, qabsmax, absmax2, code2, nf4, offset, scale);
+  const QuantWeight w = quant_weight(c, kind, n, k, codes, qabsmax, absmax2, code2, nf4, offset, scale, "");
   if (kind == kNF4 && k % 64 != 0) c.fail("K", "a multiple of 64 for the NF4 GEMV", std::to_string(k));
   const TensorArg xa = c.tensor(x, "x");
   c.dtype_in(xa, {kF32, kBF16});

@@ -6,11 +6,9 @@
 //  - quant_dequant_cpu: rows [row0, row0 + rows) of W -> fp32/bf16 tile. The training path (many tokens) is
 //    compute-bound, so kernels/ops/quant_linear.py multiplies each tile with torch's GEMM; the tile is
 //    bitwise the reference's dequantization (same fp32 products, one rounding to bf16).
-//  - quant_gemv_cpu: out [M, N] = x [M, K] @ W^T for a few rows (decoding). Memory-bound, so the codes are
-//    expanded in registers and never stored: AVX-512 looks each 4-bit code up in the 16-entry NF4 table with
-//    one vpermps, and multiplies by x; the block's absmax is applied once per 64 products. x is
-//    de-interleaved up front (even then odd elements per 32) so the high/low nibbles of a byte line up with
-//    contiguous lanes of x. fp32 accumulation; bf16 output rounded once. Portable loops otherwise.
+//  - quant_gemv_cpu: out [M, N] = x [M, K] @ W^T for a few rows (decoding), through quant_gemv.h's row
+//    kernels (codes expanded in registers, never stored; the fused decode step uses the same rows). fp32
+//    accumulation; bf16 output rounded once.
 #include <omp.h>
 
 #include <algorithm>
@@ -18,6 +16,7 @@
 
 #include "common.h"
 #include "ops.h"
+#include "quant_gemv.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
@@ -27,16 +26,8 @@
 namespace kernels {
 namespace {
 
-constexpr int64_t kBlock = 64;        // NF4 elements per absmax
-constexpr int64_t kAbsmaxBlock = 256;  // absmaxes per second-level scale
-constexpr int kMaxRows = 8;           // x rows per GEMV call (ops/quant_linear.py sends at most this many)
-
-// Block b's absmax, exactly as the reference: one fp32 product, then one fp32 sum (no FMA contraction,
-// which -ffp-contract=fast would otherwise allow and which would change the last bit).
-__attribute__((optimize("fp-contract=off"))) float nf4_scale(const QuantWeight& w, int64_t b) {
-  const float prod = w.code2[w.qabsmax[b]] * w.absmax2[b / kAbsmaxBlock];
-  return prod + w.offset;
-}
+using qgemv::kBlock;
+using qgemv::nf4_scale;
 
 inline int nibble(const uint8_t* codes, int64_t i) {
   const uint8_t byte = codes[i >> 1];
@@ -94,93 +85,7 @@ void dequant_int8(const QuantWeight& w, int64_t row0, int64_t rows, T* out, int 
   }
 }
 
-// ---- GEMV --------------------------------------------------------------------------------------------
-// sums[m] = dot(W[n, :], x[m, :]) for one weight row n and M rows of x (xd: x de-interleaved, fp32).
-#if KERNELS_QUANT_AVX512
-template <int M>
-inline void nf4_row(const QuantWeight& w, int64_t n, const float* xd, float* sums) {
-  const int64_t K = w.k, nb = K / kBlock;
-  const __m512 table = _mm512_loadu_ps(w.nf4);
-  const __m512i mask = _mm512_set1_epi32(15);
-  __m512 acc[M];
-  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-  const uint8_t* codes = w.codes + n * K / 2;
-  for (int64_t bb = 0; bb < nb; ++bb) {
-    const int64_t b = n * nb + bb;
-    __m512 part[M];
-    for (int m = 0; m < M; ++m) part[m] = _mm512_setzero_ps();
-#pragma GCC unroll 2
-    for (int h = 0; h < 2; ++h) {  // 16 bytes = 32 elements: 16 even (high nibbles), 16 odd (low)
-      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + bb * 32 + h * 16)));
-      const __m512 we = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
-      const __m512 wo = _mm512_permutexvar_ps(_mm512_and_si512(v, mask), table);
-      const int64_t k = bb * kBlock + h * 32;
-#pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) {
-        part[m] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xd + m * K + k), part[m]);
-        part[m] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xd + m * K + k + 16), part[m]);
-      }
-    }
-    const __m512 s = _mm512_set1_ps(nf4_scale(w, b));
-#pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(part[m], s, acc[m]);
-  }
-  for (int m = 0; m < M; ++m) sums[m] = _mm512_reduce_add_ps(acc[m]);
-}
-
-template <int M>
-inline void int8_row(const QuantWeight& w, int64_t n, const float* x, float* sums) {
-  const int64_t K = w.k;
-  const int8_t* q = reinterpret_cast<const int8_t*>(w.codes) + n * K;
-  __m512 acc[M];
-  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k))));
-#pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * K + k), acc[m]);
-  }
-  if (k < K) {  // masked tail: lanes past K load as 0 and cannot fault
-    const __mmask16 t = __mmask16((1u << (K - k)) - 1u);
-    const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(t, q + k)));
-    for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(t, x + m * K + k), acc[m]);
-  }
-  for (int m = 0; m < M; ++m) sums[m] = _mm512_reduce_add_ps(acc[m]) * w.scale[n];
-}
-#else
-template <int M>
-inline void nf4_row(const QuantWeight& w, int64_t n, const float* xd, float* sums) {
-  const int64_t K = w.k, nb = K / kBlock;
-  const uint8_t* codes = w.codes + n * K / 2;
-  for (int m = 0; m < M; ++m) sums[m] = 0.f;
-  for (int64_t bb = 0; bb < nb; ++bb) {
-    const float s = nf4_scale(w, n * nb + bb);
-    for (int m = 0; m < M; ++m) {
-      float part = 0.f;
-      for (int h = 0; h < 2; ++h)
-        for (int j = 0; j < 16; ++j) {
-          const uint8_t byte = codes[bb * 32 + h * 16 + j];
-          const int64_t k = bb * kBlock + h * 32;
-          part += w.nf4[byte >> 4] * xd[m * K + k + j] + w.nf4[byte & 15] * xd[m * K + k + 16 + j];
-        }
-      sums[m] += part * s;
-    }
-  }
-}
-
-template <int M>
-inline void int8_row(const QuantWeight& w, int64_t n, const float* x, float* sums) {
-  const int64_t K = w.k;
-  const int8_t* q = reinterpret_cast<const int8_t*>(w.codes) + n * K;
-  for (int m = 0; m < M; ++m) {
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t k = 0; k < K; ++k) s += float(q[k]) * x[m * K + k];
-    sums[m] = s * w.scale[n];
-  }
-}
-#endif
-
+// ---- GEMV ----------------------------------------------------------------------------------------------
 template <int M, typename T>
 void gemv_rows(const QuantGemvArgs& a, const float* xs) {
   const QuantWeight& w = a.w;
@@ -194,8 +99,7 @@ void gemv_rows(const QuantGemvArgs& a, const float* xs) {
     const int64_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
     float sums[M];
     for (int64_t n = N * tid / nt; n < N * (tid + 1) / nt; ++n) {
-      if (w.kind == kNF4) nf4_row<M>(w, n, xs, sums);
-      else int8_row<M>(w, n, xs, sums);
+      qgemv::row<M>(w, n, xs, sums);
       const float b = bias ? to_f32(bias[n]) : 0.f;
       for (int m = 0; m < M; ++m) store(out + m * N + n, sums[m] + b);
     }
@@ -209,11 +113,7 @@ void gemv(const QuantGemvArgs& a) {
   // x as fp32; for NF4 each 32-chunk is de-interleaved: [x0 x2 .. x30 | x1 x3 .. x31].
   std::vector<float> xs(size_t(M * K));
   const T* x = static_cast<const T*>(a.x);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t dst = a.w.kind == kNF4 ? (k / 32) * 32 + (k % 2) * 16 + (k % 32) / 2 : k;
-      xs[size_t(m * K + dst)] = to_f32(x[m * K + k]);
-    }
+  for (int64_t m = 0; m < M; ++m) qgemv::quant_x(x + m * K, K, a.w.kind, xs.data() + m * K);
   switch (M) {
     case 1: return gemv_rows<1, T>(a, xs.data());
     case 2: return gemv_rows<2, T>(a, xs.data());
@@ -222,7 +122,7 @@ void gemv(const QuantGemvArgs& a) {
     case 5: return gemv_rows<5, T>(a, xs.data());
     case 6: return gemv_rows<6, T>(a, xs.data());
     case 7: return gemv_rows<7, T>(a, xs.data());
-    default: return gemv_rows<kMaxRows, T>(a, xs.data());
+    default: return gemv_rows<qgemv::kMaxRows, T>(a, xs.data());
   }
 }
 

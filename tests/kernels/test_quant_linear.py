@@ -110,7 +110,7 @@ def assert_matches_float64(y, ref, mag, dtype):
     assert bool((err <= tol + 1e-30).all()), f"max err {err.max():.3g}, worst margin {(err - tol).max():.3g}"
 
 
-ROWS = [1, 5, 8, 9, 37]  # GEMV (<= 8 rows) and the tiled GEMM
+ROWS = [1, 2, 3, 5, 8, 9, 37]  # GEMV (<= 8 rows) and the tiled GEMM
 
 
 @pytest.mark.parametrize("backend", [pytest.param("native", marks=needs_native), "torch"])

@@ -10,7 +10,7 @@ import torch
 import engine
 from cli.common import load_for_inference
 from engine import Tokenizer, Transformer, generate
-from engine.quant import quantized_layers
+from engine.quant import quantize_lm_head, quantized_layers
 from tests.hf_models import save_demo_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,7 +52,8 @@ def test_load_for_inference_quantizes_and_merges_an_adapter_first(demo, tmp_path
     save_adapter(model, tmp_path / "adapter")
     net, _ = load_for_inference(demo, tmp_path / "adapter", merge=True, quantize="int8")
     dense, _ = load_for_inference(demo, tmp_path / "adapter", merge=True)
-    assert len(quantized_layers(net)) == 7 * dense.config.num_layers
+    assert len(quantized_layers(net)) == 7 * dense.config.num_layers + 1  # the block linears and the int8 LM head
+    assert net.lm_head.kind == "int8"
     ids = torch.randint(0, dense.config.vocab_size, (1, 16))
     with torch.no_grad():
         a, b = dense(ids), net(ids)
@@ -67,6 +68,7 @@ def test_cli_generate_quantize_matches_engine_generate(demo, kind):
     assert result.returncode == 0, result.stderr
     tok = Tokenizer.from_pretrained(demo)
     model = Transformer.from_pretrained(demo, quantize=kind)
+    quantize_lm_head(model, "int8")  # what --quantize loads: the block linears of `kind`, the LM head int8
     ids = generate(model, torch.tensor([tok.encode("Hello world")]), 8, eos_token_id=tok.eos_token_id)
     expected = tok.decode(ids[0, len(tok.encode("Hello world")):].tolist(), skip_special_tokens=True)
     def printable(text): return "".join(c for c in text if c.isprintable() and c != "\ufffd")
