@@ -12,8 +12,10 @@ decodes in its own process, interleaved over TRIALS rounds; the median counts. D
 after an 8-token prompt, greedy, no EOS, minus the time of the prompt's step. Each row also shows the weight bytes
 it reads per token and its share of the limit (bytes per token / the read bandwidth bench_bandwidth measures over
 a buffer of that size, probed between trials).
-Agreement: for each prompt, the chat template, 48 greedy tokens in bf16 and in the quantized model; reported:
-the tokens equal position by position up to the first difference, and prompts whose completions are identical.
+Agreement: for each prompt, the chat template, 48 greedy tokens in bf16; each other variant (fp32 as the yardstick
+of plain rounding, int8, nf4 as --quantize loads them) is scored by its top-1 token at every position of bf16's
+completion (teacher-forced), its own greedy completion's tokens equal up to the first difference, and prompts whose
+completions are identical.
 """
 from __future__ import annotations
 
@@ -93,26 +95,49 @@ def measure(variant: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def agreement() -> dict:
+def load_real(variant: str):
+    """SmolLM2-135M-Instruct as cli.generate loads it: bf16, fp32, or bf16 with --quantize int8|nf4."""
     import torch
 
-    from engine import Tokenizer, Transformer, generate
+    from engine import Transformer
+    from engine.quant import quantize_lm_head
+
+    if variant == "fp32":
+        return Transformer.from_pretrained(smollm2.hf_dir(), dtype=torch.float32).eval()
+    model = Transformer.from_pretrained(smollm2.hf_dir(), dtype=torch.bfloat16,
+                                        quantize=None if variant == "bf16" else variant)
+    if variant != "bf16":
+        quantize_lm_head(model, "int8")
+    return model.eval()
+
+
+def agreement() -> dict:
+    """Each variant against bf16 on the real model: greedy tokens equal up to the first difference (one rounding
+    flip derails the rest, so this is noisy), and teacher-forced top-1 agreement (the variant's argmax at every
+    position of bf16's own completion). fp32 is the yardstick: how far plain rounding moves bf16's choices."""
+    import torch
+
+    from engine import Tokenizer, generate
 
     tok = Tokenizer.from_pretrained(smollm2.hf_dir())
     prompts = [torch.tensor([tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                      tokenize=True)]) for p in PROMPTS]
-    outs = {}
-    for variant in VARIANTS:
-        model = Transformer.from_pretrained(smollm2.hf_dir(), dtype=torch.bfloat16, quantize=None if variant == "bf16" else variant)
-        with torch.inference_mode():
-            outs[variant] = [generate(model, p, 48, eos_token_id=[])[0, p.shape[1]:].tolist() for p in prompts]
-        del model
+    model = load_real("bf16")
+    with torch.inference_mode():
+        ref = [generate(model, p, 48, eos_token_id=[])[0, p.shape[1]:] for p in prompts]
     result = {}
-    for variant in VARIANTS[1:]:
-        prefix = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
-                  for x, y in zip(outs["bf16"], outs[variant])]
-        result[variant] = {"prefix_tokens": prefix, "identical": sum(p == 48 for p in prefix), "prompts": len(prefix),
-                           "agree_fraction": sum(prefix) / (48 * len(prefix))}
+    for variant in ("fp32", "int8", "nf4"):
+        model = load_real(variant)
+        prefix, forced = [], []
+        with torch.inference_mode():
+            for p, r in zip(prompts, ref):
+                own = generate(model, p, 48, eos_token_id=[])[0, p.shape[1]:]
+                prefix.append(next((i for i, (a, b) in enumerate(zip(r.tolist(), own.tolist())) if a != b), len(r)))
+                logits = model(torch.cat([p[0], r[:-1]])[None])[0, p.shape[1] - 1:]  # the position before each token
+                forced.append(float((logits.argmax(-1) == r).float().mean()))
+        result[variant] = {"prefix_tokens": prefix, "identical": sum(n == 48 for n in prefix), "prompts": len(prefix),
+                           "agree_fraction": sum(prefix) / (48 * len(prefix)), "forced_top1": sum(forced) / len(forced)}
+        del model
     return result
 
 
@@ -147,10 +172,13 @@ def main() -> None:
             print(f"| {v} | {nbytes[v] / 1e6:.0f} | {bw / 1e9:.1f} | {med:.1f} | {vs} | "
                   f"{100 * med * nbytes[v] / bw:.0f}% |")
     if not args.no_agreement and smollm2.available():
-        print("\nGreedy agreement with bf16 on SmolLM2-135M-Instruct (48 tokens per prompt):")
+        print("\nAgreement with bf16 greedy decoding on SmolLM2-135M-Instruct (48 tokens per prompt):\n")
+        print("| model | top-1 equal at each position of bf16's completion | completions identical | "
+              "tokens equal up to the first difference (per prompt) |")
+        print("|---|---:|---:|---|")
         for v, r in agreement().items():
-            print(f"- {v}: {r['identical']}/{r['prompts']} completions identical; tokens equal up to the first "
-                  f"difference: {r['agree_fraction']:.0%} (per prompt {r['prefix_tokens']})")
+            print(f"| {v} | {r['forced_top1']:.1%} | {r['identical']}/{r['prompts']} | {r['agree_fraction']:.0%} "
+                  f"({r['prefix_tokens']}) |")
 
 
 if __name__ == "__main__":
