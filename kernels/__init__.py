@@ -93,9 +93,10 @@ def _env_backend() -> str | None:
 
 
 def release_workspace() -> None:
-    """Free the CPU logits buffer that linear_cross_entropy keeps across calls on this thread (up to
-    128 MiB); engine.train calls it when training ends."""
+    """Free the CPU buffers kept across calls on this thread: linear_cross_entropy's logits (up to
+    128 MiB) and quant_linear's dequantized tile (up to 8 MiB); engine.train calls it when training ends."""
     _linear_cross_entropy.release_logits_buffer()
+    _quant_linear.release_tile_buffer()
 
 
 def info() -> dict:
