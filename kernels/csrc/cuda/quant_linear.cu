@@ -15,21 +15,8 @@ namespace {
 
 constexpr int kBlock = 64, kAbsmaxBlock = 256, kMaxRows = 8, kWarpsPerBlock = 8;
 
-struct DevWeight {
-  int kind;
-  const uint8_t* codes;
-  const uint8_t* qabsmax;
-  const float* absmax2;
-  const float* code2;
-  const float* nf4;
-  float offset;
-  const float* scale;
-  int64_t n, k;
-};
-
-DevWeight dev(const QuantWeight& w) {
-  return DevWeight{w.kind, w.codes, w.qabsmax, w.absmax2, w.code2, w.nf4, w.offset, w.scale, w.n, w.k};
-}
+// The kernels take ops.h's QuantWeight by value: a plain struct of device pointers and sizes.
+using DevWeight = QuantWeight;
 
 __device__ __forceinline__ float nf4_scale(const DevWeight& w, int64_t b) {
   return __fadd_rn(__fmul_rn(w.code2[w.qabsmax[b]], w.absmax2[b / kAbsmaxBlock]), w.offset);
@@ -77,7 +64,7 @@ template <typename T, int M>
 void launch_gemv(const QuantGemvArgs& a, cudaStream_t stream) {
   const unsigned blocks = unsigned((a.w.n + kWarpsPerBlock - 1) / kWarpsPerBlock);
   gemv_kernel<T, M><<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(
-      dev(a.w), static_cast<const T*>(a.x), static_cast<const T*>(a.bias), static_cast<T*>(a.out));
+      a.w, static_cast<const T*>(a.x), static_cast<const T*>(a.bias), static_cast<T*>(a.out));
 }
 
 template <typename T>
@@ -102,10 +89,10 @@ void quant_dequant_cuda(const QuantDequantArgs& a, int64_t stream) {
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const unsigned blocks = unsigned((count + 255) / 256);
   if (a.out_dtype == kBF16)
-    dequant_kernel<__nv_bfloat16><<<blocks, 256, 0, s>>>(dev(a.w), a.row0 * a.w.k, count,
+    dequant_kernel<__nv_bfloat16><<<blocks, 256, 0, s>>>(a.w, a.row0 * a.w.k, count,
                                                          static_cast<__nv_bfloat16*>(a.out));
   else if (a.out_dtype == kF32)
-    dequant_kernel<float><<<blocks, 256, 0, s>>>(dev(a.w), a.row0 * a.w.k, count, static_cast<float*>(a.out));
+    dequant_kernel<float><<<blocks, 256, 0, s>>>(a.w, a.row0 * a.w.k, count, static_cast<float*>(a.out));
   else
     throw std::invalid_argument("quant_dequant_cuda: out must be float32 or bfloat16");
   check_launch("quant_dequant_cuda");
