@@ -136,6 +136,23 @@ struct RopeArgs {
   int n_threads;
 };
 
+// act(gate) * up over n elements (glu.cpp): gate, up, out, grad_out, grad_gate, grad_up all dense
+// and of one dtype (fp32 or bf16). Forward writes out; backward reads grad_out and writes grad_gate
+// and grad_up (out unused).
+enum GluActivation : int { kGluSilu = 0, kGluGeluTanh = 1 };
+struct GluArgs {
+  const void* gate;
+  const void* up;
+  void* out;
+  const void* grad_out;
+  void* grad_gate;
+  void* grad_up;
+  int dtype;
+  int activation;  // GluActivation
+  int64_t n;
+  int n_threads;
+};
+
 // A weight-only quantized W [n, k] (layout: kernels/reference.py). kind kNF4: codes = 4-bit codes (2 per
 // byte, high nibble first, flat row-major), qabsmax [ceil(n*k/64)] indices into code2 [256], absmax2
 // [ceil(n*k/64/256)], offset, nf4 [16] the code book. kind kInt8: codes = int8 [n, k], scale [n].
@@ -177,6 +194,8 @@ void cross_entropy_cpu(const CrossEntropyArgs& a);
 void rms_norm_cpu(const RMSNormArgs& a);
 void rms_norm_backward_cpu(const RMSNormBackwardArgs& a);
 void rope_cpu(const RopeArgs& a);
+void glu_cpu(const GluArgs& a);
+void glu_backward_cpu(const GluArgs& a);
 void linear_cpu(const LinearArgs& a);
 void decode_step_cpu(const DecodeModel& m, const DecodeStepArgs& s);
 double grad_sumsq_cpu(const std::vector<int64_t>& grads, const std::vector<int64_t>& sizes,
