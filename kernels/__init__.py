@@ -8,6 +8,7 @@ pure-PyTorch fallbacks.
     attention(q, k, v, mask=None)                        SDPA; batched GEMMs for bf16 CPU training
     rms_norm(x, weight, eps, weight_offset=0, out_dtype=None)   RMSNorm; fused fwd/bwd for CPU training
     rope(q, k, cos, sin, out_dtype=None)                 rotate-half RoPE + head transpose; fused for CPU training
+    glu(gate, up, activation)                            act(gate) * up (SwiGLU / GeGLU); fused for CPU training
     decode_plan(embed, ..., layers, ...)                 the fused batch-B decode step over a KV cache (CPU)
     quant_linear(x [..., K], QuantizedWeight [N, K], bias=None)   weight-only NF4/int8 linear (fused decode GEMV)
     info()                                               what was built, what runs, and why
@@ -31,12 +32,12 @@ import torch
 from kernels import reference
 from kernels.ops import adamw, attention as _attention, cross_entropy as _cross_entropy
 from kernels.ops import linear as _linear, linear_cross_entropy as _linear_cross_entropy
-from kernels.ops import rms_norm as _rms_norm, rope as _rope
+from kernels.ops import glu as _glu, rms_norm as _rms_norm, rope as _rope
 from kernels.ops import decode_step as _decode_step
 from kernels.ops import quant_linear as _quant_linear
 from kernels.ops.quant_linear import QuantizedWeight
 
-__all__ = ["cross_entropy", "linear_cross_entropy", "linear", "attention", "rms_norm", "rope", "AdamW", "info",
+__all__ = ["cross_entropy", "linear_cross_entropy", "linear", "attention", "rms_norm", "rope", "glu", "AdamW", "info",
            "release_workspace", "reference", "decode_plan", "decode_plan_problems", "quant_linear", "QuantizedWeight"]
 
 logger = logging.getLogger("kernels")
@@ -74,6 +75,7 @@ OPS: dict[str, Op] = {
     "linear": _row(_linear),                              # _C.linear_cpu
     "rms_norm": _row(_rms_norm),                          # _C.rms_norm_cpu, _C.rms_norm_backward_cpu
     "rope": _row(_rope),                                  # _C.rope_cpu
+    "glu": _row(_glu),                                    # _C.glu_cpu (forward and backward)
     "attention": _row(_attention, compiled=False),        # batched GEMMs (ops/attention.py) vs SDPA
     "quant_linear": _row(_quant_linear),                  # _C.quant_dequant_cpu, _C.quant_gemv_cpu
     # AdamW is a class: kernels.AdamW asks _select with these problems, then steps through
@@ -236,6 +238,13 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     (q, k) rotated, [B, h, T, hd]: exactly reference.rope. CPU training runs the fused kernel
     (kernels/csrc/rope.cpp: fp32 math, one rounding to the output dtype, no separate transpose)."""
     return _run("rope", backend, q, k, cos, sin, out_dtype)
+
+
+def glu(gate: torch.Tensor, up: torch.Tensor, activation: str, backend: str | None = None) -> torch.Tensor:
+    """act(gate) * up for gate, up [..., F]: exactly reference.glu (activation: silu, gelu_tanh, gelu,
+    relu). CPU training with silu / gelu_tanh (fp32 or bf16) runs the fused kernel (kernels/csrc/glu.cpp:
+    fp32 math rounded where torch rounds, its own exp/tanh, so within a rounding of torch, not bitwise)."""
+    return _run("glu", backend, gate, up, activation)
 
 
 def quant_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None,

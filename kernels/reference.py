@@ -109,6 +109,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: f
     return y if out_dtype is None else y.to(out_dtype)
 
 
+# The activations a gated MLP may use (ModelConfig.activation), as torch defines them.
+GLU_ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu,
+                   "relu": F.relu}
+
+
+def glu(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up (SwiGLU / GeGLU): exactly the two torch ops, each rounded to its dtype."""
+    return GLU_ACTIVATIONS[activation](gate) * up
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)

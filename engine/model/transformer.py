@@ -159,15 +159,15 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[cfg.activation]
 
     def forward(self, x):
-        if self.gate_proj is not None:  # SwiGLU / GeGLU
-            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_proj is not None:  # SwiGLU / GeGLU: act(gate) * up, one fused op in CPU training
+            return self.down_proj(kernels.glu(self.gate_proj(x), self.up_proj(x), self.activation))
         return self.down_proj(self.act(self.up_proj(x)))
 
     def walk(self, w, x):
         """forward's ops in order, on the memory planner's symbolic tensors."""
         if self.gate_proj is not None:
-            s = w.act(self.activation, w.linear(self.gate_proj, x))
-            return w.linear(self.down_proj, w.mul(s, w.linear(self.up_proj, x)))
+            gate = w.linear(self.gate_proj, x)
+            return w.linear(self.down_proj, w.glu(self.activation, gate, w.linear(self.up_proj, x)))
         return w.linear(self.down_proj, w.act(self.activation, w.linear(self.up_proj, x)))
 
 

@@ -131,6 +131,15 @@ class SavedBytes:
             self.save(b)
         return Sym(a.n, max(a.b, b.b), a.rg or b.rg)
 
+    def glu(self, name: str, gate: Sym, up: Sym) -> Sym:
+        """kernels.glu: act(gate) * up. Fused, it keeps gate and up only; as torch ops, act's input or
+        output and both factors of the product."""
+        if not self.paths.fused("glu", gate.b, activation=name):
+            return self.mul(self.act(name, gate), up)
+        if gate.rg or up.rg:
+            self.save(gate, up)
+        return Sym(gate.n, max(gate.b, up.b), gate.rg or up.rg)
+
     def moe(self, m, x: Sym) -> Sym:
         """engine.model.moe.MoE: the router, then per token k rows through the grouped experts (each
         grouped matmul keeps its input), the weighted sum over k, and the shared expert if any."""
@@ -164,13 +173,14 @@ class KernelPaths:
 
     device: str  # "cpu" or "cuda"
 
-    def fused(self, op: str, b: int, keys: int = 1) -> bool:
-        """True when `op` ("rms_norm", "rope", "attention" over `keys` keys) takes the fused path in dtype `b`."""
-        return _takes_fused_path(op, self.device, b, keys, os.environ.get("ENGINE_KERNELS"))
+    def fused(self, op: str, b: int, keys: int = 1, activation: str = "silu") -> bool:
+        """True when `op` ("rms_norm", "rope", "attention" over `keys` keys, "glu" with `activation`) takes
+        the fused path in dtype `b`."""
+        return _takes_fused_path(op, self.device, b, keys, activation, os.environ.get("ENGINE_KERNELS"))
 
 
 @functools.cache
-def _takes_fused_path(op: str, device: str, b: int, keys: int, _env: Optional[str]) -> bool:
+def _takes_fused_path(op: str, device: str, b: int, keys: int, activation: str, _env: Optional[str]) -> bool:
     if device == "cuda" and not torch.cuda.is_available():  # planning for a GPU this machine lacks: the
         return False  # fused paths kernels has beside SDPA and torch's ops are CPU training ones
     dev = torch.device(device)
@@ -181,6 +191,8 @@ def _takes_fused_path(op: str, device: str, b: int, keys: int, _env: Optional[st
             y = kernels.rms_norm(t(1, 8), torch.ones(8, dtype=dtype, device=dev), 1e-6)
         elif op == "rope":
             y = kernels.rope(t(1, 1, 1, 8), t(1, 1, 1, 8), *torch.ones(2, 1, 1, 8, device=dev))[0]
+        elif op == "glu":
+            y = kernels.glu(t(1, 8), t(1, 8), activation)
         else:
             y = kernels.attention(t(1, 1, keys, 8), t(1, 1, keys, 8), t(1, 1, keys, 8))
     return isinstance(y.grad_fn, torch.autograd.function.BackwardCFunction)

@@ -279,6 +279,38 @@ void rope_entry(py::handle x, py::handle out, py::handle cos, py::handle sin, bo
   rope_cpu(a);
 }
 
+// act(gate) * up: gate, up and every other tensor dense, one shape and one dtype (fp32 or bf16).
+// Forward (grad_out None) writes out; backward reads grad_out and writes grad_gate, grad_up.
+void glu_entry(py::handle gate, py::handle up, py::handle out, py::handle grad_out, py::handle grad_gate,
+               py::handle grad_up, int activation, int n_threads) {
+  const bool backward = !grad_out.is_none();
+  Checker c(backward ? "glu_backward_cpu" : "glu_cpu", false);
+  c.threads(n_threads);
+  if (activation != kGluSilu && activation != kGluGeluTanh)
+    c.fail("activation", "0 (silu) or 1 (gelu_tanh)", std::to_string(activation));
+  const TensorArg g = c.tensor(gate, "gate");
+  c.dtype_in(g, {kF32, kBF16});
+  c.contiguous(g);
+  const TensorArg u = c.tensor(up, "up");
+  c.dense_like(u, g, g.dtype);
+  GluArgs a{g.data, u.data, nullptr, nullptr, nullptr, nullptr, g.dtype, activation, g.numel(), n_threads};
+  if (backward) {
+    const TensorArg dy = c.tensor(grad_out, "grad_out");
+    c.dense_like(dy, g, g.dtype);
+    const TensorArg dg = c.tensor(grad_gate, "grad_gate");
+    c.dense_like(dg, g, g.dtype);
+    const TensorArg du = c.tensor(grad_up, "grad_up");
+    c.dense_like(du, g, g.dtype);
+    a.grad_out = dy.data, a.grad_gate = dg.data, a.grad_up = du.data;
+  } else {
+    const TensorArg o = c.tensor(out, "out");
+    c.dense_like(o, g, g.dtype);
+    a.out = o.data;
+  }
+  py::gil_scoped_release release;
+  backward ? glu_backward_cpu(a) : glu_cpu(a);
+}
+
 #ifdef ENGINE_WITH_CUDA
 void grad_sumsq_cuda_entry(py::list grads, py::handle out, int64_t stream) {
   Checker c("grad_sumsq_cuda", true);
@@ -322,6 +354,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("weight_offset"), py::arg("n_threads"));
   m.def("rope_cpu", &rope_entry, py::arg("x"), py::arg("out"), py::arg("cos"), py::arg("sin"),
         py::arg("inverse"), py::arg("n_threads"));
+  m.def("glu_cpu", &glu_entry, py::arg("gate"), py::arg("up"), py::arg("out"), py::arg("grad_out"),
+        py::arg("grad_gate"), py::arg("grad_up"), py::arg("activation"), py::arg("n_threads"));
   bind_decode_plan(m);
   bind_quant(m);
 #ifdef ENGINE_WITH_CUDA

@@ -162,6 +162,23 @@ struct RopeArgs {
   int n_threads;
 };
 
+// act(gate) * up over n elements (glu.cpp): gate, up, out, grad_out, grad_gate, grad_up all dense
+// and of one dtype (fp32 or bf16). Forward writes out; backward reads grad_out and writes grad_gate
+// and grad_up (out unused).
+enum GluActivation : int { kGluSilu = 0, kGluGeluTanh = 1 };
+struct GluArgs {
+  const void* gate;
+  const void* up;
+  void* out;
+  const void* grad_out;
+  void* grad_gate;
+  void* grad_up;
+  int dtype;
+  int activation;  // GluActivation
+  int64_t n;
+  int n_threads;
+};
+
 // out [rows, k] (fp32 or bf16, contiguous) = rows [row0, row0 + rows) of W, dequantized exactly as the reference.
 struct QuantDequantArgs {
   QuantWeight w;
@@ -187,6 +204,8 @@ void cross_entropy_cpu(const CrossEntropyArgs& a);
 void rms_norm_cpu(const RMSNormArgs& a);
 void rms_norm_backward_cpu(const RMSNormBackwardArgs& a);
 void rope_cpu(const RopeArgs& a);
+void glu_cpu(const GluArgs& a);
+void glu_backward_cpu(const GluArgs& a);
 void linear_cpu(const LinearArgs& a);
 void decode_step_cpu(const DecodeModel& m, const DecodeStepArgs& s);
 double grad_sumsq_cpu(const std::vector<int64_t>& grads, const std::vector<int64_t>& sizes,
