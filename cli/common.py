@@ -72,7 +72,8 @@ def load_for_inference(model, adapter=None, dtype="fp32", device=None, merge: bo
     or a LoRA run's adapter dir (final/ or a checkpoint: its base is adapter_config.json's
     base_model_name_or_path). `adapter` is a PEFT adapter dir applied on top; `merge` folds it into the weights
     so inference pays nothing for it. `quantize` ("nf4" | "int8", engine.quant) stores the block linears quantized
-    (a merged adapter is merged first, in `dtype`, then quantized with the rest) and the LM head as int8. The tokenizer is the first tokenizer.json among the adapter dir, the model
+    (a merged adapter is merged first, in `dtype`, then quantized with the rest) and the LM head as int8.
+    The tokenizer is the first tokenizer.json among the adapter dir, the model
     dir and the adapter's base; without one, a TokenizerError, or None when not `require_tokenizer`.
     """
     from torch import nn

@@ -303,9 +303,8 @@ def decode_plan(embed, final_norm, lm_head, cache_k, cache_v, layers, windows, n
                 norm_offset: float, qk_norm_offset: float, embed_scale: float, attn_scale: float,
                 activation: str):
     """The fused decode step over these weights and KV cache (each weight matrix a tensor or a
-    QuantizedWeight), checked once: `.step(ids [B] int64,
-    pos [B] int64, logits [B, V] out, n_threads, argmax=None)` (argmax: optional [B] int64 out, each
-    row's torch.argmax of its logits). Raises RuntimeError listing decode_plan_problems."""
+    QuantizedWeight), checked once: `.step(ids [B] int64, pos [B] int64, logits [B, V] out, n_threads,
+    argmax=None)` (argmax: optional [B] int64 out, each row's torch.argmax of its logits). Raises RuntimeError listing decode_plan_problems."""
     reasons = decode_plan_problems(embed, activation, cache_k.shape[1], cache_k.shape[-1])
     if reasons:
         _raise_cannot_run(_decode_step.NAME, reasons)

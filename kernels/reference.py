@@ -7,6 +7,7 @@ Dimension names: N = tokens (rows), V = vocabulary, d = hidden size.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -109,14 +110,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: f
     return y if out_dtype is None else y.to(out_dtype)
 
 
-# The activations a gated MLP may use (ModelConfig.activation), as torch defines them.
-GLU_ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu,
-                   "relu": F.relu}
+# The activations a model may use (ModelConfig.activation), as torch defines them; the model's MLPs use these.
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": partial(F.gelu, approximate="tanh"), "gelu": F.gelu, "relu": F.relu}
 
 
 def glu(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     """act(gate) * up (SwiGLU / GeGLU): exactly the two torch ops, each rounded to its dtype."""
-    return GLU_ACTIVATIONS[activation](gate) * up
+    return ACTIVATIONS[activation](gate) * up
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,8 @@ Which path a model gets is decided once per (model, cache) by `fused_decoder` an
 decision for a model changes: any feature the fused step does not implement (learned positions,
 LayerNorm, post-norms, an adapter-wrapped Linear, a config field or layer feature it does not know)
 sends the model to the eager forward. Weight-only quantized linears (engine.quant's QuantLinear, NF4 or
-int8, the LM head too) run in the fused step as quantized GEMVs, bitwise the layer's own kernel. ENGINE_DECODE=eager forces the eager path, =fused forces the
-fused one (raising with every reason it can't run).
+int8, the LM head too) run in the fused step as quantized GEMVs, bitwise the layer's own kernel.
+ENGINE_DECODE=eager forces the eager path, =fused forces the fused one (raising with every reason it can't run).
 """
 from __future__ import annotations
 

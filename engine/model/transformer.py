@@ -12,12 +12,10 @@ share a window share its mask.
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import kernels
@@ -28,7 +26,7 @@ from engine.model.kv_cache import KVCache  # noqa: F401 (re-exported: engine.KVC
 from engine.model.rope import rope_inv_freq, rope_uses_long  # noqa: F401 (rope_inv_freq: re-exported)
 from engine.model.moe import Experts, MoE
 
-ACTIVATIONS = {"silu": F.silu, "gelu_tanh": partial(F.gelu, approximate="tanh"), "gelu": F.gelu, "relu": F.relu}
+ACTIVATIONS = kernels.reference.ACTIVATIONS  # ModelConfig.activation -> torch function (one definition)
 
 
 class Linear(nn.Linear):

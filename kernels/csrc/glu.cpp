@@ -48,21 +48,26 @@ inline float activation(float x, float* deriv) {
 
 constexpr int64_t kBlock = 4096;  // elements per OpenMP work item (several per thread, cache-sized)
 
+// body(i) for i in [0, n), in kBlock pieces shared by the thread team; body is inlined into a simd loop.
+template <typename Body>
+inline void for_blocks(int64_t n, int n_threads, Body&& body) {
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t end = std::min(n, b + kBlock);
+#pragma omp simd
+    for (int64_t i = b; i < end; ++i) body(i);
+  }
+}
+
 template <typename T, int Act>
 void forward(const GluArgs& a) {
   const T* g = static_cast<const T*>(a.gate);
   const T* u = static_cast<const T*>(a.up);
   T* y = static_cast<T*>(a.out);
-  const int64_t n = a.n;
-#pragma omp parallel for num_threads(a.n_threads) schedule(static)
-  for (int64_t b = 0; b < n; b += kBlock) {
-    const int64_t end = std::min(n, b + kBlock);
-#pragma omp simd
-    for (int64_t i = b; i < end; ++i) {
-      const float act = round_as<T>(activation<Act, false>(to_f32(g[i]), nullptr));
-      store(y + i, act * to_f32(u[i]));
-    }
-  }
+  for_blocks(a.n, a.n_threads, [=](int64_t i) {
+    const float act = round_as<T>(activation<Act, false>(to_f32(g[i]), nullptr));
+    store(y + i, act * to_f32(u[i]));
+  });
 }
 
 template <typename T, int Act>
@@ -72,19 +77,13 @@ void backward(const GluArgs& a) {
   const T* dy = static_cast<const T*>(a.grad_out);
   T* dg = static_cast<T*>(a.grad_gate);
   T* du = static_cast<T*>(a.grad_up);
-  const int64_t n = a.n;
-#pragma omp parallel for num_threads(a.n_threads) schedule(static)
-  for (int64_t b = 0; b < n; b += kBlock) {
-    const int64_t end = std::min(n, b + kBlock);
-#pragma omp simd
-    for (int64_t i = b; i < end; ++i) {
-      float deriv;
-      const float act = round_as<T>(activation<Act, true>(to_f32(g[i]), &deriv));
-      const float d = to_f32(dy[i]);
-      store(du + i, d * act);
-      store(dg + i, deriv * round_as<T>(d * to_f32(u[i])));
-    }
-  }
+  for_blocks(a.n, a.n_threads, [=](int64_t i) {
+    float deriv;
+    const float act = round_as<T>(activation<Act, true>(to_f32(g[i]), &deriv));
+    const float d = to_f32(dy[i]);
+    store(du + i, d * act);
+    store(dg + i, deriv * round_as<T>(d * to_f32(u[i])));
+  });
 }
 
 template <typename F>

@@ -1,11 +1,39 @@
 """Argument checks and native-path reasons shared by several ops."""
 from __future__ import annotations
 
+import threading
+
 import torch
 
 NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the loss and AdamW kernels store
 NO_PROBLEMS: tuple[list[str], list[str]] = ([], [])  # shared by the fast paths: never mutate
 REDUCTIONS = ("mean", "sum", "none")
+
+
+class ThreadBuffer:
+    """One flat CPU tensor per thread, kept across calls and carved into views, for scratch an op fills and
+    consumes within one call: a fresh large tensor costs its first-touch page faults on every call."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    @property
+    def buf(self):
+        """This thread's buffer, or None."""
+        return getattr(self._local, "buf", None)
+
+    def take(self, numel: int, dtype, reserve: int = 0) -> torch.Tensor:
+        """A flat uninitialized view of `numel` elements; a new buffer (of max(numel, reserve)) when the kept one
+        is too small or of another dtype."""
+        buf = self.buf
+        if buf is None or buf.dtype != dtype or buf.numel() < numel:
+            self._local.buf = buf = None  # free the old one first: never two buffers at once
+            self._local.buf = buf = torch.empty(max(numel, reserve), dtype=dtype)
+        return buf[:numel]
+
+    def release(self) -> None:
+        """Free this thread's buffer (the next take allocates a new one)."""
+        self._local.buf = None
 
 
 def desc(x) -> str:

@@ -14,13 +14,12 @@ wrong by precomputing with g = 1).
 """
 from __future__ import annotations
 
-import threading
 from typing import Callable
 
 import torch
 
 from kernels import reference
-from kernels.ops.common import check_reduction, check_targets, desc, device_problems, is_one
+from kernels.ops.common import ThreadBuffer, check_reduction, check_targets, desc, device_problems, is_one
 from kernels.ops.cross_entropy import launch_rows
 
 NAME = "kernels.linear_cross_entropy"
@@ -36,7 +35,7 @@ def default_chunk_size(n_rows: int, vocab: int, itemsize: int = 4) -> int:
     return max(1, min(n_rows, _CHUNK_BYTES // max(vocab * itemsize, 1)))
 
 
-_workspace = threading.local()  # .buf: this thread's reusable CPU logits buffer (flat)
+_workspace = ThreadBuffer()  # this thread's reusable CPU logits buffer (flat)
 
 
 def logits_buffer(rows: int, vocab: int, like: torch.Tensor) -> torch.Tensor:
@@ -46,16 +45,12 @@ def logits_buffer(rows: int, vocab: int, like: torch.Tensor) -> torch.Tensor:
     already reuses memory, so there it is a plain allocation."""
     if like.device.type != "cpu":
         return torch.empty(rows, vocab, dtype=like.dtype, device=like.device)
-    buf = getattr(_workspace, "buf", None)
-    if buf is None or buf.dtype != like.dtype or buf.numel() < rows * vocab:
-        _workspace.buf = buf = None  # free the old one first: never two buffers at once
-        _workspace.buf = buf = torch.empty(rows * vocab, dtype=like.dtype)
-    return buf[:rows * vocab].view(rows, vocab)
+    return _workspace.take(rows * vocab, like.dtype).view(rows, vocab)
 
 
 def release_logits_buffer() -> None:
     """Free this thread's logits buffer (the next linear_cross_entropy call allocates a new one)."""
-    _workspace.buf = None
+    _workspace.release()
 
 
 def chunked_pass(hidden, weight, bias, targets, chunk_ce: ChunkCE, loss_rows, *, chunk_size: int,

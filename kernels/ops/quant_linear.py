@@ -10,14 +10,13 @@ the input's. No dense copy of a whole weight outlives its tile.
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from kernels import reference
-from kernels.ops.common import NO_PROBLEMS, desc
+from kernels.ops.common import NO_PROBLEMS, ThreadBuffer, desc
 
 NAME = "kernels.quant_linear"
 KINDS = ("nf4", "int8")
@@ -108,7 +107,7 @@ def _entry(ext, name: str, device: torch.device):
     return getattr(ext, name + "_cpu"), {"n_threads": torch.get_num_threads()}
 
 
-_workspace = threading.local()  # .tile: this thread's reusable CPU buffer for dequantized tiles (flat)
+_workspace = ThreadBuffer()  # this thread's reusable CPU buffer for dequantized tiles (flat)
 
 
 def _tile_buffer(rows: int, k: int, dtype, device) -> torch.Tensor:
@@ -119,16 +118,13 @@ def _tile_buffer(rows: int, k: int, dtype, device) -> torch.Tensor:
     (engine.quant.heap), ~2 GB of first-touch page faults per step on a 0.5B model."""
     if device.type != "cpu":
         return torch.empty((rows, k), dtype=dtype, device=device)
-    buf = getattr(_workspace, "tile", None)
-    if buf is None or buf.dtype != dtype or buf.numel() < rows * k:
-        _workspace.tile = buf = None  # free the old one first
-        _workspace.tile = buf = torch.empty(max(rows * k, min(TILE_ELEMS, rows * k * 4)), dtype=dtype)
-    return buf[:rows * k].view(rows, k)
+    # room for a few times the first tile (up to a whole TILE_ELEMS), so the model's larger tiles fit it too
+    return _workspace.take(rows * k, dtype, reserve=min(TILE_ELEMS, 4 * rows * k)).view(rows, k)
 
 
 def release_tile_buffer() -> None:
     """Free this thread's dequantized-tile buffer (the next tiled call allocates a new one)."""
-    _workspace.tile = None
+    _workspace.release()
 
 
 def _dequant(ext, qw: QuantizedWeight, dtype, row0: int, rows: int) -> torch.Tensor:

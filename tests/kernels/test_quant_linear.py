@@ -165,13 +165,13 @@ def test_tiles_reuse_one_buffer_that_never_escapes():
     qa, qb = quantized("nf4", torch.randn(96, k)), quantized("int8", torch.randn(80, k))
     x = torch.randn(20, k)
     ya = kernels.quant_linear(x, qa, None, backend="native")
-    ptr = ql._workspace.tile.data_ptr()
+    ptr = ql._workspace.buf.data_ptr()
     yb = kernels.quant_linear(x, qb, None, backend="native")
-    assert ql._workspace.tile.data_ptr() == ptr  # the second layer's tile fit the buffer the first one made
+    assert ql._workspace.buf.data_ptr() == ptr  # the second layer's tile fit the buffer the first one made
     torch.testing.assert_close(ya, F.linear(x, qa.dequantize()), rtol=1e-5, atol=1e-5)  # not overwritten by qb's tile
     torch.testing.assert_close(yb, F.linear(x, qb.dequantize()), rtol=1e-5, atol=1e-5)
     kernels.release_workspace()
-    assert ql._workspace.tile is None
+    assert ql._workspace.buf is None
 
 
 @pytest.mark.parametrize("backend", [pytest.param("native", marks=needs_native), "torch"])
