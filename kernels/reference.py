@@ -301,6 +301,25 @@ def int8_dequantize(qweight, scale, dtype=torch.float32, row0: int = 0, rows: in
     return (qweight[row0:row0 + rows].float() * scale[row0:row0 + rows, None]).to(dtype)
 
 
+INT8_GEMV_X_BLOCK = 64  # x elements per int16 scale in the compiled int8 GEMV (kernels/csrc/quant_gemv.h)
+
+
+def int16_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] as the compiled CPU int8 GEMV (decoding) multiplies it: per 64-element block of the last
+    dim, scale = max |x| / 32767 and q = round(x * (32767 / max)) in fp32 (ties to even), so q * scale is x
+    to within half a step, max / 65534 (about 2^-16 of the block's max |x|). Returns (q int16 [..., nb * 64] zero-padded past K,
+    scale fp32 [..., nb]); the kernel's products are the exact integer sums of q * code per block, times
+    scale and the row's weight scale."""
+    xf = x.float()
+    k = xf.shape[-1]
+    pad = (-k) % INT8_GEMV_X_BLOCK
+    blocks = F.pad(xf, (0, pad)).reshape(*xf.shape[:-1], -1, INT8_GEMV_X_BLOCK)
+    top = blocks.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(top > 0, 32767.0 / top, torch.zeros_like(top))
+    q = torch.round(blocks * inv).clamp(-32767, 32767).nan_to_num(0.0)
+    return q.to(torch.int16).reshape(*xf.shape[:-1], -1), (top / 32767.0).squeeze(-1)
+
+
 def quant_linear(x: torch.Tensor, kind: str, tensors: dict, shape, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x [..., K], dequantized W [N, K] in x's dtype, bias) for kind "nf4" or "int8"; the spec the
     compiled kernels match (up to fp32 summation order). Dequantizes this one layer's weight."""

@@ -21,7 +21,7 @@
 // rounded to the model dtype at the same place (a no-op in fp32), RoPE tables as the eager path
 // casts them. The GEMV is gemv.h's, so q/k/v/o/MLP outputs equal kernels.linear's bitwise; a
 // quantized weight (NF4/int8, engine.quant) runs quant_gemv.h's rows, as kernels.quant_linear does,
-// on x converted once per phase to fp32 in their layout (reading 4 or 8 bits per weight).
+// on x converted once per phase to their layout (reading 4 or 8 bits per weight).
 // Attention for the one query is computed directly over the cache slots [lo, pos]: scores,
 // fp32 softmax, weighted sum of V (SDPA's result to fp32 rounding, not bitwise).
 #include <omp.h>
@@ -202,7 +202,7 @@ struct Step {
   }
 
   // Rows [n0, n1) of a GEMV over the B rows of x [B, K]: each output row n calls put(b, n, value). A
-  // quantized weight reads xq instead (x in qgemv::quant_x's layout for its kind, [B, K] fp32).
+  // quantized weight reads xq instead (x in qgemv::quant_x's layout for its kind, rows x_stride apart).
   template <typename Put>
   void gemv(const DecodeMatrix& weight, const void* bias, const X* x, const float* xq, int64_t K, int64_t n0,
             int64_t n1, float* acc, Put put) {
@@ -267,8 +267,10 @@ struct Step {
     const W* embed = static_cast<const W*>(m.embed);
     std::vector<X> xn(size_t(B * C));  // this thread's copy of the normalized residual
     std::vector<float> acc(static_cast<size_t>(B)), scores(static_cast<size_t>(m.max_len));
-    std::vector<float> xq(size_t(B * std::max({C, Q, F})));  // a phase's x for quantized weights
-    int64_t xq_phase = -1;                                  // the phase xq was converted for
+    int64_t xq_row = 0;  // floats per row of a phase's x for quantized weights (either kind's layout)
+    for (int64_t K : {C, Q, F}) xq_row = std::max({xq_row, K, qgemv::x_stride(kInt8, K)});
+    std::vector<float> xq(size_t(B * xq_row));
+    int64_t xq_phase = -1;  // the phase xq was converted for
     bool normed = false;  // xn holds the current norm (computed once a chunk that reads it is claimed)
     // xn = norm(h) with `weight`, on the first chunk this thread claims in a phase that reads it:
     // h cannot change while that chunk is unfinished (the phase that writes h waits for it).
@@ -283,7 +285,8 @@ struct Step {
     auto quant_in = [&](int64_t phase, const DecodeMatrix& w, const X* x, int64_t K) -> const float* {
       if (!w.quantized()) return nullptr;
       if (xq_phase != phase) {
-        for (int64_t b = 0; b < B; ++b) qgemv::quant_x(x + b * K, K, w.q.kind, xq.data() + b * K);
+        const int64_t S = qgemv::x_stride(w.q.kind, K);
+        for (int64_t b = 0; b < B; ++b) qgemv::quant_x(x + b * K, K, w.q.kind, xq.data() + b * S);
         xq_phase = phase;
       }
       return xq.data();

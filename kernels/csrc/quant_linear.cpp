@@ -8,7 +8,8 @@
 //    bitwise the reference's dequantization (same fp32 products, one rounding to bf16).
 //  - quant_gemv_cpu: out [M, N] = x [M, K] @ W^T for a few rows (decoding), through quant_gemv.h's row
 //    kernels (codes expanded in registers, never stored; the fused decode step uses the same rows). fp32
-//    accumulation; bf16 output rounded once.
+//    accumulation (int8: exact int32 sums per 64-block of x rounded to int16, see quant_gemv.h); bf16
+//    output rounded once.
 #include <omp.h>
 
 #include <algorithm>
@@ -110,10 +111,11 @@ template <typename T>
 void gemv(const QuantGemvArgs& a) {
   const int64_t M = a.m, K = a.w.k;
   if (M <= 0 || a.w.n <= 0) return;
-  // x as fp32; for NF4 each 32-chunk is de-interleaved: [x0 x2 .. x30 | x1 x3 .. x31].
-  std::vector<float> xs(size_t(M * K));
+  // x once in the layout the row kernels read (quant_gemv.h: NF4 fp32 de-interleaved, int8 int16 blocks).
+  const int64_t S = qgemv::x_stride(a.w.kind, K);
+  std::vector<float> xs(size_t(M * S));
   const T* x = static_cast<const T*>(a.x);
-  for (int64_t m = 0; m < M; ++m) qgemv::quant_x(x + m * K, K, a.w.kind, xs.data() + m * K);
+  for (int64_t m = 0; m < M; ++m) qgemv::quant_x(x + m * K, K, a.w.kind, xs.data() + m * S);
   switch (M) {
     case 1: return gemv_rows<1, T>(a, xs.data());
     case 2: return gemv_rows<2, T>(a, xs.data());

@@ -3,6 +3,8 @@ LM head, as cli.generate --quantize loads it) against the eager forward of the s
 
 Both paths run the same quantized GEMV rows (kernels/csrc/quant_gemv.h), so the tolerances are
 tests/infer/test_decode_step.py's: fp32 logits within 2e-5 of their max, bf16 within 4e-2; greedy tokens equal.
+One exception: the int8 rows round x to int16 blocks, so an fp32 rounding difference in x (the norm, summed
+in another order) can move one element by a whole step, 2^-15 of its block's max: int8 fp32 gets 1e-4.
 """
 import pytest
 import torch
@@ -16,6 +18,7 @@ from engine.quant import QuantLinear, quantize_lm_head
 pytestmark = pytest.mark.skipif(not kernels.info()["native"], reason="kernels._C is not built")
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 4e-2}
+INT8_FP32_TOL = 1e-4
 
 
 def _quantized(path, kind, dtype=torch.float32, head=True):
@@ -52,7 +55,8 @@ def test_quantized_fused_step_matches_the_eager_forward(hf_checkpoint, family, k
             if dtype == torch.float32:
                 assert torch.equal(am, ref.argmax(-1))
             tok = ref.argmax(-1)
-    assert worst < TOL[dtype], f"{family} {kind} {dtype}: relative logit error {worst:.2e}"
+    tol = INT8_FP32_TOL if (kind, dtype) == ("int8", torch.float32) else TOL[dtype]
+    assert worst < tol, f"{family} {kind} {dtype}: relative logit error {worst:.2e}"
 
 
 def test_generate_on_a_quantized_model_is_greedy_equal_to_the_eager_path(hf_checkpoint, monkeypatch):

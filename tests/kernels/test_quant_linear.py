@@ -124,7 +124,43 @@ def test_forward_matches_float64(backend, kind, shape, rows, dtype):
     b = torch.randn(shape[0]).to(dtype)
     y = kernels.quant_linear(x, qw, b, backend=backend)
     assert y.dtype == dtype and y.shape == (rows, shape[0])
+    if backend == "native" and kind == "int8" and rows <= ql.GEMV_MAX_ROWS:
+        x = int16_rounded(x)  # the CPU int8 GEMV multiplies x rounded to int16 blocks, exactly
     assert_matches_float64(y, *expected64(x, qw, b, dtype), dtype)
+
+
+def int16_rounded(x):
+    """x as reference.int16_blocks rounds it, in float64 (q * scale is exact there)."""
+    q, scale = R.int16_blocks(x)
+    k = x.shape[-1]
+    return (q.double().reshape(*x.shape[:-1], -1, 64) * scale.double()[..., None]).flatten(-2)[..., :k]
+
+
+@pytest.mark.parametrize("k", [1, 63, 64, 100, 4864])
+def test_int16_blocks_round_to_half_a_step_of_the_block_max(k):
+    x = torch.randn(3, k) * torch.logspace(-3, 3, k)  # blocks of very different scales
+    x[1, : min(k, 64)] = 0.0  # an all-zero block: scale 0, q 0
+    q, scale = R.int16_blocks(x)
+    assert q.shape == (3, -(-k // 64) * 64) and scale.shape == (3, -(-k // 64))
+    assert q.abs().max() <= 32767 and not q[:, k:].any()
+    top = F.pad(x, (0, (-k) % 64)).abs().reshape(3, -1, 64).amax(-1)
+    err = (int16_rounded(x) - x.double()).abs()
+    # half a step, plus the fp32 rounding of x * (32767 / max) (< 2^-24 of 32767 steps)
+    bound = (top.double() * (0.5 + 2.0**-8) / 32767).repeat_interleave(64, dim=-1)[:, :k]
+    assert bool((err <= bound).all())
+    assert torch.equal(int16_rounded(x)[1, : min(k, 64)], torch.zeros(min(k, 64), dtype=torch.float64))
+
+
+@needs_native
+@pytest.mark.parametrize("k", [1, 63, 64, 65, 448, 4864])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+def test_int8_gemv_is_the_integer_product_of_int16_blocks(k, rows):
+    """Against the float64 product of the rounded x: the integer sums are exact, so only the fp32 sum of the
+    scaled blocks is left (a few eps of the magnitude). Large K and mixed scales check the int32 range."""
+    qw = quantized("int8", torch.randn(37, k))
+    x = torch.randn(rows, k) * torch.logspace(-2, 2, k)
+    y = kernels.quant_linear(x, qw, backend="native")
+    assert_matches_float64(y, *expected64(int16_rounded(x), qw, None, torch.float32), torch.float32)
 
 
 @pytest.mark.parametrize("backend", [pytest.param("native", marks=needs_native), "torch"])
