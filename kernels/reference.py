@@ -307,9 +307,9 @@ INT8_GEMV_X_BLOCK = 64  # x elements per int16 scale in the compiled int8 GEMV (
 def int16_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] as the compiled CPU int8 GEMV (decoding) multiplies it: per 64-element block of the last
     dim, scale = max |x| / 32767 and q = round(x * (32767 / max)) in fp32 (ties to even), so q * scale is x
-    to within half a step, max / 65534 (about 2^-16 of the block's max |x|). Returns (q int16 [..., nb * 64] zero-padded past K,
-    scale fp32 [..., nb]); the kernel's products are the exact integer sums of q * code per block, times
-    scale and the row's weight scale."""
+    to within half a step, max / 65534 (about 2^-16 of the block's max |x|). Returns (q int16 [..., nb * 64]
+    zero-padded past K, scale fp32 [..., nb]); the kernel's products are the exact integer sums of q * code
+    per block, times scale and the row's weight scale."""
     xf = x.float()
     k = xf.shape[-1]
     pad = (-k) % INT8_GEMV_X_BLOCK

@@ -268,7 +268,7 @@ struct Step {
     std::vector<X> xn(size_t(B * C));  // this thread's copy of the normalized residual
     std::vector<float> acc(static_cast<size_t>(B)), scores(static_cast<size_t>(m.max_len));
     int64_t xq_row = 0;  // floats per row of a phase's x for quantized weights (either kind's layout)
-    for (int64_t K : {C, Q, F}) xq_row = std::max({xq_row, K, qgemv::x_stride(kInt8, K)});
+    for (int64_t K : {C, Q, F}) xq_row = std::max({xq_row, qgemv::x_stride(kNF4, K), qgemv::x_stride(kInt8, K)});
     std::vector<float> xq(size_t(B * xq_row));
     int64_t xq_phase = -1;  // the phase xq was converted for
     bool normed = false;  // xn holds the current norm (computed once a chunk that reads it is claimed)

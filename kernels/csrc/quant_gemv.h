@@ -8,10 +8,10 @@
 //    up with contiguous lanes of x. AVX-512 looks each code up in the 16-entry table with one vpermps; the
 //    block's absmax is applied once per 64 products. fp32 accumulation.
 //  - int8: x rounded to int16 per 64-element block (scale = the block's max |x| / 32767, error at most half a
-//    step, ~2^-16 of that max: finer than bf16's own rounding of x), de-interleaved per block like NF4. The products are
-//    then exact integer dot products, 32 per vpdpwssd (AVX-512 VNNI), with no int8 -> fp32 conversion of W:
-//    that conversion, not DRAM, bounded the fp32 path (~19 Gweights/s per Zen 4 core, ~1.5x bf16 decode at
-//    best). Each block's int32 sum (< 2^24 per lane, so exact in fp32) is scaled into fp32 accumulators.
+//    step, ~2^-16 of that max: finer than bf16's own rounding of x), de-interleaved per block like NF4. The
+//    products are then exact integer dot products, 32 per vpdpwssd (AVX-512 VNNI), with no int8 -> fp32
+//    conversion of W: that conversion, not DRAM, bounded the fp32 path (~19 Gweights/s per Zen 4 core, ~1.5x
+//    bf16 decode at best). Each block's int32 sum (< 2^24 per lane, so exact in fp32) is scaled into fp32 accumulators.
 //    kernels.reference.int16_blocks is this rounding, for tests.
 // Portable loops otherwise (same roundings).
 #pragma once
@@ -39,11 +39,15 @@ __attribute__((optimize("fp-contract=off"))) inline float nf4_scale(const QuantW
 
 constexpr int64_t kXBlock = 64;  // int8: x elements per int16 scale
 
-// Floats one row of x takes in quant_x's layout for `kind` (the row stride the row kernels read):
-// NF4 K; int8 ceil(K / 64) blocks of 64 int16 (32 floats' room) and then one fp32 scale per block.
-inline int64_t x_stride(int kind, int64_t K) {
-  return kind == kNF4 ? K : (K + kXBlock - 1) / kXBlock * (kXBlock / 2 + 1);
-}
+// int8 layout of one row of x: x_blocks(K) blocks of 64 int16 (32 floats' room each), then one fp32 scale per
+// block; element j of a block sits at x_slot(j) (even elements, then odd).
+inline int64_t x_blocks(int64_t K) { return (K + kXBlock - 1) / kXBlock; }
+inline int64_t x_slot(int64_t j) { return (j % 2) * (kXBlock / 2) + j / 2; }
+template <typename F>  // float or const float
+inline F* x_scales(F* row, int64_t K) { return row + x_blocks(K) * (kXBlock / 2); }
+
+// Floats one row of x takes in quant_x's layout for `kind` (the row stride the row kernels read).
+inline int64_t x_stride(int kind, int64_t K) { return kind == kNF4 ? K : x_blocks(K) * (kXBlock / 2 + 1); }
 
 // out[0:x_stride(kind, K)] = x[0:K] in the layout the row kernels read for `kind` (NF4: fp32, each 32-chunk
 // [x0 x2 .. x30 | x1 x3 .. x31], K % 32 == 0, which the callers check; int8: per 64-block the int16 values
@@ -54,10 +58,9 @@ inline void quant_x(const T* x, int64_t K, int kind, float* out) {
     for (int64_t k = 0; k < K; ++k) out[(k / 32) * 32 + (k % 2) * 16 + (k % 32) / 2] = to_f32(x[k]);
     return;
   }
-  const int64_t nb = (K + kXBlock - 1) / kXBlock;
   int16_t* xi = reinterpret_cast<int16_t*>(out);
-  float* scales = out + nb * (kXBlock / 2);
-  for (int64_t b = 0; b < nb; ++b) {
+  float* scales = x_scales(out, K);
+  for (int64_t b = 0; b < x_blocks(K); ++b) {
     const int64_t k0 = b * kXBlock, len = std::min<int64_t>(kXBlock, K - k0);
     float v[kXBlock] = {}, top = 0.f;
     for (int64_t j = 0; j < len; ++j) v[j] = to_f32(x[k0 + j]), top = std::max(top, std::fabs(v[j]));
@@ -67,7 +70,7 @@ inline void quant_x(const T* x, int64_t K, int kind, float* out) {
     scales[b] = top / 32767.f;
     for (int64_t j = 0; j < kXBlock; ++j) {
       const float r = std::nearbyint(v[j] * inv);
-      xi[k0 + (j % 2) * (kXBlock / 2) + j / 2] = int16_t(r == r ? std::max(-32767.f, std::min(32767.f, r)) : 0.f);
+      xi[k0 + x_slot(j)] = int16_t(r == r ? std::max(-32767.f, std::min(32767.f, r)) : 0.f);
     }
   }
 }
@@ -125,7 +128,7 @@ inline __m512i dot_i16(__m512i acc, __m512i a, __m512i b) {
 // its int32 -> fp32 conversion is exact.
 template <int M>
 inline void int8_row(const QuantWeight& w, int64_t n, const float* x, float* sums) {
-  const int64_t K = w.k, nb = (K + kXBlock - 1) / kXBlock, S = x_stride(kInt8, K);
+  const int64_t K = w.k, nb = x_blocks(K), S = x_stride(kInt8, K);
   const int8_t* q = reinterpret_cast<const int8_t*>(w.codes) + n * K;
   // Independent scale-FMA chains per row of x: one chain is bound by the FMA latency (4 cycles a block).
   constexpr int C = M == 1 ? 4 : (M == 2 ? 2 : 1);
@@ -139,7 +142,7 @@ inline void int8_row(const QuantWeight& w, int64_t n, const float* x, float* sum
       const int16_t* xi = reinterpret_cast<const int16_t*>(x + m * S) + bb * kXBlock;
       __m512i d = dot_i16(_mm512_setzero_si512(), even, _mm512_loadu_si512(xi));
       d = dot_i16(d, odd, _mm512_loadu_si512(xi + kXBlock / 2));
-      const __m512 s = _mm512_set1_ps(x[m * S + nb * (kXBlock / 2) + bb]);
+      const __m512 s = _mm512_set1_ps(x_scales(x + m * S, K)[bb]);
       acc[m][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[m][c]);
     }
   };
@@ -183,11 +186,11 @@ inline void nf4_row(const QuantWeight& w, int64_t n, const float* xd, float* sum
 
 template <int M>
 inline void int8_row(const QuantWeight& w, int64_t n, const float* x, float* sums) {
-  const int64_t K = w.k, nb = (K + kXBlock - 1) / kXBlock, S = x_stride(kInt8, K);
+  const int64_t K = w.k, nb = x_blocks(K), S = x_stride(kInt8, K);
   const int8_t* q = reinterpret_cast<const int8_t*>(w.codes) + n * K;
   for (int m = 0; m < M; ++m) {
     const int16_t* xi = reinterpret_cast<const int16_t*>(x + m * S);
-    const float* scales = x + m * S + nb * (kXBlock / 2);
+    const float* scales = x_scales(x + m * S, K);
     float s = 0.f;
     for (int64_t bb = 0; bb < nb; ++bb) {
       const int8_t* qb = q + bb * kXBlock;
@@ -198,7 +201,7 @@ inline void int8_row(const QuantWeight& w, int64_t n, const float* x, float* sum
         for (int j = 0; j < kXBlock / 2; ++j)
           d += int32_t(qb[2 * j]) * xb[j] + int32_t(qb[2 * j + 1]) * xb[kXBlock / 2 + j];
       } else {
-        for (int64_t j = 0; bb * kXBlock + j < K; ++j) d += int32_t(qb[j]) * xb[(j % 2) * (kXBlock / 2) + j / 2];
+        for (int64_t j = 0; bb * kXBlock + j < K; ++j) d += int32_t(qb[j]) * xb[x_slot(j)];
       }
       s += float(d) * scales[bb];
     }
@@ -213,7 +216,8 @@ inline void row(const QuantWeight& w, int64_t n, const float* x, float* sums) {
   else int8_row<M>(w, n, x, sums);
 }
 
-// sums[0:m] for any m >= 1 (m rows of x in quant_x's layout, x_stride apart): kMaxRows rows of x per pass over W's row.
+// sums[0:m] for any m >= 1 (m rows of x in quant_x's layout, x_stride apart): kMaxRows rows of x per pass
+// over W's row.
 inline void rows(const QuantWeight& w, int64_t n, const float* x, int64_t m, float* sums) {
   for (int64_t m0 = 0; m0 < m; m0 += kMaxRows) {
     const float* xs = x + m0 * x_stride(w.kind, w.k);

@@ -4,10 +4,10 @@ through kernels/csrc/quant_linear.cpp (_C.quant_dequant_cpu, _C.quant_gemv_cpu).
 Decoding (at most GEMV_MAX_ROWS rows of x) runs a fused GEMV that expands the codes in registers, so each
 step reads 4 (NF4) or 8 (int8) bits per weight; on CPU the int8 GEMV rounds x to int16 per 64-element block
 (reference.int16_blocks, error at most half a step of the block's max / 32767) and sums exact integer products.
-Everything else (training: many tokens) dequantizes W a tile
-of rows at a time (at most TILE_ELEMS elements, in x's dtype, bitwise the reference's values) and multiplies
-it with torch's GEMM, forward (y = x W^T) and backward (dx = dy W): the base is frozen, so the only gradient is
-the input's. No dense copy of a whole weight outlives its tile.
+Everything else (training: many tokens) dequantizes W a tile of rows at a time (at most TILE_ELEMS elements,
+in x's dtype, bitwise the reference's values) and multiplies it with torch's GEMM, forward (y = x W^T) and
+backward (dx = dy W): the base is frozen, so the only gradient is the input's. No dense copy of a whole weight
+outlives its tile.
 """
 from __future__ import annotations
 
