@@ -27,6 +27,7 @@ from engine.model.rope import rope_inv_freq, rope_uses_long  # noqa: F401 (rope_
 from engine.model.moe import Experts, MoE
 
 ACTIVATIONS = kernels.reference.ACTIVATIONS  # ModelConfig.activation -> torch function (one definition)
+ROPE_TABLE_MIN = 4096  # positions: the shortest cos/sin table Transformer._rope builds (it grows by doubling)
 
 
 class Linear(nn.Linear):
@@ -225,7 +226,7 @@ class Transformer(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.gradient_checkpointing = False  # recompute each block in backward to save activation memory
-        self._rope_cache: dict = {}  # (device, LayerRope) -> (cos, sin) [max_pos, hd] fp32; kept out of .to(dtype)
+        self._rope_cache: dict = {}  # (device, LayerRope, long) -> (cos, sin) [n, rotary_dim] fp32 (see _rope); not in .to(dtype)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -263,17 +264,27 @@ class Transformer(nn.Module):
         self._rope_cache = {}
 
     # ------------------------------------------------------------------ forward
-    def _rope(self, position_ids, dtype, seq_len: int) -> dict:
+    def _rope(self, position_ids, dtype, seq_len: int, positions: Optional[int] = None) -> dict:
         """LayerRope -> (cos, sin) (B|1, T, rotary_dim) of `position_ids`, for every distinct RoPE of the layers.
-        seq_len: one past the largest position (longrope picks its long factors past the original context)."""
+        seq_len: one past the largest position (longrope picks its long factors past the original context);
+        positions: one past the largest of position_ids when that is more (default seq_len).
+
+        The fp32 tables cover the positions seen so far, rounded up to a power of two (at least
+        ROPE_TABLE_MIN), not max_position_embeddings: a 32k-context model's two tables are 16 MB at
+        rotary_dim 64 (128 MB for a 128k Llama 3 at 128), resident for the whole run, while training at
+        seq_len 512 reads 0.25 MB of them. Each entry is computed on its own, so a longer table holds the
+        same values in its first rows."""
         device, out = position_ids.device, {}
+        need = max(seq_len, positions or 0)
         for rope in self._ropes:
             long = rope_uses_long(rope, seq_len)
             key = (device, rope, long)
-            if key not in self._rope_cache:
-                t = torch.arange(self.config.max_position_embeddings, device=device, dtype=torch.float32)
+            table = self._rope_cache.get(key)
+            if table is None or table[0].shape[0] < need:
+                n = min(self.config.max_position_embeddings, max(ROPE_TABLE_MIN, 1 << (need - 1).bit_length()))
+                t = torch.arange(max(n, need), device=device, dtype=torch.float32)
                 freqs = torch.outer(t, rope_inv_freq(self.config.rotary_dim, *rope, long=long).to(device))
-                emb = torch.cat((freqs, freqs), dim=-1)  # [max_pos, rotary_dim]
+                emb = torch.cat((freqs, freqs), dim=-1)  # [n, rotary_dim]
                 # yarn / longrope scale cos and sin (HF's attention_factor: sharper attention at long range)
                 factor = rope.scaling.attention_factor if rope.scaling is not None else 1.0
                 self._rope_cache[key] = (emb.cos() * factor, emb.sin() * factor)
@@ -319,17 +330,20 @@ class Transformer(nn.Module):
             position_ids = torch.arange(past, past + T, device=input_ids.device)[None]
             if lengths is not None:  # (B, T): each row goes on from its own length
                 position_ids = lengths[:, None] + torch.arange(T, device=input_ids.device)
-        elif int(position_ids.max()) >= limit:
-            raise ValueError(f"position {int(position_ids.max())} exceeds max_position_embeddings={limit}")
+            top = past + T - 1  # the largest position (per-row lengths: cache.pos is the longest row)
+        else:
+            top = int(position_ids.max())
+            if top >= limit:
+                raise ValueError(f"position {top} exceeds max_position_embeddings={limit}")
         seq_len = past + T
         if self._longrope:  # data-dependent choice of table, as transformers' dynamic longrope update
-            seq_len = int(position_ids.max()) + 1
+            seq_len = top + 1
         x = self.embed(input_ids)  # (B, T, C)
         if self.config.scale_embeddings:  # Gemma: the scale is rounded to the model dtype first
             x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
         if self.pos_embed is not None:
             x = x + self.pos_embed(position_ids)
-        ropes = self._rope(position_ids, x.dtype, seq_len)
+        ropes = self._rope(position_ids, x.dtype, seq_len, top + 1)
         masks = {}  # one per distinct window (a plain loop: a comprehension is one more call per step)
         for w in self._windows:
             masks[w] = self._mask(T, past, attn_mask, input_ids.device, lengths, w)

@@ -131,19 +131,22 @@ def _step_activations(mc: ModelConfig, cfg: RunConfig, amp: bool, param_bytes: i
 def _lm_head(mc: ModelConfig, N: int, hb: int, trains: bool, casts_weight: bool, cpu: bool,
              quantized: bool = False) -> tuple[int, int]:
     """(resident, forward) bytes of kernels.linear_cross_entropy on N tokens of hidden dtype `hb`: the hidden
-    states and their grad [N, C]; chunks of logits [chunk, V] (CPU: one buffer kept across steps); when the
-    head trains, its grad [V, C], computed during forward (one chunk: one GEMM in the hidden dtype; more:
-    an fp32 accumulator, cast at the end); under autocast, a bf16 copy of the head weight."""
+    states and their grad [N, C]; chunks of logits [chunk, V] (CPU: one buffer, kept across steps unless the
+    base is quantized, whose loss frees it); when the head trains, its grad [V, C], computed during forward
+    (one chunk: one GEMM in the hidden dtype; more: an fp32 accumulator, cast at the end); under autocast, a
+    bf16 copy of the head weight."""
     V, C = mc.vocab_size, mc.hidden_size
     chunk = logits_chunk_rows(N, V, hb)
     if quantized:  # a quantized base runs smaller chunks (engine.quant.loss_chunk_rows)
         chunk = max(1, min(N, LOSS_CHUNK_BYTES // (V * hb)))
     logits = chunk * V * hb
-    forward = 2 * N * C * hb + (0 if cpu else logits * (2 if N > chunk else 1))  # CUDA: a new chunk per step
+    kept = cpu and not quantized  # a quantized base frees the buffer after the loss (engine.train.objectives)
+    # CUDA: a new chunk per step (two alive across chunks); CPU: one buffer
+    forward = 2 * N * C * hb + (0 if kept else logits * (2 if N > chunk and not cpu else 1))
     if trains:
         forward += V * C * hb if chunk >= N else V * C * FP32 + (2 * V * C * hb if hb != FP32 else 0)
     forward += V * C * HALF if casts_weight else 0
-    return (logits if cpu else 0), forward
+    return (logits if kept else 0), forward
 
 
 @dataclass(frozen=True)

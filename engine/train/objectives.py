@@ -84,10 +84,13 @@ def token_loss_sum(model, inputs, targets, precision: str = "fp32", hidden_fn=No
     if precision != "fp32":  # what autocast would do to the head matmul, done explicitly for the fused op
         h, w = h.to(AMP_DTYPES[precision]), w.to(AMP_DTYPES[precision])
     chunk = loss_chunk_rows(model, targets.numel(), w.shape[0], h.element_size())  # smaller on a quantized base
-    return kernels.linear_cross_entropy(h.reshape(-1, h.shape[-1]), w, targets.reshape(-1),
+    loss = kernels.linear_cross_entropy(h.reshape(-1, h.shape[-1]), w, targets.reshape(-1),
                                         ignore_index=IGNORE_INDEX, reduction="sum", out_dtype=torch.float32,
                                         softcap=getattr(model, "output_softcap", None),  # Gemma 2's final cap
                                         chunk_size=chunk)
+    if chunk is not None:  # a quantized base: the loss's gradient is computed already, so its logits buffer
+        kernels.release_workspace()  # would only sit through the backward peak (16 MiB; the next step re-takes it)
+    return loss
 
 
 class TokenLoss(Objective):

@@ -186,7 +186,9 @@ class _QuantLinearFn(torch.autograd.Function):
         for row0, rows in _tiles(n, k):  # dx = sum over row tiles of dy[:, tile] @ W[tile]
             w = _dequant(ext, qw, dy.dtype, row0, rows)
             part = dy2[:, row0:row0 + rows]
-            dx = part @ w if dx is None else torch.addmm(dx, part, w)
+            # in place: an out-of-place addmm holds two [tokens, K] dx at once, and a QLoRA step peaks in
+            # down_proj's backward, where K is intermediate_size
+            dx = part @ w if dx is None else dx.addmm_(part, w)
         return dx.reshape(*dy.shape[:-1], k), None, None, None
 
 

@@ -249,3 +249,24 @@ def test_per_row_cache_honours_each_layers_window():
         out = torch.cat([model(steps[:, t:t + 1], cache=cache) for t in range(6)], dim=1)
         torch.testing.assert_close(out[0], model(torch.cat([a, steps[:1]], 1))[0, 9:], rtol=0, atol=1e-5)
         torch.testing.assert_close(out[1], model(torch.cat([b, steps[1:]], 1))[0, 5:], rtol=0, atol=1e-5)
+
+
+def test_rope_tables_cover_the_positions_seen_and_grow_with_the_same_values():
+    """The cos/sin tables are built for the positions a forward needs (a power of two, at least
+    ROPE_TABLE_MIN), not max_position_embeddings, and a longer table repeats the shorter one's rows."""
+    from engine.model.transformer import ROPE_TABLE_MIN
+
+    model = _layered(max_position_embeddings=4 * ROPE_TABLE_MIN)
+    with torch.no_grad():
+        model(torch.randint(0, 97, (1, 8)))
+        (short,) = [cos for cos, _ in model._rope_cache.values()]
+        assert short.shape[0] == ROPE_TABLE_MIN
+        far = torch.tensor([[ROPE_TABLE_MIN + 5, 2 * ROPE_TABLE_MIN + 1]])  # custom positions past the table
+        model(torch.randint(0, 97, (1, 2)), position_ids=far)
+    (long,) = [cos for cos, _ in model._rope_cache.values()]
+    assert long.shape[0] == 4 * ROPE_TABLE_MIN  # 2 * MIN + 2 positions, rounded up to a power of two
+    assert torch.equal(long[:ROPE_TABLE_MIN], short)
+    full = _layered(max_position_embeddings=4 * ROPE_TABLE_MIN)
+    full._rope(torch.arange(1)[None], torch.float32, 4 * ROPE_TABLE_MIN)  # the whole context at once
+    (whole,) = [cos for cos, _ in full._rope_cache.values()]
+    assert torch.equal(whole, long)
