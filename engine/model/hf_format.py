@@ -210,6 +210,9 @@ def load_pretrained(cls, path_or_hub_id, dtype=None, device=None, quantize=None)
         quantize_layers(model, quantize)
     model = model.allocate(device or "cpu")  # also re-ties: each parameter got its own storage
     load_weights(model, files)
+    if quantize is not None:  # quantized on arrival: give its temporaries' heap back (engine.quant.heap)
+        from engine.quant.heap import trim_heap
+        trim_heap()
     model._rope_cache = {}
     return model.eval()
 

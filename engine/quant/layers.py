@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 import kernels
-from engine.quant.heap import fix_mmap_threshold
+from engine.quant.heap import fix_mmap_threshold, quantizing, trim_heap
 from kernels import QuantizedWeight, reference
 
 KINDS = ("nf4", "int8")
@@ -87,9 +87,10 @@ class QuantLinear(nn.Module):
         if tuple(w.shape) != (self.out_features, self.in_features):
             raise ValueError(f"QuantLinear.load_dense: expected a weight [{self.out_features}, {self.in_features}], "
                              f"got {list(w.shape)}")
-        parts = reference.nf4_quantize(w) if self.kind == "nf4" else reference.int8_quantize(w)
-        for name, t in parts.items():
-            getattr(self, name).copy_(t)
+        with quantizing():  # the chunks' temporaries reuse heap blocks instead of fresh mappings (engine.quant.heap)
+            parts = reference.nf4_quantize(w) if self.kind == "nf4" else reference.int8_quantize(w)
+            for name, t in parts.items():
+                getattr(self, name).copy_(t)
 
     def weight_slot(self) -> _DenseSlot:
         """The loader's target for this layer's dense checkpoint weight (engine.model.hf_format)."""
@@ -147,6 +148,7 @@ def quantize(model: nn.Module, kind: str) -> list[str]:
                 names.append(full)
     if not names:
         raise ValueError("quantize: the model has no linear layers to quantize")
+    trim_heap()  # the quantizing temporaries' heap blocks back to the OS (a meta model had none)
     return names
 
 
@@ -160,6 +162,7 @@ def quantize_lm_head(model: nn.Module, kind: str = "int8") -> None:
     if not isinstance(head, nn.Linear):
         raise ValueError(f"quantize_lm_head: lm_head is {type(head).__name__}, expected a Linear")
     model.lm_head = QuantLinear.from_linear(head, kind)
+    trim_heap()
 
 
 LOSS_CHUNK_BYTES = 1 << 24  # logits per fused-loss chunk on a quantized base (16 MiB; dense models: 128 MiB)

@@ -1,5 +1,7 @@
-"""engine.quant.heap.trim_heap: freed heap memory goes back to the OS (glibc), a no-op elsewhere."""
+"""engine.quant.heap: trim_heap gives freed heap memory back to the OS (glibc; a no-op elsewhere), and
+quantizing() lets quantization temporaries reuse heap blocks under the fixed mmap threshold."""
 import ctypes.util
+import os
 import subprocess
 import sys
 
@@ -40,3 +42,37 @@ def test_trim_heap_is_safe_to_call_repeatedly():
 
     for _ in range(3):
         trim_heap()
+
+
+_QUANTIZING_PROBE = """
+import ctypes, resource
+from engine.quant.heap import fix_mmap_threshold, quantizing
+
+def faults_of_20_buffers():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        buf = ctypes.create_string_buffer(4 * 2**20)  # zero-filled: every page touched
+        del buf
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+assert fix_mmap_threshold()
+fixed = faults_of_20_buffers()
+with quantizing():
+    faults_of_20_buffers()  # the first buffer may grow the heap
+    inside = faults_of_20_buffers()
+after = faults_of_20_buffers()
+print(fixed, inside, after)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not ctypes.util.find_library("c"), reason="glibc only")
+def test_quantizing_reuses_heap_blocks_and_puts_the_small_threshold_back():
+    """Under the fixed 64 KiB threshold each 4 MiB temporary is a fresh mapping (~1k page faults); inside
+    quantizing() the heap block of the last one is reused; after it, fresh mappings again."""
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}  # which would turn ours off
+    out = subprocess.run([sys.executable, "-c", _QUANTIZING_PROBE], check=True, capture_output=True, text=True,
+                         timeout=60, env=env)
+    fixed, inside, after = map(int, out.stdout.split())
+    assert fixed > 20 * 900  # 1024 pages per buffer
+    assert inside < 2000
+    assert after > 20 * 900
