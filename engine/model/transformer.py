@@ -282,7 +282,7 @@ class Transformer(nn.Module):
             table = self._rope_cache.get(key)
             if table is None or table[0].shape[0] < need:
                 n = min(self.config.max_position_embeddings, max(ROPE_TABLE_MIN, 1 << (need - 1).bit_length()))
-                t = torch.arange(max(n, need), device=device, dtype=torch.float32)
+                t = torch.arange(n, device=device, dtype=torch.float32)  # n >= need: the forward checks the limit
                 freqs = torch.outer(t, rope_inv_freq(self.config.rotary_dim, *rope, long=long).to(device))
                 emb = torch.cat((freqs, freqs), dim=-1)  # [n, rotary_dim]
                 # yarn / longrope scale cos and sin (HF's attention_factor: sharper attention at long range)

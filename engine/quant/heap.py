@@ -56,18 +56,13 @@ def trim_heap() -> None:
 
 def fix_mmap_threshold() -> bool:
     """Fix glibc's mmap threshold at MMAP_THRESHOLD (disabling its upward drift); True if it was set now."""
-    global _done
+    global _done, _fixed
     if _done or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     _done = True
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        ok = libc is not None and hasattr(libc, "mallopt") and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-    except OSError:
-        ok = False
+    lib = _glibc()  # the one libc handle trim_heap and quantizing use too
+    ok = lib is not None and hasattr(lib, "mallopt") and lib.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
     if ok:
-        global _fixed
         _fixed = True
         log.info("malloc mmap threshold fixed at %d KiB (freed activations go back to the OS)", MMAP_THRESHOLD // 1024)
     return ok
@@ -82,8 +77,8 @@ def quantizing():
     loading SmolLM2-135M as NF4 took 4.0 s, 3.3 s of it system time (1.0M page faults). Here the next chunk
     reuses the last one's heap blocks; the loaders give the free heap back with trim_heap() when done. A
     no-op unless fix_mmap_threshold set the threshold (off glibc, or MALLOC_MMAP_THRESHOLD_ set by the user)."""
-    lib = _glibc() if _fixed else None
-    if lib is None or not hasattr(lib, "mallopt"):
+    lib = _glibc() if _fixed else None  # _fixed: mallopt worked on this libc
+    if lib is None:
         yield
         return
     lib.mallopt(_M_TRIM_THRESHOLD, QUANTIZE_MMAP_THRESHOLD)  # no trimming of the heap top between chunks
