@@ -4,9 +4,13 @@
 //
 // Memory-bound, so the codes are expanded in registers and never stored. x is prepared once per call in the
 // layout its kind reads (quant_x):
-//  - NF4: x fp32, each 32-chunk de-interleaved (even then odd elements) so the high/low nibbles of a byte line
-//    up with contiguous lanes of x. AVX-512 looks each code up in the 16-entry table with one vpermps; the
-//    block's absmax is applied once per 64 products. fp32 accumulation.
+//  - NF4: x fp32, each 64-block permuted to the order AVX-512 expands the block's codes in: its 32 code bytes
+//    are read as 16 words (4 codes each) widened to 16 dword lanes, and one vpermps per nibble position
+//    (shift 0, 4, 8, 12; vpermps reads only an index's low 4 bits, so no masking) looks the codes of that
+//    position up in the 16-entry table: 1 widening + 3 shifts + 4 lookups per 64 codes, shared by all rows
+//    of x. Slot j * 16 + i of a block holds element 4 i + (j ^ 1) (a byte's low nibble is the odd element).
+//    The block's absmax is applied once per 64 products; fp32 accumulation. W is prefetched ahead like the
+//    dense GEMV (gemv.h kPrefetch).
 //  - int8: x rounded to int16 per 64-element block (scale = the block's max |x| / 32767, error at most half a
 //    step, ~2^-16 of that max: finer than bf16's own rounding of x), de-interleaved per block like NF4. The
 //    products are then exact integer dot products, 32 per vpdpwssd (AVX-512 VNNI), with no int8 -> fp32
@@ -21,6 +25,7 @@
 #include <cstdint>
 
 #include "common.h"
+#include "gemv.h"
 #include "ops.h"
 
 namespace kernels {
@@ -49,13 +54,16 @@ inline F* x_scales(F* row, int64_t K) { return row + x_blocks(K) * (kXBlock / 2)
 // Floats one row of x takes in quant_x's layout for `kind` (the row stride the row kernels read).
 inline int64_t x_stride(int kind, int64_t K) { return kind == kNF4 ? K : x_blocks(K) * (kXBlock / 2 + 1); }
 
-// out[0:x_stride(kind, K)] = x[0:K] in the layout the row kernels read for `kind` (NF4: fp32, each 32-chunk
-// [x0 x2 .. x30 | x1 x3 .. x31], K % 32 == 0, which the callers check; int8: per 64-block the int16 values
+// NF4: the slot of element r (< 64) of a block in quant_x's layout (the header comment says why this order).
+inline int64_t nf4_slot(int64_t r) { return ((r % 4) ^ 1) * 16 + r / 4; }
+
+// out[0:x_stride(kind, K)] = x[0:K] in the layout the row kernels read for `kind` (NF4: fp32, each 64-block
+// in nf4_slot order, K % 64 == 0, which the callers check; int8: per 64-block the int16 values
 // [x0 x2 .. x62 | x1 x3 .. x63] zero-padded past K, then the blocks' scales).
 template <typename T>
 inline void quant_x(const T* x, int64_t K, int kind, float* out) {
   if (kind == kNF4) {
-    for (int64_t k = 0; k < K; ++k) out[(k / 32) * 32 + (k % 2) * 16 + (k % 32) / 2] = to_f32(x[k]);
+    for (int64_t k = 0; k < K; ++k) out[(k / kBlock) * kBlock + nf4_slot(k % kBlock)] = to_f32(x[k]);
     return;
   }
   int16_t* xi = reinterpret_cast<int16_t*>(out);
@@ -76,41 +84,43 @@ inline void quant_x(const T* x, int64_t K, int kind, float* out) {
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-// One NF4 block's 32 code bytes (64 weights) times x: sum over the block of code value * x, in fp32.
-// The 4 products (high/low nibbles of each 16 bytes) accumulate in separate registers (no chain).
-inline __m512 nf4_block_dot(const uint8_t* codes, const float* x, __m512 table, __m512i mask) {
-  const __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
-  const __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16)));
-  const __m512 e0 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v0, 4), table), _mm512_loadu_ps(x));
-  const __m512 o0 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(v0, mask), table), _mm512_loadu_ps(x + 16));
-  const __m512 e1 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v1, 4), table), _mm512_loadu_ps(x + 32));
-  const __m512 o1 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(v1, mask), table), _mm512_loadu_ps(x + 48));
-  return _mm512_add_ps(_mm512_add_ps(e0, o0), _mm512_add_ps(e1, o1));
+// One NF4 block (32 code bytes, 64 weights) times M rows of x (nf4_slot order, ldx apart), scaled by the
+// block's absmax s into acc[m]. The 4 table lookups are shared by the M rows; per row two product chains.
+template <int M, bool PF>
+inline void nf4_block(const uint8_t* codes, const float* x, int64_t ldx, __m512 table, __m512 s, __m512 (&acc)[M]) {
+  gemv::prefetch_ahead<PF>(codes);  // one 64-byte line per two blocks; the second prefetch is a no-op
+  const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes)));
+  const __m512 w0 = _mm512_permutexvar_ps(v, table);
+  const __m512 w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+  const __m512 w2 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 8), table);
+  const __m512 w3 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 12), table);
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) {
+    const float* xm = x + m * ldx;
+    __m512 p = _mm512_mul_ps(w0, _mm512_loadu_ps(xm));
+    __m512 q = _mm512_mul_ps(w1, _mm512_loadu_ps(xm + 16));
+    p = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xm + 32), p);
+    q = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xm + 48), q);
+    acc[m] = _mm512_fmadd_ps(_mm512_add_ps(p, q), s, acc[m]);
+  }
+}
+
+template <int M, bool PF>
+inline void nf4_row_with(const QuantWeight& w, int64_t n, const float* xd, float* sums) {
+  const int64_t K = w.k, nb = K / kBlock;
+  const __m512 table = _mm512_loadu_ps(w.nf4);
+  __m512 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+  const uint8_t* codes = w.codes + n * K / 2;
+  for (int64_t bb = 0; bb < nb; ++bb)
+    nf4_block<M, PF>(codes + bb * 32, xd + bb * kBlock, K, table, _mm512_set1_ps(nf4_scale(w, n * nb + bb)), acc);
+  for (int m = 0; m < M; ++m) sums[m] = _mm512_reduce_add_ps(acc[m]);
 }
 
 template <int M>
 inline void nf4_row(const QuantWeight& w, int64_t n, const float* xd, float* sums) {
-  const int64_t K = w.k, nb = K / kBlock;
-  const __m512 table = _mm512_loadu_ps(w.nf4);
-  const __m512i mask = _mm512_set1_epi32(15);
-  constexpr int C = M == 1 ? 2 : 1;  // block sums scaled into alternate accumulators (the scale FMA's chain)
-  __m512 acc[M][C];
-  for (int m = 0; m < M; ++m)
-    for (int c = 0; c < C; ++c) acc[m][c] = _mm512_setzero_ps();
-  const uint8_t* codes = w.codes + n * K / 2;
-  for (int64_t bb = 0; bb < nb; ++bb) {
-    const __m512 s = _mm512_set1_ps(nf4_scale(w, n * nb + bb));
-#pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) {
-      const __m512 part = nf4_block_dot(codes + bb * 32, xd + m * K + bb * kBlock, table, mask);
-      acc[m][bb % C] = _mm512_fmadd_ps(part, s, acc[m][bb % C]);
-    }
-  }
-  for (int m = 0; m < M; ++m) {
-    __m512 t = acc[m][0];
-    for (int c = 1; c < C; ++c) t = _mm512_add_ps(t, acc[m][c]);
-    sums[m] = _mm512_reduce_add_ps(t);
-  }
+  if (gemv::kPrefetch) nf4_row_with<M, true>(w, n, xd, sums);
+  else nf4_row_with<M, false>(w, n, xd, sums);
 }
 
 // Pairs of int16 products summed into int32 lanes: one vpdpwssd with VNNI, madd + add without.
@@ -126,8 +136,8 @@ inline __m512i dot_i16(__m512i acc, __m512i a, __m512i b) {
 // Each 64 bytes of W split into its even and odd bytes, sign-extended to int16 by shifts (no shuffle port),
 // so both halves meet x's halves lane for lane. Per lane a block sums 4 products of |127 * 32767|, < 2^24:
 // its int32 -> fp32 conversion is exact.
-template <int M>
-inline void int8_row(const QuantWeight& w, int64_t n, const float* x, float* sums) {
+template <int M, bool PF>
+inline void int8_row_with(const QuantWeight& w, int64_t n, const float* x, float* sums) {
   const int64_t K = w.k, nb = x_blocks(K), S = x_stride(kInt8, K);
   const int8_t* q = reinterpret_cast<const int8_t*>(w.codes) + n * K;
   // Independent scale-FMA chains per row of x: one chain is bound by the FMA latency (4 cycles a block).
@@ -136,6 +146,7 @@ inline void int8_row(const QuantWeight& w, int64_t n, const float* x, float* sum
   for (int m = 0; m < M; ++m)
     for (int c = 0; c < C; ++c) acc[m][c] = _mm512_setzero_ps();
   auto block = [&](int64_t bb, __m512i wv, int c) {
+    gemv::prefetch_ahead<PF>(q + bb * kXBlock);  // one 64-byte line per block
     const __m512i even = _mm512_srai_epi16(_mm512_slli_epi16(wv, 8), 8), odd = _mm512_srai_epi16(wv, 8);
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
@@ -163,6 +174,12 @@ inline void int8_row(const QuantWeight& w, int64_t n, const float* x, float* sum
     sums[m] = _mm512_reduce_add_ps(t) * w.scale[n];
   }
 }
+
+template <int M>
+inline void int8_row(const QuantWeight& w, int64_t n, const float* x, float* sums) {
+  if (gemv::kPrefetch) int8_row_with<M, true>(w, n, x, sums);
+  else int8_row_with<M, false>(w, n, x, sums);
+}
 #else
 template <int M>
 inline void nf4_row(const QuantWeight& w, int64_t n, const float* xd, float* sums) {
@@ -173,12 +190,10 @@ inline void nf4_row(const QuantWeight& w, int64_t n, const float* xd, float* sum
     const float s = nf4_scale(w, n * nb + bb);
     for (int m = 0; m < M; ++m) {
       float part = 0.f;
-      for (int h = 0; h < 2; ++h)
-        for (int j = 0; j < 16; ++j) {
-          const uint8_t byte = codes[bb * 32 + h * 16 + j];
-          const int64_t k = bb * kBlock + h * 32;
-          part += w.nf4[byte >> 4] * xd[m * K + k + j] + w.nf4[byte & 15] * xd[m * K + k + 16 + j];
-        }
+      for (int64_t r = 0; r < kBlock; ++r) {
+        const uint8_t byte = codes[bb * 32 + r / 2];
+        part += w.nf4[r % 2 ? byte & 15 : byte >> 4] * xd[m * K + bb * kBlock + nf4_slot(r)];
+      }
       sums[m] += part * s;
     }
   }

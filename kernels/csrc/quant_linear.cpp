@@ -108,7 +108,7 @@ void gemv_rows(const QuantGemvArgs& a, const float* xs) {
 }
 
 template <typename T>
-void gemv(const QuantGemvArgs& a) {
+void gemv_all_rows(const QuantGemvArgs& a) {
   const int64_t M = a.m, K = a.w.k;
   if (M <= 0 || a.w.n <= 0) return;
   // x once in the layout the row kernels read (quant_gemv.h: NF4 fp32 de-interleaved, int8 int16 blocks).
@@ -141,7 +141,7 @@ void quant_dequant_cpu(const QuantDequantArgs& a) {
 }
 
 void quant_gemv_cpu(const QuantGemvArgs& a) {
-  with_f32_or_bf16(a.dtype, [&](auto t) { gemv<decltype(t)>(a); });
+  with_f32_or_bf16(a.dtype, [&](auto t) { gemv_all_rows<decltype(t)>(a); });
 }
 
 }  // namespace kernels
