@@ -21,6 +21,8 @@ from engine.train.distributed import world_from_env
 from engine.infer.generate import generate
 from engine.train.metrics import plot_losses
 from engine.train.loop import train
+from engine.quant import KINDS as QUANT_KINDS
+from engine.quant.heap import huge_pages_env
 
 
 # How long a rank > 0 that found a config error waits for torchrun to stop it, once rank 0 has printed the same
@@ -89,12 +91,31 @@ def load_checked_config(args):
         raise
 
 
-def main(argv=None) -> None:
+def restart_with_huge_pages(cfg) -> None:
+    """On a quantized base, run this same command again (exec: same PID, so torchrun still tracks it) in a
+    process whose torch tensors sit on huge pages (engine.quant.heap.huge_pages_env says why and when not);
+    returns when no restart is needed. The config was checked first, so a bad one fails before, not twice."""
+    if cfg.lora is None or cfg.lora.base_dtype not in QUANT_KINDS:
+        return
+    env = huge_pages_env()
+    if env is None:
+        return
+    logging.getLogger("cli.train").info("quantized base: restarting with THP_MEM_ALLOC_ENABLE=1 (huge pages for "
+                                        "large tensors; ENGINE_THP=0 to skip)")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def main(argv=None, restart: bool = False) -> None:
+    """restart: allowed to re-execute the process (run as `python -m cli.train`, not called in-process)."""
     args = parse_args(argv)
     rank = world_from_env()[0]  # under torchrun, rank 0 logs and reports; the others only warn
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     with exit_on_user_error("cli.train"):
         cfg = load_checked_config(args)
+        if restart:
+            restart_with_huge_pages(cfg)
         scored = cfg.grpo is not None and bool(cfg.data.val) and rank == 0
         before = grpo_heldout(cfg, cfg.model.from_pretrained) if scored else None
         base_report = showcase.before(cfg, progress=not args.no_progress) if cfg.showcase and rank == 0 else None
@@ -130,7 +151,7 @@ def main(argv=None) -> None:
             showcase.after(cfg, result.final_dir, base_report, progress=not args.no_progress)
 
 
-def exit_without_teardown(argv=None) -> None:
+def exit_without_teardown(argv=None, restart: bool = False) -> None:
     """main(), then os._exit with its exit code: how a torchrun worker ends.
 
     Once DDP or FSDP has used the gloo process group, torch 2.13 keeps it alive after
@@ -142,7 +163,7 @@ def exit_without_teardown(argv=None) -> None:
     """
     code = 0
     try:
-        main(argv)
+        main(argv, restart)
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
         if not isinstance(stop.code, (int, type(None))):
@@ -155,5 +176,5 @@ def exit_without_teardown(argv=None) -> None:
 
 if __name__ == "__main__":
     if world_from_env()[1] > 1:
-        exit_without_teardown()
-    main()
+        exit_without_teardown(restart=True)
+    main(restart=True)

@@ -16,6 +16,8 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import sys
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 MMAP_THRESHOLD = 64 * 1024  # bytes: allocations from here up get their own mapping, unmapped on free
@@ -23,6 +25,8 @@ _M_MMAP_THRESHOLD = -3  # glibc malloc.h
 _M_TRIM_THRESHOLD = -1
 _DEFAULT_TRIM_THRESHOLD = 128 * 1024  # glibc's, which a fixed mmap threshold leaves in place
 QUANTIZE_MMAP_THRESHOLD = 64 * 2**20  # while quantizing a weight: its MB-sized temporaries come from the heap
+THP_ENV = "THP_MEM_ALLOC_ENABLE"  # torch's CPU allocator: huge pages for tensors >= 2 MB, read once at start
+_THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 _fixed = False  # fix_mmap_threshold set MMAP_THRESHOLD (so quantizing() may move it and put it back)
 _done = False
 _libc = None  # ctypes handle, once: False when there is no libc with malloc_trim
@@ -88,3 +92,25 @@ def quantizing():
     finally:
         lib.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
         lib.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+
+
+def huge_pages_env() -> dict | None:
+    """The environment for a process whose torch tensors of 2 MB and up sit on transparent huge pages, or None
+    when this one has it already, the user chose (THP_MEM_ALLOC_ENABLE set either way, or ENGINE_THP=0), or the
+    kernel gives none (not Linux, THP "never").
+
+    Why: under the fixed mmap threshold every MB-sized activation of a QLoRA step is a fresh mapping, faulted
+    in 4 KB at a time. Measured on a 0.5B QLoRA-NF4 step (2 x 512 tokens, Intel Xeon with AMX, 2 cores of a
+    VM): 2.2M page faults and 3.9 s of system time per 7.6 s step; with huge pages 1.0M faults, ~15% more
+    tokens/s, the same peak RSS (the mappings stay exact; only the alignment changes). torch reads the
+    variable once, at its first allocation, so only a fresh process can take it: cli.train re-executes
+    itself with it for a quantized base. A dense run is not given it: there its MB-sized tensors come from
+    the heap, where 2 MB alignment raised the peak by ~100 MB (bf16-base LoRA, same machine)."""
+    if THP_ENV in os.environ or os.environ.get("ENGINE_THP", "1") == "0" or not sys.platform.startswith("linux"):
+        return None
+    try:
+        if "[never]" in _THP_SETTING.read_text():
+            return None
+    except OSError:
+        return None
+    return {**os.environ, THP_ENV: "1"}

@@ -165,7 +165,11 @@ def quantize_lm_head(model: nn.Module, kind: str = "int8") -> None:
     trim_heap()
 
 
-LOSS_CHUNK_BYTES = 1 << 24  # logits per fused-loss chunk on a quantized base (16 MiB; dense models: 128 MiB)
+# Logits per fused-loss chunk on a quantized base (32 MiB; dense models: 128 MiB). 16 MiB chunks (55 rows at
+# V = 151936) ran the head matmul at a fraction of its rate on the Intel Xeon with AMX (0.83 s of a 7.5 s
+# 0.5B QLoRA step vs 0.38 s in 441-row chunks): 32 MiB gave +15% tokens/s there, and the peak, which sits in
+# the backward, moved by 1-3 MB (bench/bench_qlora.py; docs/quantization.md).
+LOSS_CHUNK_BYTES = 1 << 25
 
 
 def loss_chunk_rows(model: nn.Module, rows: int, vocab: int, itemsize: int) -> Optional[int]:

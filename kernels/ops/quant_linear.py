@@ -24,7 +24,10 @@ NAME = "kernels.quant_linear"
 KINDS = ("nf4", "int8")
 _KIND_CODE = {"nf4": 0, "int8": 1}  # QuantKind in kernels/csrc/ops.h
 GEMV_MAX_ROWS = 8  # rows of x up to which the fused GEMV runs (decoding); the kernel takes at most 8
-TILE_ELEMS = 1 << 22  # dequantized elements per tile (8 MiB in bf16): most layers of a 0.5B model in one
+# Dequantized elements per tile (16 MiB in bf16): every layer of a 0.5B model in one. At 1 << 22 its MLP
+# linears (4.4M) took two tiles, and the half-width GEMMs plus the copy into the output cost ~5% of a QLoRA
+# step on the Intel Xeon with AMX, for 1-2 MB less peak (bench/bench_qlora.py).
+TILE_ELEMS = 1 << 23
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -121,7 +124,7 @@ def _tile_buffer(rows: int, k: int, dtype, device) -> torch.Tensor:
     if device.type != "cpu":
         return torch.empty((rows, k), dtype=dtype, device=device)
     # room for a few times the first tile (up to a whole TILE_ELEMS), so the model's larger tiles fit it too
-    return _workspace.take(rows * k, dtype, reserve=min(TILE_ELEMS, 4 * rows * k)).view(rows, k)
+    return _workspace.take(rows * k, dtype, reserve=rows * k).view(rows, k)
 
 
 def release_tile_buffer() -> None:

@@ -76,3 +76,25 @@ def test_quantizing_reuses_heap_blocks_and_puts_the_small_threshold_back():
     assert fixed > 20 * 900  # 1024 pages per buffer
     assert inside < 2000
     assert after > 20 * 900
+
+
+def test_huge_pages_env_is_asked_for_once_and_the_user_decides(monkeypatch, tmp_path):
+    from engine.quant import heap
+
+    setting = tmp_path / "enabled"
+    monkeypatch.setattr(heap, "_THP_SETTING", setting)
+    monkeypatch.delenv(heap.THP_ENV, raising=False)
+    monkeypatch.delenv("ENGINE_THP", raising=False)
+    setting.write_text("always [madvise] never\n")
+    if sys.platform.startswith("linux"):
+        assert heap.huge_pages_env()[heap.THP_ENV] == "1"
+    setting.write_text("always madvise [never]\n")
+    assert heap.huge_pages_env() is None  # the kernel gives none: no restart for nothing
+    setting.unlink()
+    assert heap.huge_pages_env() is None
+    setting.write_text("[always] madvise never\n")
+    monkeypatch.setenv("ENGINE_THP", "0")
+    assert heap.huge_pages_env() is None
+    monkeypatch.delenv("ENGINE_THP")
+    monkeypatch.setenv(heap.THP_ENV, "0")  # set either way by the user, or by the restart itself: never again
+    assert heap.huge_pages_env() is None

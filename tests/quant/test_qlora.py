@@ -2,6 +2,9 @@
 equals quantizing the dense model; the PEFT files keep their layout; resume is exact; merge dequantizes first;
 dense-only operations on a quantized base are clear errors."""
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,7 @@ from tests.adapters.helpers import randomize_adapters
 from tests.finetune_fixtures import lora_run_dict, pretrained_dir
 
 KINDS = ["nf4", "int8"]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +151,24 @@ def test_qlora_on_two_ddp_ranks_matches_one_process(base, tmp_path):
     torch.testing.assert_close(_losses(tmp_path / "two" / "run"), _losses(tmp_path / "one" / "run"),
                                rtol=1e-5, atol=1e-6)
     assert (tmp_path / "two" / "run" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_cli_train_on_a_quantized_base_restarts_once_with_huge_pages(base, tmp_path, monkeypatch):
+    """`python -m cli.train` with base_dtype nf4 re-executes itself with THP_MEM_ALLOC_ENABLE=1
+    (engine.quant.heap.huge_pages_env) and then trains: the restarted process sees the variable, or it would
+    restart again; ENGINE_THP=0 skips the restart."""
+    from engine.quant.heap import THP_ENV, huge_pages_env
+
+    monkeypatch.delenv(THP_ENV, raising=False)  # the suite's own environment does not decide this test
+    monkeypatch.delenv("ENGINE_THP", raising=False)
+    expected = 0 if huge_pages_env() is None else 1  # none on a kernel without THP
+    cfg = lora_run_dict(tmp_path, base, lora={"base_dtype": "nf4"}, max_steps=2, save_every=2, eval_every=2)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(cfg))
+    for name, extra, restarts in (("run", {}, expected), ("skipped", {"ENGINE_THP": "0"}, 0)):
+        out = subprocess.run([sys.executable, "-m", "cli.train", str(path), "--no-progress",
+                              "--set", f"out_dir={tmp_path / name}"],
+                             cwd=ROOT, env={**os.environ, **extra}, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert (out.stdout + out.stderr).count("restarting with THP_MEM_ALLOC_ENABLE=1") == restarts, out.stderr
+        assert (tmp_path / name / "final" / "adapter_model.safetensors").exists()
