@@ -36,17 +36,31 @@ inline int nibble(const uint8_t* codes, int64_t i) {
 }
 
 #if KERNELS_QUANT_AVX512
-// The 64 values of one block: lut[code] for its 32 bytes, high nibble first, as nibble() reads them (the scalar
-// path costs ~2 ns an element, more than the GEMM it feeds at training batch sizes).
-inline void nf4_block_values(const uint8_t* codes, const float lut[16], float vals[kBlock]) {
-  const __m512 table = _mm512_loadu_ps(lut);
+inline void store16(float* dst, __m512 v) { _mm512_storeu_ps(dst, v); }
+inline void store16(bf16* dst, __m512 v) {
+#if defined(__AVX512BF16__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+#else
+  alignas(64) float t[16];
+  _mm512_store_ps(t, v);
+  store_row(dst, t, 16);
+#endif
+}
+
+// The 64 values of one block into out: lut[code] for its 32 bytes, high nibble first, as nibble() reads them
+// (the scalar path costs ~2 ns an element, more than the GEMM it feeds at training batch sizes). lut holds the
+// reference's products code book * absmax, one vector multiply (the same fp32 roundings as 16 scalar ones,
+// without the stall of reloading 16 scalar stores as a vector).
+template <typename T>
+inline void nf4_block_store(const uint8_t* codes, __m512 lut, T* out) {
   const __m512i shifts = _mm512_set_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);  // lane 0: >> 4
   const __m512i low4 = _mm512_set1_epi32(15);
+#pragma GCC unroll 4
   for (int q = 0; q < 4; ++q) {
     const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * q));
     const __m512i each = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(bytes, bytes));  // b0 b0 b1 b1 ...
     const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(each, shifts), low4);
-    _mm512_storeu_ps(vals + 16 * q, _mm512_permutexvar_ps(idx, table));
+    store16(out + 16 * q, _mm512_permutexvar_ps(idx, lut));
   }
 }
 #endif
@@ -56,18 +70,16 @@ void dequant_nf4(const QuantWeight& w, int64_t start, int64_t count, T* out, int
   const int64_t b0 = start / kBlock, b1 = (start + count + kBlock - 1) / kBlock;
 #pragma omp parallel for num_threads(n_threads) schedule(static)
   for (int64_t b = b0; b < b1; ++b) {
-    float lut[16];  // code * absmax: the reference's product, once per code
     const float s = nf4_scale(w, b);
-    for (int j = 0; j < 16; ++j) lut[j] = w.nf4[j] * s;
     const int64_t lo = std::max(start, b * kBlock), hi = std::min(start + count, (b + 1) * kBlock);
 #if KERNELS_QUANT_AVX512
     if (lo == b * kBlock && hi == lo + kBlock) {  // a whole block: 16 codes per vpermps, rows rounded at once
-      float vals[kBlock];
-      nf4_block_values(w.codes + lo / 2, lut, vals);
-      store_row(out + (lo - start), vals, kBlock);
+      nf4_block_store(w.codes + lo / 2, _mm512_mul_ps(_mm512_loadu_ps(w.nf4), _mm512_set1_ps(s)), out + (lo - start));
       continue;
     }
 #endif
+    float lut[16];  // code * absmax: the reference's product, once per code
+    for (int j = 0; j < 16; ++j) lut[j] = w.nf4[j] * s;
     for (int64_t i = lo; i < hi; ++i) store(out + (i - start), lut[nibble(w.codes, i)]);
   }
 }
