@@ -34,18 +34,24 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-@pytest.fixture(scope="module", params=list(FLAGS))
-def harness(request, tmp_path_factory):
+def build_harness(flags: str, source: Path, tmp_path_factory) -> ctypes.CDLL:
+    """`source` (a harness over a kernels/csrc header) compiled with FLAGS[flags] and loaded; skips where no
+    compiler exists or this CPU can't run that ISA."""
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
-        pytest.skip("no C++ compiler to build the GEMV harness")
-    if request.param == "avx2" and not {"avx2", "fma"} <= _cpu_flags():
-        pytest.skip("this CPU has no AVX2/FMA: the AVX2 path can't run here")
-    lib = tmp_path_factory.mktemp("gemv") / f"gemv_{request.param}.so"
-    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=fast", *FLAGS[request.param],
-           f"-I{ROOT / 'kernels' / 'csrc'}", str(HARNESS), "-o", str(lib)]
+        pytest.skip(f"no C++ compiler to build {source.name}")
+    if flags == "avx2" and not {"avx2", "fma"} <= _cpu_flags():
+        pytest.skip("this CPU has no AVX2/FMA: the AVX2 build can't run here")
+    lib = tmp_path_factory.mktemp(source.stem) / f"{source.stem}_{flags}.so"
+    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=fast", *FLAGS[flags],
+           f"-I{ROOT / 'kernels' / 'csrc'}", str(source), "-o", str(lib)]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
-    so = ctypes.CDLL(str(lib))
+    return ctypes.CDLL(str(lib))
+
+
+@pytest.fixture(scope="module", params=list(FLAGS))
+def harness(request, tmp_path_factory):
+    so = build_harness(request.param, HARNESS, tmp_path_factory)
     so.gemv_path.restype = ctypes.c_char_p
     return request.param, so
 

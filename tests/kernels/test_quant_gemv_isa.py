@@ -12,8 +12,6 @@ order), as tests/kernels/test_quant_linear.py.
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,10 +19,9 @@ import torch
 
 from kernels import reference as R
 
-from .test_gemv_isa import FLAGS, _cpu_flags
+from .test_gemv_isa import FLAGS, _cpu_flags, build_harness
 from .test_quant_linear import int16_rounded
 
-ROOT = Path(__file__).resolve().parents[2]
 HARNESS = Path(__file__).with_name("test_quant_gemv_harness.cpp")
 SHAPES = [(1, 7, 64), (2, 19, 128), (3, 33, 448), (5, 9, 1024), (8, 17, 192), (11, 5, 320)]  # M, N, K
 INT8_SHAPES = [(1, 3, 1), (2, 5, 63), (4, 9, 100), (9, 3, 130)]  # int8 takes any K (NF4: whole 64-blocks)
@@ -32,16 +29,7 @@ INT8_SHAPES = [(1, 3, 1), (2, 5, 63), (4, 9, 100), (9, 3, 130)]  # int8 takes an
 
 @pytest.fixture(scope="module", params=list(FLAGS))
 def harness(request, tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler to build the quantized GEMV harness")
-    if request.param == "avx2" and not {"avx2", "fma"} <= _cpu_flags():
-        pytest.skip("this CPU has no AVX2/FMA: the AVX2 build can't run here")
-    lib = tmp_path_factory.mktemp("qgemv") / f"qgemv_{request.param}.so"
-    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=fast", *FLAGS[request.param],
-           f"-I{ROOT / 'kernels' / 'csrc'}", str(HARNESS), "-o", str(lib)]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return request.param, ctypes.CDLL(str(lib))
+    return request.param, build_harness(request.param, HARNESS, tmp_path_factory)
 
 
 def _ptr(t):
