@@ -118,13 +118,13 @@ _workspace = ThreadBuffer()  # this thread's reusable CPU buffer for dequantized
 def _tile_buffer(rows: int, k: int, dtype, device) -> torch.Tensor:
     """An uninitialized [rows, k] tensor for one dequantized tile. On CPU it is carved from one buffer kept
     across calls (each tile is consumed by the GEMM right after and never escapes this module): a QLoRA step
-    dequantizes ~500 tiles of up to 8 MiB (7 linears x layers x forward, recompute, backward), and a fresh
+    dequantizes ~500 tiles of up to 16 MiB (7 linears x layers x forward, recompute, backward), and a fresh
     allocation of each is a fresh mapping under the small mmap threshold a quantized base runs with
     (engine.quant.heap), ~2 GB of first-touch page faults per step on a 0.5B model."""
     if device.type != "cpu":
         return torch.empty((rows, k), dtype=dtype, device=device)
-    # room for a few times the first tile (up to a whole TILE_ELEMS), so the model's larger tiles fit it too
-    return _workspace.take(rows * k, dtype, reserve=rows * k).view(rows, k)
+    # exactly the tile: the buffer grows to the model's largest tile during the first step and stays there
+    return _workspace.take(rows * k, dtype).view(rows, k)
 
 
 def release_tile_buffer() -> None:
