@@ -104,7 +104,10 @@ def restart_with_huge_pages(cfg) -> None:
                                         "large tensors; ENGINE_THP=0 to skip)")
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    except OSError as e:  # the interpreter could not be re-run: train here, without huge pages
+        logging.getLogger("cli.train").warning("could not restart with huge pages (%s); continuing without", e)
 
 
 def main(argv=None, restart: bool = False) -> None:

@@ -104,3 +104,26 @@ def test_a_rank_above_0_with_a_config_error_waits_silently_and_leaves_with_code_
     with pytest.raises(ConfigError, match="train.lrr: unknown key"):
         cli_train.load_checked_config(args)
     assert naps == []
+
+
+def test_a_failed_huge_pages_restart_trains_on_without_them(monkeypatch, caplog):
+    """restart_with_huge_pages: os.execve failing (no interpreter to re-run) is a warning, not an exit."""
+    import logging
+    from types import SimpleNamespace
+
+    from cli import train as cli_train
+
+    monkeypatch.setattr(cli_train, "huge_pages_env", lambda: {"THP_MEM_ALLOC_ENABLE": "1"})
+    calls = []
+
+    def fail(*args):
+        calls.append(args)
+        raise OSError("no such interpreter")
+
+    monkeypatch.setattr(cli_train.os, "execve", fail)
+    with caplog.at_level(logging.WARNING, logger="cli.train"):
+        cli_train.restart_with_huge_pages(SimpleNamespace(lora=SimpleNamespace(base_dtype="nf4")))
+    assert "could not restart with huge pages (no such interpreter)" in caplog.text
+    cli_train.restart_with_huge_pages(SimpleNamespace(lora=None))  # dense: nothing to restart
+    cli_train.restart_with_huge_pages(SimpleNamespace(lora=SimpleNamespace(base_dtype="bf16")))
+    assert len(calls) == 1
