@@ -167,9 +167,10 @@ def cpu_model() -> str:
 def measure(name: str) -> dict:
     """One row in a fresh process. A quantized row runs with huge pages for torch's large tensors, as cli.train
     restarts itself for a quantized base (engine.quant.heap.huge_pages_env); the others as they start."""
+    from engine.quant import KINDS
     from engine.quant.heap import huge_pages_env
 
-    env = huge_pages_env() if RUNS[name][1] in ("nf4", "int8") else None
+    env = huge_pages_env() if RUNS[name][1] in KINDS else None
     out = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True, cwd=ROOT, env=env)
     if out.returncode != 0:
         return {"run": name, "error": (out.stderr.strip().splitlines() or ["killed"])[-1]}

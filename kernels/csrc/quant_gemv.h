@@ -106,7 +106,7 @@ inline void nf4_block(const uint8_t* codes, const float* x, int64_t ldx, __m512 
 }
 
 template <int M, bool PF>
-inline void nf4_row_with(const QuantWeight& w, int64_t n, const float* xd, float* sums) {
+inline void nf4_row(const QuantWeight& w, int64_t n, const float* xd, float* sums) {
   const int64_t K = w.k, nb = K / kBlock;
   const __m512 table = _mm512_loadu_ps(w.nf4);
   __m512 acc[M];
@@ -115,12 +115,6 @@ inline void nf4_row_with(const QuantWeight& w, int64_t n, const float* xd, float
   for (int64_t bb = 0; bb < nb; ++bb)
     nf4_block<M, PF>(codes + bb * 32, xd + bb * kBlock, K, table, _mm512_set1_ps(nf4_scale(w, n * nb + bb)), acc);
   for (int m = 0; m < M; ++m) sums[m] = _mm512_reduce_add_ps(acc[m]);
-}
-
-template <int M>
-inline void nf4_row(const QuantWeight& w, int64_t n, const float* xd, float* sums) {
-  if (gemv::kPrefetch) nf4_row_with<M, true>(w, n, xd, sums);
-  else nf4_row_with<M, false>(w, n, xd, sums);
 }
 
 // Pairs of int16 products summed into int32 lanes: one vpdpwssd with VNNI, madd + add without.
@@ -137,7 +131,7 @@ inline __m512i dot_i16(__m512i acc, __m512i a, __m512i b) {
 // so both halves meet x's halves lane for lane. Per lane a block sums 4 products of |127 * 32767|, < 2^24:
 // its int32 -> fp32 conversion is exact.
 template <int M, bool PF>
-inline void int8_row_with(const QuantWeight& w, int64_t n, const float* x, float* sums) {
+inline void int8_row(const QuantWeight& w, int64_t n, const float* x, float* sums) {
   const int64_t K = w.k, nb = x_blocks(K), S = x_stride(kInt8, K);
   const int8_t* q = reinterpret_cast<const int8_t*>(w.codes) + n * K;
   // Independent scale-FMA chains per row of x: one chain is bound by the FMA latency (4 cycles a block).
@@ -174,14 +168,8 @@ inline void int8_row_with(const QuantWeight& w, int64_t n, const float* x, float
     sums[m] = _mm512_reduce_add_ps(t) * w.scale[n];
   }
 }
-
-template <int M>
-inline void int8_row(const QuantWeight& w, int64_t n, const float* x, float* sums) {
-  if (gemv::kPrefetch) int8_row_with<M, true>(w, n, x, sums);
-  else int8_row_with<M, false>(w, n, x, sums);
-}
-#else
-template <int M>
+#else  // portable rows (PF: no software prefetch on this path)
+template <int M, bool PF>
 inline void nf4_row(const QuantWeight& w, int64_t n, const float* xd, float* sums) {
   const int64_t K = w.k, nb = K / kBlock;
   const uint8_t* codes = w.codes + n * K / 2;
@@ -199,7 +187,7 @@ inline void nf4_row(const QuantWeight& w, int64_t n, const float* xd, float* sum
   }
 }
 
-template <int M>
+template <int M, bool PF>
 inline void int8_row(const QuantWeight& w, int64_t n, const float* x, float* sums) {
   const int64_t K = w.k, nb = x_blocks(K), S = x_stride(kInt8, K);
   const int8_t* q = reinterpret_cast<const int8_t*>(w.codes) + n * K;
@@ -225,10 +213,17 @@ inline void int8_row(const QuantWeight& w, int64_t n, const float* x, float* sum
 }
 #endif
 
+template <int M, bool PF>
+inline void row_with(const QuantWeight& w, int64_t n, const float* x, float* sums) {
+  if (w.kind == kNF4) nf4_row<M, PF>(w, n, x, sums);
+  else int8_row<M, PF>(w, n, x, sums);
+}
+
+// One weight row against M rows of x; W prefetched ahead where gemv::kPrefetch says so.
 template <int M>
 inline void row(const QuantWeight& w, int64_t n, const float* x, float* sums) {
-  if (w.kind == kNF4) nf4_row<M>(w, n, x, sums);
-  else int8_row<M>(w, n, x, sums);
+  if (gemv::kPrefetch) row_with<M, true>(w, n, x, sums);
+  else row_with<M, false>(w, n, x, sums);
 }
 
 // sums[0:m] for any m >= 1 (m rows of x in quant_x's layout, x_stride apart): kMaxRows rows of x per pass

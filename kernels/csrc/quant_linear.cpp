@@ -123,7 +123,7 @@ template <typename T>
 void gemv_all_rows(const QuantGemvArgs& a) {
   const int64_t M = a.m, K = a.w.k;
   if (M <= 0 || a.w.n <= 0) return;
-  // x once in the layout the row kernels read (quant_gemv.h: NF4 fp32 de-interleaved, int8 int16 blocks).
+  // x once in the layout the row kernels read (quant_gemv.h: NF4 fp32 in nf4_slot order, int8 int16 blocks).
   const int64_t S = qgemv::x_stride(a.w.kind, K);
   std::vector<float> xs(size_t(M * S));
   const T* x = static_cast<const T*>(a.x);
