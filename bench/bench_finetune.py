@@ -51,8 +51,7 @@ def build(model_name: str, dtype):
         return Transformer.from_pretrained(write_llama35m(), dtype=dtype)
     with torch.device("meta"):
         model = Transformer(ModelConfig(**QWEN05B))
-    model = model.to(dtype).to_empty(device="cpu")  # never a full fp32 copy when the base is bf16
-    model.tie_weights()
+    model = model.to(dtype).allocate("cpu")  # never a full fp32 copy when the base is bf16; no sympy import
     torch.manual_seed(0)
     model.reset_parameters()
     return model

@@ -16,7 +16,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 import kernels
 
@@ -25,6 +24,7 @@ from engine.model.attention import attend
 from engine.model.kv_cache import KVCache  # noqa: F401 (re-exported: engine.KVCache, decode_step)
 from engine.model.rope import rope_inv_freq, rope_uses_long  # noqa: F401 (rope_inv_freq: re-exported)
 from engine.model.moe import Experts, MoE
+from engine.model.recompute import checkpointed
 
 ACTIVATIONS = kernels.reference.ACTIVATIONS  # ModelConfig.activation -> torch function (one definition)
 ROPE_TABLE_MIN = 4096  # positions: the shortest cos/sin table Transformer._rope builds (it grows by doubling)
@@ -350,7 +350,7 @@ class Transformer(nn.Module):
         for block in self.layers:
             rope, mask = ropes[block.spec.rope], masks[block.spec.window]
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, rope, mask, cache, use_reentrant=False)
+                x = checkpointed(block, x, rope, mask, cache)
             else:
                 x = block(x, rope, mask, cache)
         if cache is not None:

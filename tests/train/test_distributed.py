@@ -154,13 +154,15 @@ def test_crash_mid_save_leaves_the_previous_checkpoint_usable(one_process, tmp_p
 def test_lora_sft_on_two_ranks_matches_one_process(strategy, tmp_path):
     """Packed SFT rows carry different numbers of target tokens per rank: the step's loss is normalized
     by the tokens of all ranks, so the steps still equal one process's; only the adapter is saved (FSDP:
-    gathered from the shards), and the run resumes from it (here in one process)."""
+    gathered from the shards), and the run resumes from it (here in one process). The two ranks checkpoint
+    their activations (engine.model.recompute, replayed under DDP's and FSDP2's hooks); one process does not."""
     from tests.finetune_fixtures import lora_run_dict, pretrained_dir
 
     model_dir = pretrained_dir(tmp_path / "base")
     one = lora_run_dict(tmp_path / "one", model_dir, sft=True, max_steps=4, save_every=2, eval_every=2, grad_accum=2)
     train(from_dict(RunConfig, one, where=""), progress=False)
-    two = {**lora_run_dict(tmp_path / "two", model_dir, sft=True, max_steps=4, save_every=2, eval_every=2),
+    two = {**lora_run_dict(tmp_path / "two", model_dir, sft=True, max_steps=4, save_every=2, eval_every=2,
+                           activation_checkpointing=True),
            "distributed": {"strategy": strategy}}
     result = _torchrun(two, tmp_path / "lora.json")
     assert result.returncode == 0, result.stderr[-3000:]
