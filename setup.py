@@ -116,7 +116,9 @@ setup(
     extras_require={
         # transformers is the reference oracle for tests and benches only; engine/ never imports it.
         # peft and openai are oracles too: PEFT adapter round trips, and the OpenAI client against cli.serve.
-        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-cov>=5", "transformers>=4.45", "peft>=0.13",
+        # < 5.25: transformers 5.25 requires Hugging Face's `kernels` distribution, whose import name is this
+        # repository's `kernels` package; transformers then imports ours and every oracle test fails.
+        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-cov>=5", "transformers>=4.45,<5.25", "peft>=0.13",
                  "openai>=1.40", "matplotlib>=3.7", "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27",
                  "tensorboard>=2.14", "wandb>=0.17",
                  # oracles of the newer capabilities: TRL (DPO/GRPO), gguf (GGUF read/write, also
