@@ -14,6 +14,7 @@ the model uses torch's, which dynamo knows how to trace.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -45,14 +46,12 @@ class _Frame:
         self.autocast = [(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
                          for kind in ("cpu", *dict.fromkeys(d.type for d in self.devices))]
         self.cache_enabled = torch.is_autocast_cache_enabled()
-        self.count = 0  # tensors the first run saved
         self.saved: dict[int, torch.Tensor] = {}  # index -> the replay's tensor, until backward takes it
         self.shapes: list[tuple] = []  # (shape, dtype) of each saved tensor, to check the replay against
 
     def pack(self, t: torch.Tensor) -> int:
         self.shapes.append((t.shape, t.dtype))
-        self.count += 1
-        return self.count - 1
+        return len(self.shapes) - 1
 
     def unpack(self, index: int) -> torch.Tensor:
         if index not in self.saved:  # first use (or a second backward through a retained graph): replay
@@ -71,31 +70,18 @@ class _Frame:
             torch.set_rng_state(self.cpu_rng)
             for d, state in zip(self.devices, self.device_rng):
                 torch.get_device_module(d).set_rng_state(state, d)
-            with _autocast(self.autocast, self.cache_enabled), torch.enable_grad(), \
-                    saved_tensors_hooks(keep, _never):
-                self.block(*args)
+            with contextlib.ExitStack() as stack:  # the first run's autocast state, per device type
+                for kind, on, dtype in self.autocast:
+                    stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=on, cache_enabled=self.cache_enabled))
+                with torch.enable_grad(), saved_tensors_hooks(keep, _never):
+                    self.block(*args)
         if [(t.shape, t.dtype) for t in replayed] != self.shapes:
             raise RuntimeError(f"activation checkpointing: recomputing {type(self.block).__name__} saved "
-                               f"{len(replayed)} tensors for backward where the forward saved {self.count}, or of "
-                               "other shapes: the block must compute the same thing when run again")
+                               f"{len(replayed)} tensors for backward where the forward saved {len(self.shapes)}, "
+                               "or of other shapes: the block must compute the same thing when run again")
         self.saved = dict(enumerate(replayed))
 
 
 def _never(_):
     raise RuntimeError("activation checkpointing: backward through a recomputed block's own graph")
 
-
-class _autocast:
-    """Re-enter the autocast state captured at the first run (each device type's enabled flag and dtype)."""
-
-    def __init__(self, states, cache_enabled):
-        self.contexts = [torch.autocast(kind, dtype=dtype, enabled=on, cache_enabled=cache_enabled)
-                         for kind, on, dtype in states]
-
-    def __enter__(self):
-        for c in self.contexts:
-            c.__enter__()
-
-    def __exit__(self, *exc):
-        for c in reversed(self.contexts):
-            c.__exit__(*exc)
