@@ -2,7 +2,10 @@
 
 The build part compiles kernels/_C with CMake (kernels/CMakeLists.txt). It is optional: with no
 C++ compiler, no CMake or a failing build, installation still succeeds and `kernels` runs its
-pure-PyTorch fallback (it logs why once). Environment knobs:
+pure-PyTorch fallback (it logs why once). kernels/_cpu_cache (the CPU block cache a quantized base
+uses) needs torch's C++ headers: it is built against the torch installed in the target environment
+when there is one (pip's isolated build environment has none, so it is looked up outside it), and
+skipped otherwise. Environment knobs:
   ENGINE_CUDA=1               also build the CUDA kernels (needs nvcc)
   ENGINE_CUDA_ARCH=90         CUDA architectures (default 80;90)
   ENGINE_KERNELS_MARCH=...    -march for the CPU kernels (default: native)
@@ -60,6 +63,7 @@ class CMakeBuild(build_ext):
             import pybind11
         except ImportError as exc:
             raise RuntimeError("pybind11 is not installed") from exc
+        module = ext.name.rsplit(".", 1)[1]  # the CMake target: _C or _cpu_cache
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = Path(self.build_temp).resolve() / "kernels"
         build_dir.mkdir(parents=True, exist_ok=True)
@@ -70,18 +74,38 @@ class CMakeBuild(build_ext):
             args.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['ENGINE_CUDA_ARCH']}")
         if os.environ.get("ENGINE_KERNELS_MARCH"):
             args.append(f"-DENGINE_KERNELS_MARCH={os.environ['ENGINE_KERNELS_MARCH']}")
-        if shutil.which("ninja"):
+        if module == "_cpu_cache":
+            torch_dir, version, abi = _target_torch()
+            args += [f"-DKERNELS_TORCH_DIR={torch_dir}", f"-DKERNELS_TORCH_VERSION={version}",
+                     f"-DKERNELS_TORCH_CXX11_ABI={abi}"]
+        if shutil.which("ninja") and not (build_dir / "CMakeCache.txt").exists():
             args.append("-GNinja")
         subprocess.run([cmake, "-S", str(ROOT / "kernels"), "-B", str(build_dir), *args], check=True)
-        subprocess.run([cmake, "--build", str(build_dir), "-j", str(os.cpu_count() or 2)], check=True)
+        subprocess.run([cmake, "--build", str(build_dir), "--target", module, "-j", str(os.cpu_count() or 2)],
+                       check=True)
         # CMake names the module with Python's extension suffix; setuptools expects exactly
         # get_ext_fullpath (editable installs set that to the source tree).
         target = Path(self.get_ext_fullpath(ext.name)).resolve()
-        built = next(out_dir.glob("_C.*"), None)
+        built = next(out_dir.glob(module + ".*"), None)
         if built is None:
-            raise RuntimeError(f"CMake finished but no _C module in {out_dir}")
+            raise RuntimeError(f"CMake finished but no {module} module in {out_dir}")
         if built != target:
             shutil.copyfile(built, target)
+
+
+def _target_torch() -> tuple[str, str, int]:
+    """(package dir, version, C++11 ABI 0/1) of the torch the engine will run with.
+
+    pip builds in an isolated environment without torch; its python is still the target environment's, and
+    without pip's PYTHONPATH (and the sitecustomize there that hides site-packages) it sees that environment."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")}
+    code = ("import os, torch; print(os.path.dirname(torch.__file__)); print(torch.__version__); "
+            "print(int(torch.compiled_with_cxx11_abi()))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd="/")
+    lines = done.stdout.split()
+    if done.returncode != 0 or len(lines) != 3:
+        raise RuntimeError("no torch in the target environment (install torch first to build kernels._cpu_cache)")
+    return lines[0], lines[1], int(lines[2])
 
 
 def _find_cmake() -> str:
@@ -101,7 +125,7 @@ setup(
     description="A minimal, fast LLM fine-tuning engine that reads and writes Hugging Face checkpoints.",
     python_requires=">=3.10",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "cli", "cli.*"]),
-    ext_modules=[Extension("kernels._C", sources=[])],
+    ext_modules=[Extension("kernels._C", sources=[]), Extension("kernels._cpu_cache", sources=[])],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=[
         # torch is pinned in the README/CI install line to the CPU wheel; any 2.x >= 2.4 works.

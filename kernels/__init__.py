@@ -12,6 +12,7 @@ pure-PyTorch fallbacks.
     decode_plan(embed, ..., layers, ...)                 the fused batch-B decode step over a KV cache (CPU)
     quant_linear(x [..., K], QuantizedWeight [N, K], bias=None)   weight-only NF4/int8 linear (fused decode GEMV)
     info()                                               what was built, what runs, and why
+    cache_cpu_blocks(...) / release_cpu_blocks()         a bounded cache of freed CPU blocks (kernels._cpu_cache)
 
 This file imports the compiled module (kernels._C) and decides, per call, between each op's native
 path and its reference (the table OPS; each op's code is in kernels/ops/<op>.py, its kernel in
@@ -38,7 +39,7 @@ from kernels.ops import quant_linear as _quant_linear
 from kernels.ops.quant_linear import QuantizedWeight
 
 __all__ = ["cross_entropy", "linear_cross_entropy", "linear", "attention", "rms_norm", "rope", "glu", "AdamW", "info",
-           "release_workspace", "reference", "decode_plan", "decode_plan_problems", "quant_linear", "QuantizedWeight"]
+           "release_workspace", "cache_cpu_blocks", "release_cpu_blocks", "reference", "decode_plan", "decode_plan_problems", "quant_linear", "QuantizedWeight"]
 
 logger = logging.getLogger("kernels")
 
@@ -52,6 +53,17 @@ except ImportError as exc:  # not built (no compiler/CMake at install time) or b
                   "reinstall with a C++17 compiler and CMake: pip install -e .")
 
 _BUILD = _ext.build_info() if _ext is not None else {}
+
+# kernels._cpu_cache (csrc/cpu_block_cache.cpp) includes c10, so it only works under the torch it was built for.
+try:
+    from kernels import _cpu_cache
+    _CACHE_ERROR = None if _cpu_cache.torch_version == torch.__version__ else (
+        f"kernels._cpu_cache was built for torch {_cpu_cache.torch_version}, this is {torch.__version__}; "
+        "reinstall: pip install -e .")
+except ImportError as exc:
+    _cpu_cache = None
+    _CACHE_ERROR = ("kernels._cpu_cache is not built (the build found no torch to compile it against)"
+                    if not list(Path(__file__).parent.glob("_cpu_cache.*")) else f"kernels._cpu_cache: {exc}")
 _BACKENDS = (None, "torch", "native")
 _logged = False
 
@@ -101,6 +113,35 @@ def release_workspace() -> None:
     _quant_linear.release_tile_buffer()
 
 
+def cache_cpu_blocks(min_bytes: int, max_bytes: int, limit_bytes: int, per_size: int) -> str | None:
+    """From now on, torch's freed CPU blocks of min_bytes <= size < max_bytes are kept (at most limit_bytes in
+    all, per_size of one size) and handed to the next request of that size: no fresh pages to fault in.
+    Process-wide, like torch's allocator it replaces. None when installed, else why it could not be."""
+    for name, value in (("min_bytes", min_bytes), ("max_bytes", max_bytes), ("limit_bytes", limit_bytes),
+                        ("per_size", per_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"kernels.cache_cpu_blocks: {name}: expected an int >= 0, got {value!r}")
+    if min_bytes > max_bytes:
+        raise ValueError(f"kernels.cache_cpu_blocks: min_bytes {min_bytes} > max_bytes {max_bytes}")
+    if _CACHE_ERROR is not None:
+        return _CACHE_ERROR
+    if not _cpu_cache.install(min_bytes, max_bytes, limit_bytes, per_size):
+        return "torch keeps another CPU allocator (set with a higher priority)"
+    return None
+
+
+def release_cpu_blocks(uninstall: bool = False) -> dict:
+    """Give every block cache_cpu_blocks holds back to the OS (and with uninstall=True, put torch's allocator
+    back); returns its counters: installed, hits, misses, cached_bytes, limit_bytes ({} when not built)."""
+    if _cpu_cache is None or _CACHE_ERROR is not None:
+        return {}
+    if uninstall:
+        _cpu_cache.uninstall()
+    else:
+        _cpu_cache.release()
+    return dict(_cpu_cache.stats())
+
+
 def info() -> dict:
     """Build/runtime facts: native (bool), reason (why not, or None), cpu_isa, openmp, threads,
     cuda (bool), cuda_arch, env (ENGINE_KERNELS value), linear_max_rows (most rows of x that
@@ -112,7 +153,8 @@ def info() -> dict:
             "openmp": _BUILD.get("openmp"), "threads": torch.get_num_threads(),
             "cuda": bool(_BUILD.get("cuda")), "cuda_arch": _BUILD.get("cuda_arch") or None,
             "env": env, "linear_max_rows": _linear.LINEAR_MAX_ROWS,
-            "gemv_prefetch": bool(_BUILD.get("gemv_prefetch", False))}
+            "gemv_prefetch": bool(_BUILD.get("gemv_prefetch", False)),
+            "cpu_block_cache": _CACHE_ERROR or "built"}
 
 
 def _log_once() -> None:

@@ -4,6 +4,7 @@ import ctypes.util
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -98,3 +99,46 @@ def test_huge_pages_env_is_asked_for_once_and_the_user_decides(monkeypatch, tmp_
     monkeypatch.delenv("ENGINE_THP")
     monkeypatch.setenv(heap.THP_ENV, "0")  # set either way by the user, or by the restart itself: never again
     assert heap.huge_pages_env() is None
+
+
+_CACHED_STEP_PROBE = r"""
+import torch, kernels
+from engine import ModelConfig, Transformer
+from engine.adapters.lora import apply_lora
+from engine.config import LoraConfig
+from engine.quant import quantize
+torch.manual_seed(0)
+# [tokens, hidden] bf16 = 512 x 384 x 2 = 384 KiB: activations in the cached range (64 KiB - 2 MB)
+cfg = ModelConfig(vocab_size=512, hidden_size=384, num_layers=2, num_heads=6, num_kv_heads=2, head_dim=64,
+                  intermediate_size=1024, max_position_embeddings=256)
+model = Transformer(cfg).to(torch.bfloat16)
+quantize(model, "nf4")
+apply_lora(model, LoraConfig(rank=8, alpha=16, targets="all-linear", base_dtype="nf4"))
+ids = torch.randint(0, 512, (2, 257))
+for _ in range(3):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).float().flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+s = kernels.release_cpu_blocks()
+print(loss.item(), grads.double().sum().item(), grads.abs().double().sum().item(), s.get("installed"), s.get("hits", 0))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not ctypes.util.find_library("c"), reason="glibc only")
+def test_quantize_turns_the_block_cache_on_and_results_do_not_change():
+    """engine.quant.quantize fixes the mmap threshold and installs kernels.cache_cpu_blocks beside it (off with
+    ENGINE_CPU_BLOCK_CACHE=0): the same three QLoRA forward/backward passes give bitwise the same loss and grads."""
+    import kernels
+
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    runs = {}
+    for flag in ("1", "0"):
+        out = subprocess.run([sys.executable, "-c", _CACHED_STEP_PROBE], capture_output=True, text=True, timeout=300,
+                             env={**env, "ENGINE_CPU_BLOCK_CACHE": flag}, cwd=Path(kernels.__file__).parent.parent)
+        assert out.returncode == 0, out.stderr
+        runs[flag] = out.stdout.split()
+    assert runs["1"][:3] == runs["0"][:3]
+    if kernels.info()["cpu_block_cache"] == "built":
+        assert runs["1"][3] == "True" and int(runs["1"][4]) > 100
+    assert runs["0"][3] in ("False", "None") and int(runs["0"][4]) == 0
