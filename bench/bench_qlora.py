@@ -131,6 +131,9 @@ def run_one(name: str) -> dict:
     with sampler:
         elapsed = time_steps(step, data, warmup, steps)
     at["after steps"] = rss()
+    import kernels
+
+    cache = kernels.release_cpu_blocks()  # its counters (a quantized base turned it on: engine/quant/heap.py)
     base_bytes = sum(b.numel() * b.element_size() for b in model.buffers()) + sum(
         p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     return {"run": name, "params_m": model.config.num_params / 1e6, "base_mb": base_bytes / 2**20,
@@ -139,7 +142,8 @@ def run_one(name: str) -> dict:
             "base_dtype": base, "threads": torch.get_num_threads(), "loss": losses[-1],
             "rss_at_mb": {k: v / 2**20 for k, v in at.items()},
             "phase_peak_mb": {k: v / 2**20 for k, v in sampler.peaks.items()},
-            "expected_mb": expected_parts(model, batch, seq)}
+            "expected_mb": expected_parts(model, batch, seq),
+            "block_cache": {k: cache[k] for k in ("hits", "misses")} if cache.get("installed") else None}
 
 
 def plan_mb(name: str) -> float:
@@ -187,7 +191,8 @@ def main() -> None:
         print(json.dumps(run_one(args.one)))
         return
     print(f"CPU: {cpu_model()}; bf16 autocast, activation checkpointing, LoRA r=16 all-linear; one process per "
-          "row; glibc mmap threshold fixed at 64 KiB by engine.quant on quantized rows (engine/quant/heap.py)\n")
+          "row; on quantized rows glibc's mmap threshold fixed at 64 KiB and the CPU block cache on "
+          "(engine/quant/heap.py)\n")
     print("| run | base weights | batch x seq | tokens/s | peak RSS | planner peak |")
     print("|---|---|---|---|---|---|")
     trials = {name: [] for name in args.runs}
@@ -231,7 +236,9 @@ def print_breakdown(r: dict) -> None:
     """Peak RSS of one row, part by part: RSS measured after each stage and at each phase's peak, minus the
     stage before, next to what the parts should take by arithmetic (bench/qlora_memory.py)."""
     at, peaks = r["rss_at_mb"], r["phase_peak_mb"]
-    print(f"\n{r['run']}: where the {r['peak_rss_mb']:.0f} MB peak RSS goes (MB)")
+    cache = r.get("block_cache")
+    used = f"; CPU block cache: {cache['hits']} hits, {cache['misses']} misses" if cache else ""
+    print(f"\n{r['run']}: where the {r['peak_rss_mb']:.0f} MB peak RSS goes (MB){used}")
     print("| stage | RSS then | growth |")
     print("|---|---|---|")
     prev = 0.0

@@ -117,8 +117,13 @@ def main(argv=None) -> None:
     else:
         free, what = available
         print(f"available: {fmt(free)} {what}; the plan needs {who}" + ("" if need > free else ": fits"))
+    cache = ""
+    if device == "cpu" and cfg.lora is not None and cfg.lora.base_dtype in ("nf4", "int8"):
+        from engine.quant.heap import CACHE_LIMIT
+
+        cache = f"; a quantized base's CPU block cache keeps up to {fmt(CACHE_LIMIT)} of freed blocks"
     print("not counted: the Python/torch runtime itself (a few hundred MiB of RSS; CUDA adds its context), and "
-          "allocator slack (glibc keeps freed blocks, the CUDA caching allocator fragments)")
+          f"allocator slack (glibc keeps freed blocks, the CUDA caching allocator fragments{cache})")
     if available is not None and need > available[0]:
         print(f"cli.plan: warning: the estimated peak ({who}) exceeds the {available[1]} ({fmt(available[0])}); "
               "lower train.batch_size or data.seq_len, or set train.activation_checkpointing, lora, or "

@@ -12,7 +12,8 @@
 // Only sizes in [min_bytes, max_bytes) are cached: below, glibc's heap serves them; above (>= 2 MB), torch puts
 // tensors on transparent huge pages, whose faults are few. Every block carries a 64-byte header (its size and
 // whether it may be cached), so the deleter needs no table and handles any pointer this allocator gave out,
-// including raw_allocate()'s, after uninstall too. The allocator object is never destroyed: tensors made while
+// including raw_allocate()'s, after uninstall too. Each hand-out and return is reported to torch's profiler as
+// torch's own allocator does (profile_memory=True sees tensors, not the cache). The allocator object is never destroyed: tensors made while
 // it was installed keep its deleter for as long as they live.
 //
 // Built only when the build finds torch's headers (it includes c10, unlike _C), against that torch version;
@@ -124,6 +125,7 @@ class BlockCache final : public c10::Allocator {
       *static_cast<Header*>(block) = Header{bytes, cacheable ? 1u : 0u};
     }
     void* data = static_cast<char*>(block) + kHeader;
+    c10::profiledCPUMemoryReporter().New(data, nbytes);  // what torch's allocator reports: the profiler's events
     return {data, data, &BlockCache::deleter, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -135,6 +137,7 @@ class BlockCache final : public c10::Allocator {
 
   static void deleter(void* data) {
     if (data == nullptr) return;
+    c10::profiledCPUMemoryReporter().Delete(data);
     void* block = static_cast<char*>(data) - kHeader;
     get().put(block, *static_cast<Header*>(block));
   }

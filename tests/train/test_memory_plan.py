@@ -290,6 +290,16 @@ def test_cli_lora_run_compares_with_full_fine_tuning(tmp_path, capsys):
     assert code == 0
     assert "LoRA: r=8 on q_proj,k_proj,v_proj,o_proj" in out and "full fine-tuning would need" in out
     assert "FSDP vs DDP: at 2 ranks" in out and "FSDP shards the frozen base too" in out and "2 ranks (ddp)" in out
+    assert "block cache" not in out  # a dense base: no CPU block cache (engine/quant/heap.py)
+
+
+def test_cli_names_the_block_cache_of_a_quantized_base_among_what_it_does_not_count(tmp_path, capsys):
+    raw = run_dict(train={"precision": "bf16"}, lora={"rank": 8, "base_dtype": "nf4"})
+    raw["model"]["from_pretrained"] = str(_pretrained_dir(tmp_path))
+    config = tmp_path / "qlora.json"
+    config.write_text(json.dumps(raw))
+    code, out, _ = _plan(capsys, str(config), "--device", "cpu")
+    assert code == 0 and "CPU block cache keeps up to 40.0 MiB of freed blocks" in out, out
 
 
 def test_cli_fsdp_at_n_ranks(tmp_path, capsys):
